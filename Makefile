@@ -1,0 +1,34 @@
+# The two commands: `make run` (set up + run the default pipeline) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test lint bench clean
+
+# The environment is rebuilt only when pyproject.toml or constraints.txt change.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	dvc repro
+	lmforge status
+
+test: setup
+	ruff check .
+	pytest
+
+lint: setup
+	ruff check .
+	ruff format --check .
+
+bench: setup
+	python bench/preprocess_memory.py
+
+clean:
+	rm -rf data/raw data/processed reports models checkpoints

@@ -1,0 +1,86 @@
+"""The `lmforge` command. Every subcommand has --help."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from lmforge.errors import LmforgeError, fail
+from lmforge.params import PROFILES, load_params, params_to_dict, profile_params, render_params_yaml
+
+app = typer.Typer(help="lmforge: corpus -> custom language model, tracked, validated and gated.", no_args_is_help=True)
+params_app = typer.Typer(help="Check, show and switch params.yaml.", no_args_is_help=True)
+app.add_typer(params_app, name="params")
+
+PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", "-p", help="the params file")
+REPORTS_OPTION = typer.Option(Path("reports"), help="the reports folder")
+
+
+@params_app.command("check")
+def params_check(params: Path = PARAMS_OPTION) -> None:
+    """Validate params.yaml against the schema, exactly as every stage does at start."""
+    try:
+        load_params(params)
+    except LmforgeError as error:
+        fail(error)
+    typer.echo(f"{params}: ok")
+
+
+@params_app.command("show")
+def params_show(params: Path = PARAMS_OPTION) -> None:
+    """Print the validated params as JSON (every default filled in)."""
+    try:
+        typer.echo(json.dumps(params_to_dict(load_params(params)), indent=2, ensure_ascii=False))
+    except LmforgeError as error:
+        fail(error)
+
+
+@params_app.command("use")
+def params_use(
+    profile: str = typer.Argument(..., help=f"one of: {', '.join(PROFILES)}"),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Rewrite params.yaml as a profile: default (2 CPU cores, 15 min), smoke (tests) or gpu (real sizes).
+
+    A profile is the schema's defaults with profiles/<profile>.yaml merged in; every key is
+    written out with its help text, so DVC tracks each one.
+    """
+    try:
+        chosen = profile_params(profile)
+    except LmforgeError as error:
+        fail(error)
+    params.write_text(render_params_yaml(chosen, profile), encoding="utf-8")
+    typer.echo(f"{params}: now the {profile} profile")
+
+
+@app.command("status")
+def status(reports: Path = REPORTS_OPTION) -> None:
+    """Say where the results of the last run are, with the key figures."""
+    validate = reports / "validate.json"
+    preprocess = reports / "preprocess.json"
+    if not validate.is_file():
+        typer.echo("no results yet: run `make run` (or `dvc repro`)")
+        raise typer.Exit(1)
+    for dataset, report in json.loads(validate.read_text()).items():
+        state = "passed" if report["success"] else "FAILED"
+        typer.echo(f"validate    {dataset}: {state} ({report['evaluated']} expectations)")
+    if preprocess.is_file():
+        stats = json.loads(preprocess.read_text())
+        train = stats["pretrain"]["train"]
+        typer.echo(
+            f"preprocess  tokenizer {stats['tokenizer']['kind']} vocab {stats['tokenizer']['vocab_size']}; "
+            f"pretraining corpus {train['tokens']:,} tokens in {train['blocks']:,} blocks; "
+            f"peak RSS {stats['peak_rss_mb']} MB"
+        )
+    typer.echo("results:")
+    typer.echo("  data/raw/<dataset>/           train/val/test Parquet + manifest.json (frozen test sha256)")
+    typer.echo(f"  {reports}/validation/          per-dataset expectation results (JSON)")
+    typer.echo(f"  {reports}/validation/data_docs/<dataset>/index.html   Great Expectations Data Docs")
+    typer.echo("  data/processed/               tokenizer, packed pretraining blocks, tokenized task datasets")
+    typer.echo("  dvc metrics show              the same figures, versioned with the pipeline")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,45 @@
+"""The one error type users see, and the wrapper that turns it into a one-line message and exit code."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+
+class LmforgeError(Exception):
+    """A problem the user can act on: bad params, bad input data, a failed expectation.
+
+    The message is one line and names the file, key or expectation at fault.
+    """
+
+    exit_code = 2
+
+
+class ParamsError(LmforgeError):
+    """params.yaml (or a profile overlay) does not match the schema."""
+
+
+class DataError(LmforgeError):
+    """An input file or dataset is missing, unreadable or malformed."""
+
+
+class ValidationFailed(LmforgeError):
+    """A Great Expectations expectation failed and `validate.on_failure` is `fail`."""
+
+    exit_code = 3
+
+
+def fail(error: LmforgeError) -> NoReturn:
+    """Print `error` as one line on stderr and exit with its code."""
+    message = " ".join(str(error).split())  # one line, whatever the message held
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(error.exit_code)
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run a stage's `main`, turning an LmforgeError into a one-line error and a non-zero exit."""
+    try:
+        main()
+    except LmforgeError as error:
+        fail(error)

@@ -1,0 +1,233 @@
+"""Train a tokenizer on the pretraining corpus; pack the corpus into blocks; tokenize task datasets.
+
+Everything streams: the corpus is read line by line, task splits batch by batch, and packed blocks
+are appended to a flat file, so peak memory depends on `batch_size` and the vocabulary, not on
+the size of the corpus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from lmforge.errors import DataError
+from lmforge.params import TokenizerParams
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
+IGNORE_INDEX = -100  # label of continuation and special tokens: the loss skips them
+
+
+def iter_lines(path: Path, batch_size: int) -> Iterator[list[str]]:
+    """Non-empty lines of a text file, `batch_size` at a time."""
+    batch: list[str] = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            line = line.strip()
+            if line:
+                batch.append(line)
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+    if batch:
+        yield batch
+
+
+def new_tokenizer(params: TokenizerParams) -> tuple[Tokenizer, trainers.Trainer]:
+    """An untrained tokenizer of the chosen kind and the trainer that fills its vocabulary."""
+    common = {
+        "vocab_size": params.vocab_size,
+        "min_frequency": params.min_frequency,
+        "special_tokens": SPECIAL_TOKENS,
+        "show_progress": False,
+    }
+    if params.kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+        # handle_chinese_chars puts every CJK character in a word of its own, as BERT-Chinese does.
+        tokenizer.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=params.lowercase
+        )
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        trainer: trainers.Trainer = trainers.WordPieceTrainer(**common)
+    elif params.kind == "bpe":
+        tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **common)
+    else:  # char
+        tokenizer = Tokenizer(models.WordLevel(unk_token=UNK))
+        steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if params.lowercase else [])
+        tokenizer.normalizer = normalizers.Sequence(steps)
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), behavior="isolated")]
+        )
+        trainer = trainers.WordLevelTrainer(**common)
+    return tokenizer, trainer
+
+
+def train_tokenizer(params: TokenizerParams, corpus: Path, batch_size: int, max_length: int) -> Tokenizer:
+    """Train on the corpus (streamed), then add [CLS] ... [SEP] framing and truncation."""
+    tokenizer, trainer = new_tokenizer(params)
+    tokenizer.train_from_iterator((line for batch in iter_lines(corpus, batch_size) for line in batch), trainer=trainer)
+    cls_id, sep_id = tokenizer.token_to_id(CLS), tokenizer.token_to_id(SEP)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, cls_id), (SEP, sep_id)]
+    )
+    tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None:
+    """Save as a transformers `PreTrainedTokenizerFast` folder, loadable with AutoTokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token=UNK,
+        pad_token=PAD,
+        cls_token=CLS,
+        sep_token=SEP,
+        mask_token=MASK,
+        bos_token=CLS,  # a decoder starts from [CLS] and stops at [SEP]: one vocabulary for both
+        eos_token=SEP,
+        model_max_length=max_length,
+    )
+    wrapped.save_pretrained(str(out_dir))
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 halves the disk and page cache of packed blocks whenever the vocabulary fits."""
+    return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
+
+
+@dataclass
+class PackStats:
+    documents: int = 0
+    tokens: int = 0  # real tokens written, [CLS]/[SEP] framing included, padding excluded
+    blocks: int = 0
+    padding: int = 0
+    unknown: int = 0
+
+
+def pack_corpus(tokenizer: Tokenizer, corpus: Path, out_path: Path, block_size: int, batch_size: int) -> dict[str, Any]:
+    """Pack documents into fixed blocks `[CLS] doc [SEP] doc [SEP] ...`, appended to a flat file.
+
+    Read it back with `np.memmap(out_path, dtype, mode="r").reshape(-1, block_size)`. Only the
+    last block is padded, so the padding fraction is at most one block's worth.
+    """
+    cls_id, sep_id, pad_id, unk_id = (tokenizer.token_to_id(token) for token in (CLS, SEP, PAD, UNK))
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    stats = PackStats()
+    body = block_size - 1  # every block starts with [CLS]
+    pending: list[int] = []
+    with open(out_path, "wb") as handle:
+
+        def flush(complete_only: bool) -> None:
+            nonlocal pending
+            n_full = len(pending) // body
+            if n_full:
+                chunk = np.asarray(pending[: n_full * body], dtype=dtype).reshape(n_full, body)
+                blocks = np.concatenate([np.full((n_full, 1), cls_id, dtype=dtype), chunk], axis=1)
+                blocks.tofile(handle)
+                stats.blocks += n_full
+                stats.tokens += n_full * block_size
+                pending = pending[n_full * body :]
+            if not complete_only and pending:
+                tail = [cls_id, *pending] + [pad_id] * (body - len(pending))
+                np.asarray(tail, dtype=dtype).tofile(handle)
+                stats.blocks += 1
+                stats.tokens += 1 + len(pending)
+                stats.padding += body - len(pending)
+                pending = []
+
+        for batch in iter_lines(corpus, batch_size):
+            for encoding in tokenizer.encode_batch(batch, add_special_tokens=False):
+                pending.extend(encoding.ids)
+                pending.append(sep_id)
+                stats.unknown += encoding.ids.count(unk_id)
+            stats.documents += len(batch)
+            flush(complete_only=True)
+        flush(complete_only=False)
+    if stats.blocks == 0:
+        raise DataError(f"{corpus}: the pretraining corpus is empty")
+    total = stats.blocks * block_size
+    return {
+        "file": out_path.name,
+        "dtype": dtype.name,
+        "block_size": block_size,
+        "documents": stats.documents,
+        "tokens": stats.tokens,
+        "blocks": stats.blocks,
+        "padding_fraction": round(stats.padding / total, 6),
+        "unknown_fraction": round(stats.unknown / max(stats.tokens, 1), 6),
+    }
+
+
+def read_blocks(path: Path, dtype: str, block_size: int) -> np.memmap:
+    """The packed blocks as a read-only (n_blocks, block_size) memory map."""
+    flat = np.memmap(path, dtype=np.dtype(dtype), mode="r")
+    return flat.reshape(-1, block_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# task datasets
+# ---------------------------------------------------------------------------------------------
+
+
+def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
+    """One label per sub-word token: the word's label on its first piece, -100 elsewhere.
+
+    Special tokens ([CLS], [SEP]) have no word and continuation pieces repeat the previous word;
+    both get IGNORE_INDEX so the loss and the metrics see each word exactly once.
+    """
+    labels = []
+    previous = None
+    for word in word_ids:
+        labels.append(IGNORE_INDEX if word is None or word == previous else word_labels[word])
+        previous = word
+    return labels
+
+
+def label_ids(values: list[str], index: dict[str, int], where: str) -> list[int]:
+    try:
+        return [index[value] for value in values]
+    except KeyError as error:
+        raise DataError(f"{where}: label {error.args[0]!r} is not in the label set {sorted(index)}") from None
+
+
+def tokenize_split(
+    tokenizer: Tokenizer, task: str, source: Path, out_path: Path, labels: list[str], batch_size: int
+) -> dict[str, Any]:
+    """Tokenize one split batch by batch into Parquet: input_ids + label, or input_ids + labels."""
+    index = {label: position for position, label in enumerate(labels)}
+    dtype = pa.uint16() if token_dtype(tokenizer.get_vocab_size()) == np.uint16 else pa.uint32()
+    if task == "classification":
+        schema = pa.schema([("input_ids", pa.list_(dtype)), ("label", pa.int32())])
+    else:
+        schema = pa.schema([("input_ids", pa.list_(dtype)), ("labels", pa.list_(pa.int32()))])
+    rows = truncated = tokens = 0
+    with pq.ParquetWriter(out_path, schema, compression="zstd") as writer:
+        for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_size):
+            if task == "classification":
+                encodings = tokenizer.encode_batch(batch.column("text").to_pylist())
+                targets = label_ids(batch.column("label").to_pylist(), index, str(source))
+                columns = {"input_ids": [e.ids for e in encodings], "label": targets}
+            else:
+                words = batch.column("tokens").to_pylist()
+                encodings = tokenizer.encode_batch(words, is_pretokenized=True)
+                tags = [label_ids(sequence, index, str(source)) for sequence in batch.column("tags").to_pylist()]
+                aligned = [align_labels(e.word_ids, t) for e, t in zip(encodings, tags, strict=True)]
+                columns = {"input_ids": [e.ids for e in encodings], "labels": aligned}
+            writer.write_table(pa.table(columns, schema=schema))
+            rows += len(encodings)
+            tokens += sum(len(e.ids) for e in encodings)
+            truncated += sum(1 for e in encodings if e.overflowing)
+    return {"rows": rows, "tokens": tokens, "truncated_fraction": round(truncated / max(rows, 1), 4)}

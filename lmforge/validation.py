@@ -1,0 +1,192 @@
+"""Great Expectations suites for an ingested dataset, and what their results mean for the pipeline.
+
+Each dataset gets up to four suites, each run on a view of its splits:
+- `<dataset>.rows`     every row of every split: text present, length bounds, labels in the
+                       declared set, words and tags of equal length;
+- `<dataset>.balance`  classification: the share of each label in train, within bounds, all present;
+- `<dataset>.tags`     token classification: every tag of every split in the declared tag set;
+- `<dataset>.leakage`  one row per (text, split): a text in two splits is a leak.
+The declared label set is the one in params (carried by the manifest), or train's own when null.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from lmforge.data.splits import SPLITS
+from lmforge.params import ValidateParams
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no network here, and none wanted
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One expectation's result, in the terms a failure message needs."""
+
+    suite: str
+    expectation: str
+    column: str
+    success: bool
+    unexpected_count: int
+    element_count: int
+    examples: list[Any] = field(default_factory=list)
+
+    def describe(self) -> str:
+        examples = ", ".join(repr(example)[:60] for example in self.examples)
+        return (
+            f"{self.expectation}({self.column}) in suite {self.suite} failed on "
+            f"{self.unexpected_count} of {self.element_count} rows, e.g. [{examples}]"
+        )
+
+
+@dataclass(frozen=True)
+class View:
+    """A table to validate and the expectations it must meet."""
+
+    name: str
+    frame: pd.DataFrame
+    expectations: list[Any]
+
+
+def declared_labels(manifest: dict[str, Any], splits: dict[str, pd.DataFrame]) -> list[str]:
+    declared = manifest["labels"]["declared"]
+    if declared is not None:
+        return list(declared)
+    return sorted(manifest["labels"]["counts"]["train"])
+
+
+def build_views(manifest: dict[str, Any], splits: dict[str, pd.DataFrame], params: ValidateParams) -> list[View]:
+    """The views and expectations for one dataset (see the module docstring)."""
+    import great_expectations.expectations as gxe
+
+    task = manifest["task"]
+    rows = pd.concat([frame.assign(split=split) for split, frame in splits.items()], ignore_index=True)
+    row_checks: list[Any] = [
+        gxe.ExpectColumnValuesToNotBeNull(column="text"),
+        gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=params.min_chars, max_value=params.max_chars),
+    ]
+    views = []
+    if task == "classification":
+        labels = declared_labels(manifest, splits)
+        row_checks.append(gxe.ExpectColumnValuesToBeInSet(column="label", value_set=labels))
+        train = splits["train"]["label"].value_counts(normalize=True)
+        balance = pd.DataFrame({"label": train.index.astype(str), "train_fraction": train.to_numpy()})
+        views.append(
+            View(
+                "balance",
+                balance,
+                [
+                    gxe.ExpectColumnValuesToBeBetween(
+                        column="train_fraction",
+                        min_value=params.min_class_fraction,
+                        max_value=params.max_class_fraction,
+                    ),
+                    gxe.ExpectColumnDistinctValuesToContainSet(column="label", value_set=labels),
+                ],
+            )
+        )
+    elif task == "token_classification":
+        rows = rows.assign(n_words=rows["tokens"].map(len), n_tags=rows["tags"].map(len))
+        row_checks += [
+            gxe.ExpectColumnPairValuesToBeEqual(column_A="n_words", column_B="n_tags"),
+            gxe.ExpectColumnValuesToBeBetween(column="n_words", min_value=1, max_value=params.max_words),
+        ]
+        tags = pd.DataFrame({"tag": [tag for sequence in rows["tags"] for tag in sequence]})
+        views.append(
+            View(
+                "tags",
+                tags,
+                [gxe.ExpectColumnValuesToBeInSet(column="tag", value_set=declared_labels(manifest, splits))],
+            )
+        )
+    leakage = rows[["text", "split"]].drop_duplicates()
+    views.append(View("leakage", leakage, [gxe.ExpectColumnValuesToBeUnique(column="text")]))
+    # Only the columns the expectations read: GX copies the frame, and list columns are heavy.
+    keep = [c for c in ("text", "label", "n_words", "n_tags", "split") if c in rows.columns]
+    return [View("rows", rows[keep], row_checks), *views]
+
+
+def _outcome(suite: str, result: Any, examples_in_error: int) -> Outcome:
+    config = result.expectation_config
+    kwargs = config.kwargs
+    column = kwargs.get("column") or f"{kwargs.get('column_A')}={kwargs.get('column_B')}"
+    details = result.result or {}
+    examples = list(details.get("partial_unexpected_list") or [])[:examples_in_error]
+    if not examples and "observed_value" in details:
+        examples = [details["observed_value"]]
+    return Outcome(
+        suite=suite,
+        expectation=config.type,
+        column=str(column),
+        success=bool(result.success),
+        unexpected_count=int(details.get("unexpected_count") or (0 if result.success else 1)),
+        element_count=int(details.get("element_count") or 0),
+        examples=[example if isinstance(example, int | float | str) else str(example) for example in examples],
+    )
+
+
+def run_suites(dataset: str, views: list[View], params: ValidateParams, docs_dir: Path) -> list[Outcome]:
+    """Run every view's suite (a GX validation definition each) and write the Data Docs site to docs_dir."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    with tempfile.TemporaryDirectory(prefix="lmforge-gx-") as project:
+        context = gx.get_context(mode="file", project_root_dir=project)
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        source = context.data_sources.add_pandas(dataset)
+        definitions = []
+        frames = {}
+        for view in views:
+            batch = source.add_dataframe_asset(view.name).add_batch_definition_whole_dataframe("all")
+            suite = context.suites.add(gx.ExpectationSuite(name=f"{dataset}.{view.name}"))
+            for expectation in view.expectations:
+                suite.add_expectation(expectation)
+            definitions.append(
+                context.validation_definitions.add(gx.ValidationDefinition(name=suite.name, data=batch, suite=suite))
+            )
+            frames[suite.name] = view.frame
+        outcomes = []
+        for definition in definitions:
+            # Each view is its own dataframe, so each validation gets its own batch.
+            result = definition.run(
+                batch_parameters={"dataframe": frames[definition.name]},
+                result_format={"result_format": "SUMMARY", "partial_unexpected_count": params.examples_in_error},
+            )
+            outcomes += [_outcome(definition.name, item, params.examples_in_error) for item in result.results]
+        context.build_data_docs()
+        site = Path(project) / "gx" / "uncommitted" / "data_docs" / "local_site"
+        shutil.copytree(site, docs_dir)
+    return outcomes
+
+
+def load_splits(dataset_dir: Path) -> dict[str, pd.DataFrame]:
+    return {split: pd.read_parquet(dataset_dir / f"{split}.parquet") for split in SPLITS}
+
+
+def summarize(
+    dataset: str, manifest: dict[str, Any], outcomes: list[Outcome], params: ValidateParams
+) -> dict[str, Any]:
+    failed = [outcome for outcome in outcomes if not outcome.success]
+    return {
+        "dataset": dataset,
+        "success": not failed,
+        "on_failure": params.on_failure,
+        "test_sha256": manifest["test_sha256"],
+        "evaluated": len(outcomes),
+        "failed": len(failed),
+        "expectations": [asdict(outcome) for outcome in outcomes],
+    }
+
+
+def failure_line(dataset: str, outcomes: list[Outcome]) -> str:
+    """One line naming the dataset, the first failed expectation and a few offending values."""
+    failed = [outcome for outcome in outcomes if not outcome.success]
+    more = f" (+{len(failed) - 1} more failed expectations)" if len(failed) > 1 else ""
+    return f"validate: dataset {dataset!r}: {failed[0].describe()}{more}"

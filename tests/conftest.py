@@ -1,0 +1,64 @@
+"""Shared fixtures: the smoke profile, a stage runner, and one smoke run of the data stages."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from lmforge.params import Params, profile_params
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def smoke_params() -> Params:
+    return profile_params("smoke")
+
+
+def run_stage(stage: str, *args: str | Path, cwd: Path = REPO, env: dict[str, str] | None = None):
+    """Run `python -m stages.<stage>` as a user would, and return the completed process."""
+    return subprocess.run(
+        [sys.executable, "-m", f"stages.{stage}", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        timeout=600,
+    )
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root, by relative path: 'left intact' means this is unchanged."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+@dataclass(frozen=True)
+class SmokeRun:
+    root: Path
+    raw: Path
+    validation: Path
+    processed: Path
+    params: Params
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory: pytest.TempPathFactory, smoke_params: Params) -> SmokeRun:
+    """ingest -> validate -> preprocess on the bundled corpora with the smoke profile, in-process."""
+    from stages import ingest, preprocess, validate
+
+    root = tmp_path_factory.mktemp("smoke")
+    raw, validation, processed = root / "data/raw", root / "reports/validation", root / "data/processed"
+    ingest.run(smoke_params.ingest, REPO, raw)
+    validate.run(smoke_params.validate_, raw, validation, root / "reports/validate.json")
+    preprocess.run(smoke_params.preprocess, raw, validation, processed)
+    return SmokeRun(root, raw, validation, processed, smoke_params)
