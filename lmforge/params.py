@@ -181,6 +181,14 @@ class TokenizerParams(Section):
     min_frequency: int = Field(2, ge=1, description="a piece must occur this often to enter the vocabulary")
     lowercase: bool = Field(True, description="lowercase before tokenizing (wordpiece and char)")
 
+    @model_validator(mode="after")
+    def _room_for_bytes(self) -> TokenizerParams:
+        if self.kind == "bpe" and self.vocab_size < 256 + 5:
+            raise ValueError(
+                f"byte-level bpe needs vocab_size >= 261 (256 bytes + 5 special tokens), got {self.vocab_size}"
+            )
+        return self
+
 
 class PreprocessParams(Section):
     tokenizer: TokenizerParams = TokenizerParams()

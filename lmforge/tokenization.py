@@ -56,7 +56,10 @@ def new_tokenizer(params: TokenizerParams) -> tuple[Tokenizer, trainers.Trainer]
         )
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tokenizer.decoder = decoders.WordPiece()
-        trainer: trainers.Trainer = trainers.WordPieceTrainer(**common)
+        # Chinese has thousands of characters: without a cap on the alphabet, the vocabulary would
+        # outgrow vocab_size. Keep the most frequent characters and leave a fifth for word pieces.
+        limit_alphabet = int(params.vocab_size * 0.8) - len(SPECIAL_TOKENS)
+        trainer: trainers.Trainer = trainers.WordPieceTrainer(limit_alphabet=limit_alphabet, **common)
     elif params.kind == "bpe":
         tokenizer = Tokenizer(models.BPE(unk_token=UNK))
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

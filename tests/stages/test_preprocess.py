@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lmforge.errors import DataError
+from lmforge.tokenization import read_blocks
+from stages import preprocess
+from tests.conftest import SmokeRun
+
+
+def test_smoke_preprocess_outputs(smoke_run: SmokeRun):
+    from transformers import AutoTokenizer
+
+    stats = json.loads((smoke_run.processed / "stats.json").read_text())
+    meta = json.loads((smoke_run.processed / "pretrain" / "meta.json").read_text())
+    block_size = smoke_run.params.preprocess.block_size
+    train = read_blocks(smoke_run.processed / "pretrain" / "train.bin", meta["train"]["dtype"], block_size)
+    assert train.shape == (meta["train"]["blocks"], block_size)
+    assert stats["pretrain"]["train"]["tokens"] > 10_000
+    tokenizer = AutoTokenizer.from_pretrained(str(smoke_run.processed / "tokenizer"))
+    assert len(tokenizer) == stats["tokenizer"]["vocab_size"] <= smoke_run.params.preprocess.tokenizer.vocab_size
+    assert int(train.max()) < len(tokenizer)
+    labels = json.loads((smoke_run.processed / "tasks" / "people_daily" / "labels.json").read_text())
+    assert labels["labels"] == smoke_run.params.ingest.datasets["people_daily"].labels
+    assert stats["peak_rss_mb"] > 0
+
+
+def test_preprocess_refuses_a_validation_report_of_another_test_split(smoke_run: SmokeRun, tmp_path: Path):
+    validation = tmp_path / "validation"
+    shutil.copytree(smoke_run.validation, validation)
+    report = json.loads((validation / "sentiment.json").read_text())
+    report["test_sha256"] = "0" * 64
+    (validation / "sentiment.json").write_text(json.dumps(report))
+    out = tmp_path / "processed"
+    out.mkdir()
+    (out / "keep.txt").write_text("earlier output")
+    with pytest.raises(DataError, match="validated a different test split"):
+        preprocess.run(smoke_run.params.preprocess, smoke_run.raw, validation, out)
+    assert (out / "keep.txt").read_text() == "earlier output"  # written aside, never swapped in
