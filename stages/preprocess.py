@@ -23,7 +23,16 @@ from lmforge.validation import declared_labels
 
 
 def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
+    """Peak resident memory of this process so far, in MiB.
+
+    /proc's VmHWM starts afresh at exec; ru_maxrss does not (Linux carries the parent's peak
+    across fork and exec), so a stage started by a big parent would report the parent's peak.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
