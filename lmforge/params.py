@@ -197,12 +197,181 @@ class PreprocessParams(Section):
     batch_size: int = Field(1000, ge=1, description="rows tokenized at a time; bounds peak memory")
 
 
+# ---------------------------------------------------------------------------------------------
+# training (shared by pretrain and finetune)
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainingParams(Section):
+    """The training loop's knobs; pretrain has one set, each fine-tuning task its own."""
+
+    max_steps: int = Field(300, ge=1, description="optimizer steps at most (early stopping may end sooner)")
+    epochs: int = Field(1, ge=1, description="passes over the training data at most")
+    batch_size: int = Field(32, ge=1, description="sequences per micro-batch")
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(5e-4, gt=0.0, le=1.0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay (not on biases and norms)")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of max_steps spent warming up linearly")
+    schedule: Literal["linear", "cosine"] = Field("linear", description="decay after warmup")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 autocast where the hardware supports it (CUDA with bf16, or CPU), else fp32"
+    )
+    eval_every: int = Field(50, ge=1, description="steps between validation-loss evaluations")
+    early_stopping_patience: int = Field(
+        3, ge=0, description="evaluations without improvement before stopping (0: off)"
+    )
+    checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
+    log_every: int = Field(10, ge=1, description="steps between metric logs (progress bar and MLflow)")
+    max_train_samples: int | None = Field(None, ge=1, description="use at most this many training examples")
+    max_eval_samples: int | None = Field(None, ge=1, description="use at most this many validation examples")
+
+
+class ModelArchitecture(Section):
+    """A model built from scratch: a BERT-style encoder, a GPT-style decoder, or an LSTM baseline."""
+
+    architecture: Literal["bert", "gpt", "lstm"] = Field(description="bert: encoder; gpt: decoder; lstm: baseline LM")
+    objective: Literal["mlm", "mlm_nsp", "causal"] = Field(
+        description="mlm: masked LM; mlm_nsp: masked LM + next-sentence prediction (bert); causal: next token"
+    )
+    layers: int = Field(2, ge=1, le=48)
+    heads: int = Field(2, ge=1, le=64, description="attention heads (bert, gpt)")
+    hidden_size: int = Field(128, ge=8, le=8192)
+    ffn_size: int = Field(512, ge=8, le=32768, description="feed-forward inner size (bert, gpt)")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    max_length: int = Field(128, ge=8, le=8192, description="position embeddings: the longest sequence")
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> ModelArchitecture:
+        if self.architecture == "bert" and self.objective == "causal":
+            raise ValueError("a bert encoder trains with objective mlm or mlm_nsp, not causal")
+        if self.architecture in {"gpt", "lstm"} and self.objective != "causal":
+            raise ValueError(f"a {self.architecture} model trains with objective causal, not {self.objective}")
+        if self.architecture != "lstm" and self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by heads ({self.heads})")
+        return self
+
+
+def _default_models() -> dict[str, ModelArchitecture]:
+    return {
+        "encoder": ModelArchitecture(architecture="bert", objective="mlm"),
+        "decoder": ModelArchitecture(architecture="gpt", objective="causal"),
+    }
+
+
+class PretrainParams(Section):
+    seed: int = Field(1234, description="seeds weights, data order, masking and dropout")
+    mlm_probability: float = Field(
+        0.15, gt=0.0, lt=1.0, description="share of tokens masked (80% [MASK], 10% random, 10% kept)"
+    )
+    models: dict[str, ModelArchitecture] = Field(
+        default_factory=_default_models, description="models to pretrain, by name: models/pretrained/<name>"
+    )
+    training: TrainingParams = TrainingParams(
+        max_steps=400, batch_size=32, learning_rate=1e-3, eval_every=100, checkpoint_every=100
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, models: dict[str, ModelArchitecture]) -> dict[str, ModelArchitecture]:
+        for name in models:
+            if not DATASET_NAME.match(name):
+                raise ValueError(f"model name {name!r} must match {DATASET_NAME.pattern}")
+        return models
+
+
+class LoraParams(Section):
+    r: int = Field(8, ge=1, le=256, description="rank of the update matrices")
+    alpha: int = Field(16, ge=1, description="scaling: the update is multiplied by alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(None, description="module names to adapt; null: attention projections")
+
+
+class FinetuneTask(Section):
+    """One fine-tuning task: a dataset, what to predict, and the model to start from."""
+
+    dataset: str = Field(description="an ingested dataset (a key of ingest.datasets)")
+    kind: Literal["classification", "token_classification", "generation"]
+    base: str = Field(description="pretrained:<name> (models/pretrained/<name>), a local HF model folder, or a hub id")
+    method: Literal["full", "lora"] = Field("full", description="full fine-tuning, or LoRA adapters via peft")
+    lora: LoraParams = LoraParams()
+    prompt_chars: int = Field(12, ge=1, description="generation: characters of the text given as the prompt")
+    training: TrainingParams = TrainingParams()
+
+
+def _default_tasks() -> dict[str, FinetuneTask]:
+    return {
+        "sentiment": FinetuneTask(
+            dataset="sentiment",
+            kind="classification",
+            base="pretrained:encoder",
+            training=TrainingParams(
+                max_steps=250, epochs=2, learning_rate=3e-4, max_train_samples=6000, eval_every=50, checkpoint_every=50
+            ),
+        ),
+        "ner": FinetuneTask(
+            dataset="people_daily",
+            kind="token_classification",
+            base="pretrained:encoder",
+            training=TrainingParams(
+                max_steps=250, epochs=2, learning_rate=3e-4, max_train_samples=6000, eval_every=50, checkpoint_every=50
+            ),
+        ),
+        "continuation": FinetuneTask(
+            dataset="sentiment",
+            kind="generation",
+            base="pretrained:decoder",
+            training=TrainingParams(
+                max_steps=150, learning_rate=5e-4, max_train_samples=4000, eval_every=50, checkpoint_every=50
+            ),
+        ),
+    }
+
+
+class FinetuneParams(Section):
+    seed: int = Field(1234, description="seeds the new head, data order and dropout")
+    tasks: dict[str, FinetuneTask] = Field(default_factory=_default_tasks, description="tasks by name")
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, tasks: dict[str, FinetuneTask]) -> dict[str, FinetuneTask]:
+        for name in tasks:
+            if not DATASET_NAME.match(name):
+                raise ValueError(f"task name {name!r} must match {DATASET_NAME.pattern}")
+        return tasks
+
+
+class EvaluateParams(Section):
+    bootstrap_samples: int = Field(1000, ge=100, description="resamples of the test set for the 95% intervals")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of the intervals")
+    latency_samples: int = Field(100, ge=1, description="single examples timed for latency p50/p95")
+    batch_size: int = Field(64, ge=1, description="examples per batch for predictions and throughput")
+    max_test_samples: int | None = Field(None, ge=1, description="score at most this many test examples (smoke)")
+    max_new_tokens: int = Field(24, ge=1, description="generation: tokens generated per prompt")
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
     ingest: IngestParams = IngestParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     preprocess: PreprocessParams = PreprocessParams()
+    pretrain: PretrainParams = PretrainParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Params:
+        for name, task in self.finetune.tasks.items():
+            if task.dataset not in self.ingest.datasets:
+                raise ValueError(f"finetune.tasks.{name}.dataset: {task.dataset!r} is not in ingest.datasets")
+            if (
+                task.base.startswith("pretrained:")
+                and task.base.removeprefix("pretrained:") not in self.pretrain.models
+            ):
+                raise ValueError(f"finetune.tasks.{name}.base: {task.base!r} is not in pretrain.models")
+        return self
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

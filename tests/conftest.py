@@ -16,6 +16,15 @@ from lmforge.params import Params, profile_params
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One real MLflow store (SQLite) for the whole session; stages run in subprocesses inherit it."""
+    root = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
 @pytest.fixture(scope="session")
 def smoke_params() -> Params:
     return profile_params("smoke")

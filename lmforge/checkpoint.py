@@ -1,0 +1,110 @@
+"""Resumable training checkpoints, with no pickle anywhere.
+
+A checkpoint is a folder `step-000050/` holding
+- model.safetensors       the weights (safetensors.save_model handles tied weights)
+- optimizer.safetensors   every optimizer state tensor; optimizer.json the rest (param groups)
+- rng.safetensors         the global torch RNG (dropout) and the batch generator (masking, pairs)
+- state.json              step, epoch, position in the epoch, early-stopping state, scheduler state,
+                          and the fingerprint of the run it belongs to
+It is written as `step-000050.tmp/` and renamed when complete, so a kill leaves either the whole
+checkpoint or none of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch_generator: torch.Generator,
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep` checkpoints."""
+    final = directory / f"step-{step:06d}"
+    staging = directory / f"step-{step:06d}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_model(model, str(staging / "model.safetensors"))
+    tensors, rest = _optimizer_tensors(optimizer)
+    save_file(tensors, str(staging / "optimizer.safetensors"))
+    (staging / "optimizer.json").write_text(json.dumps(rest))
+    save_file(
+        {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}, str(staging / "rng.safetensors")
+    )
+    (staging / "state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(staging, final)
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a `.tmp` folder is an interrupted write and is ignored)."""
+    if not directory.is_dir():
+        return []
+    found = [path for path in directory.iterdir() if path.is_dir() and STEP_DIR.match(path.name)]
+    return sorted(found, key=lambda path: int(STEP_DIR.match(path.name).group(1)))
+
+
+def latest_checkpoint(directory: Path, fingerprint: str) -> Path | None:
+    """The newest complete checkpoint of the run with this fingerprint, if any."""
+    for path in reversed(list_checkpoints(directory)):
+        state = json.loads((path / "state.json").read_text())
+        if state.get("fingerprint") == fingerprint:
+            return path
+    return None
+
+
+def load_checkpoint(
+    path: Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    batch_generator: torch.Generator,
+) -> dict[str, Any]:
+    """Restore everything `save_checkpoint` wrote; return the loop state."""
+    load_model(model, str(path / "model.safetensors"))
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    rest = json.loads((path / "optimizer.json").read_text())
+    by_index: dict[int, dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(rest["scalars"].items()):
+        index, name = key.split(".", 1)
+        by_index.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": by_index, "param_groups": rest["param_groups"]})
+    rng = load_file(str(path / "rng.safetensors"))
+    torch.set_rng_state(rng["torch"])
+    batch_generator.set_state(rng["batches"])
+    state = json.loads((path / "state.json").read_text())
+    scheduler.load_state_dict(state.pop("scheduler"))
+    return state

@@ -1,0 +1,167 @@
+"""Model builders: a BERT-style encoder, a GPT-style decoder, or an LSTM language model, from params.
+
+All of them are transformers `PreTrainedModel`s, so they save and load the same way
+(save_pretrained / from_pretrained, safetensors weights). The LSTM is registered with the Auto
+classes here, in our own code, so loading it never needs `trust_remote_code`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BertConfig,
+    BertForMaskedLM,
+    BertForPreTraining,
+    GPT2Config,
+    GPT2LMHeadModel,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.modeling_outputs import CausalLMOutput
+
+from lmforge.errors import LmforgeError
+from lmforge.params import ModelArchitecture
+
+
+class LSTMConfig(PretrainedConfig):
+    model_type = "lmforge_lstm"
+
+    def __init__(
+        self, vocab_size: int = 1000, hidden_size: int = 128, num_layers: int = 2, dropout: float = 0.1, **kwargs
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.dropout = dropout
+        super().__init__(**kwargs)
+
+
+class LSTMForCausalLM(PreTrainedModel):
+    """A baseline language model: embedding -> stacked LSTM -> vocabulary logits (tied to the embedding)."""
+
+    config_class = LSTMConfig
+    base_model_prefix = "lstm"
+    _tied_weights_keys = {"head.weight": "embed.weight"}
+
+    def __init__(self, config: LSTMConfig) -> None:
+        super().__init__(config)
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.lstm = nn.LSTM(
+            config.hidden_size, config.hidden_size, num_layers=config.num_layers, batch_first=True,
+            dropout=config.dropout if config.num_layers > 1 else 0.0,
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.head
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Embedding | nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> CausalLMOutput:
+        hidden, _state = self.lstm(self.drop(self.embed(input_ids)))
+        logits = self.head(self.drop(hidden))
+        loss = None
+        if labels is not None:  # predict token t+1 from tokens <= t, as GPT2LMHeadModel does
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
+        return CausalLMOutput(loss=loss, logits=logits)
+
+
+AutoConfig.register(LSTMConfig.model_type, LSTMConfig, exist_ok=True)
+AutoModelForCausalLM.register(LSTMConfig, LSTMForCausalLM, exist_ok=True)
+
+
+def build_pretrain_model(
+    arch: ModelArchitecture, vocab_size: int, pad_id: int, cls_id: int, sep_id: int, seed: int
+) -> PreTrainedModel:
+    """A freshly initialised model for the architecture and objective in params (weights seeded)."""
+    torch.manual_seed(seed)
+    if arch.architecture == "bert":
+        config = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=arch.hidden_size,
+            num_hidden_layers=arch.layers,
+            num_attention_heads=arch.heads,
+            intermediate_size=arch.ffn_size,
+            hidden_dropout_prob=arch.dropout,
+            attention_probs_dropout_prob=arch.dropout,
+            max_position_embeddings=arch.max_length,
+            type_vocab_size=2,
+            pad_token_id=pad_id,
+        )
+        return BertForPreTraining(config) if arch.objective == "mlm_nsp" else BertForMaskedLM(config)
+    if arch.architecture == "gpt":
+        config = GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=arch.max_length,
+            n_embd=arch.hidden_size,
+            n_layer=arch.layers,
+            n_head=arch.heads,
+            n_inner=arch.ffn_size,
+            resid_pdrop=arch.dropout,
+            embd_pdrop=arch.dropout,
+            attn_pdrop=arch.dropout,
+            bos_token_id=cls_id,
+            eos_token_id=sep_id,
+            pad_token_id=pad_id,
+        )
+        return GPT2LMHeadModel(config)
+    config = LSTMConfig(
+        vocab_size=vocab_size, hidden_size=arch.hidden_size, num_layers=arch.layers, dropout=arch.dropout,
+        pad_token_id=pad_id, bos_token_id=cls_id, eos_token_id=sep_id, tie_word_embeddings=True,
+    )
+    return LSTMForCausalLM(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def resolve_base(base: str, pretrained_root: Path, key: str) -> str:
+    """Where a fine-tuning task starts: `pretrained:<name>`, a local folder, or a hub id.
+
+    A hub id is passed through to from_pretrained; offline it fails there with a clear message.
+    """
+    if base.startswith("pretrained:"):
+        folder = pretrained_root / base.removeprefix("pretrained:")
+        if not (folder / "config.json").is_file():
+            raise LmforgeError(f"{key}: {folder} holds no pretrained model (run the pretrain stage)")
+        return str(folder)
+    folder = Path(base)
+    if folder.exists():
+        if not (folder / "config.json").is_file():
+            raise LmforgeError(f"{key}: {folder} is not a Hugging Face model folder (no config.json)")
+        return str(folder)
+    if base.startswith((".", "/")) or base.count("/") > 1:
+        raise LmforgeError(f"{key}: local model folder {base} does not exist")
+    return base
+
+
+def load_pretrained(folder: Path) -> PreTrainedModel:
+    """A model written by the pretrain stage, with the head of its objective (safetensors only)."""
+    import json
+
+    from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
+
+    objective = json.loads((folder / "lmforge_params.json").read_text())["objective"]
+    auto = {"mlm": AutoModelForMaskedLM, "mlm_nsp": AutoModelForPreTraining, "causal": AutoModelForCausalLM}
+    return auto[objective].from_pretrained(str(folder), use_safetensors=True)

@@ -1,0 +1,135 @@
+"""MLflow: where runs go, how a stage run is tagged, and how stage runs group under a pipeline run.
+
+Default store: a SQLite file in the repository (mlflow.db) with artifacts beside it (mlartifacts/);
+`MLFLOW_TRACKING_URI` points everything at a real server instead. Every stage run is a child of one
+pipeline run: the one named by `LMFORGE_PARENT_RUN_ID` (set by `lmforge run` and the Prefect flow),
+or else the latest pipeline run for this git commit and params.yaml, created when missing, so that
+the stages of one `dvc repro` sit together in the UI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXPERIMENT = "lmforge"
+PARENT_ENV = "LMFORGE_PARENT_RUN_ID"
+SECRET_WORDS = ("password", "secret", "token", "key")  # never logged as params
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+def setup(experiment: str = EXPERIMENT) -> str:
+    """Point MLflow at the store and experiment; return the experiment id."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    location = None  # a server decides where artifacts go (proxied object storage)
+    if uri.startswith("sqlite:///"):  # embedded: artifacts beside the database file
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    try:
+        return mlflow.create_experiment(experiment, artifact_location=location)
+    except Exception:  # created meanwhile by a concurrent stage
+        return mlflow.get_experiment_by_name(experiment).experiment_id
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+
+
+def dvc_lineage(stage: str, lock: Path = Path("dvc.lock"), dvc_file: Path = Path("dvc.yaml")) -> dict[str, str]:
+    """md5 of each of the stage's deps as recorded in dvc.lock (upstream outs), by dep path.
+
+    During `dvc repro` the running stage's own lock entry is not written yet, but its inputs are
+    the outputs of stages that finished, and those are in dvc.lock.
+    """
+    if not lock.is_file() or not dvc_file.is_file():
+        return {}
+    stages = yaml.safe_load(dvc_file.read_text()).get("stages", {})
+    base = stage.split("@")[0]
+    deps = stages.get(base, {}).get("deps") or stages.get(base, {}).get("do", {}).get("deps", [])
+    recorded: dict[str, str] = {}
+    for entry in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        for out in entry.get("outs", []):
+            recorded[out["path"]] = out.get("md5", "")
+    return {f"dvc.{dep}": recorded[dep] for dep in deps if isinstance(dep, str) and dep in recorded}
+
+
+def params_digest(section: Any) -> str:
+    return hashlib.sha256(yaml.safe_dump(section, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def loggable_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Flatten params for mlflow.log_params, leaving out anything that could be a credential."""
+    flat: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if any(word in key.lower() for word in SECRET_WORDS):
+            continue
+        if isinstance(value, dict):
+            flat.update(loggable_params(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:500]
+    return flat
+
+
+def pipeline_parent(experiment_id: str) -> str:
+    """The pipeline run that stage runs nest under (see the module docstring)."""
+    import mlflow
+
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    params_file = Path("params.yaml")
+    key = hashlib.sha256((git_commit() + (params_file.read_text() if params_file.exists() else "")).encode())
+    key_hex = key.hexdigest()[:16]
+    found = mlflow.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`lmforge.pipeline_key` = '{key_hex}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    if found:
+        return found[0].info.run_id
+    client = mlflow.MlflowClient()
+    run = client.create_run(
+        experiment_id,
+        run_name=f"pipeline {git_commit()[:7]}",
+        tags={"lmforge.pipeline_key": key_hex, "lmforge.kind": "pipeline", "git_commit": git_commit()},
+    )
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@contextmanager
+def stage_run(stage: str, params: dict[str, Any], task: str | None = None, system_metrics: bool = True) -> Iterator[Any]:
+    """A child run of the pipeline run, tagged stage / task / git commit / dvc lineage, with params."""
+    import mlflow
+
+    experiment_id = setup()
+    parent = pipeline_parent(experiment_id)
+    tags = {"stage": stage, "git_commit": git_commit(), "params_digest": params_digest(params), **dvc_lineage(stage)}
+    if task:
+        tags["task"] = task
+    name = f"{stage}:{task}" if task else stage
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=name, parent_run_id=parent, tags=tags, log_system_metrics=system_metrics
+    ) as run:
+        mlflow.log_params(loggable_params(params))
+        yield run

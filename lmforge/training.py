@@ -1,0 +1,234 @@
+"""The one training loop that pretrain and finetune share.
+
+Linear on purpose: AdamW, warmup then decay, gradient accumulation, clipping, optional bf16
+autocast, periodic validation with early stopping, and atomic checkpoints that make a killed run
+resume to the same weights as an uninterrupted one (on CPU). Determinism comes from three sources of
+randomness, all seeded and all checkpointed: the data order (a permutation per epoch from seed +
+epoch), the batch generator (masking, sentence pairs) and the global torch RNG (dropout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+from tqdm import tqdm
+
+from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.params import TrainingParams
+
+BatchFn = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
+EvalFn = Callable[[nn.Module], float]
+LogFn = Callable[[dict[str, float], int], None]
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    total_steps: int
+    best_eval_loss: float
+    final_eval_loss: float
+    stopped_early: bool
+    resumed_from_step: int | None
+    tokens: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of everything that defines a run: a checkpoint of another run is never resumed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast where supported (any CPU; CUDA GPUs with bf16), else a no-op (fp32)."""
+    if precision != "bf16":
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        print("warning: this GPU has no bf16; training in fp32", file=sys.stderr)
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def make_optimizer(model: nn.Module, params: TrainingParams) -> torch.optim.AdamW:
+    """AdamW with weight decay on weight matrices only (not on biases, norms or 1-d parameters)."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=params.learning_rate)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, params: TrainingParams, total_steps: int) -> Any:
+    warmup = int(params.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if params.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def micro_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The epoch's micro-batches of example indices: a permutation fixed by seed and epoch alone."""
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+    return list(order.split(batch_size))
+
+
+def count_tokens(batch: dict[str, torch.Tensor]) -> int:
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+
+def train(
+    model: nn.Module,
+    n_examples: int,
+    make_batch: BatchFn,
+    evaluate: EvalFn,
+    params: TrainingParams,
+    seed: int,
+    checkpoint_dir: Path,
+    run_fingerprint: str,
+    log: LogFn,
+    description: str,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train `model` in place; resume from the newest checkpoint of this run if there is one.
+
+    The model ends with the weights that had the best validation loss.
+    """
+    device = device or pick_device()
+    model.to(device)
+    n_examples = min(n_examples, params.max_train_samples or n_examples)
+    per_epoch = (math.ceil(n_examples / params.batch_size)) // params.grad_accumulation
+    if per_epoch == 0:
+        raise ValueError(f"{description}: {n_examples} examples fill no optimizer step; lower batch_size")
+    total_steps = min(params.max_steps, per_epoch * params.epochs)
+    optimizer = make_optimizer(model, params)
+    scheduler = make_scheduler(optimizer, params, total_steps)
+    batch_generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    state: dict[str, Any] = {
+        "fingerprint": run_fingerprint, "step": 0, "epoch": 0, "micro": 0, "best": math.inf, "last_eval": math.inf,
+        "bad_evals": 0, "stopped_early": False, "tokens": 0, "history": [],
+    }  # fmt: skip
+    resumed_from = None
+    found = latest_checkpoint(checkpoint_dir, run_fingerprint)
+    if found is not None:
+        state = load_checkpoint(found, model, optimizer, scheduler, batch_generator)
+        resumed_from = state["step"]
+        print(f"{description}: resuming from {found} (step {resumed_from} of {total_steps})", file=sys.stderr)
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    best_path = checkpoint_dir / f"best-{run_fingerprint}.safetensors"
+
+    started = time.perf_counter()
+    window_loss, window_tokens, window_started = 0.0, 0, time.perf_counter()
+    bar = tqdm(total=total_steps, initial=state["step"], desc=description, unit="step", file=sys.stderr,
+               dynamic_ncols=True, mininterval=1.0)  # fmt: skip
+    with bar:
+        while state["step"] < total_steps and not state["stopped_early"]:
+            batches = micro_batches(n_examples, params.batch_size, seed, state["epoch"])
+            usable = len(batches) // params.grad_accumulation * params.grad_accumulation
+            while state["micro"] < usable and state["step"] < total_steps and not state["stopped_early"]:
+                model.train()
+                for _ in range(params.grad_accumulation):
+                    batch = {k: v.to(device) for k, v in make_batch(batches[state["micro"]], batch_generator).items()}
+                    with autocast(params.precision, device):
+                        loss = model(**batch).loss / params.grad_accumulation
+                    loss.backward()
+                    state["micro"] += 1
+                    tokens = count_tokens(batch)
+                    state["tokens"] += tokens
+                    window_tokens += tokens
+                    window_loss += float(loss)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                step = state["step"]
+                bar.update(1)
+
+                if step % params.log_every == 0 or step == total_steps:
+                    steps_in_window = params.log_every if step % params.log_every == 0 else step % params.log_every
+                    elapsed = max(time.perf_counter() - window_started, 1e-9)
+                    metrics = {
+                        "train_loss": window_loss / steps_in_window,
+                        "learning_rate": scheduler.get_last_lr()[0],
+                        "tokens_per_second": window_tokens / elapsed,
+                    }
+                    metrics["train_perplexity"] = math.exp(min(metrics["train_loss"], 50))
+                    bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
+                    log(metrics, step)
+                    window_loss, window_tokens, window_started = 0.0, 0, time.perf_counter()
+
+                if step % params.eval_every == 0 or step == total_steps:
+                    _record_eval(model, evaluate, state, params, best_path, log)
+
+                if step % params.checkpoint_every == 0 or step == total_steps:
+                    save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, batch_generator, state,
+                                    params.keep_checkpoints)  # fmt: skip
+            if state["micro"] >= usable:
+                state["epoch"] += 1
+                state["micro"] = 0
+    if best_path.is_file():
+        load_model(model, str(best_path))
+    return TrainResult(
+        steps=state["step"],
+        total_steps=total_steps,
+        best_eval_loss=state["best"],
+        final_eval_loss=state["last_eval"],
+        stopped_early=state["stopped_early"],
+        resumed_from_step=resumed_from,
+        tokens=state["tokens"],
+        seconds=round(time.perf_counter() - started, 2),
+        history=state["history"],
+    )
+
+
+def _record_eval(
+    model: nn.Module, evaluate: EvalFn, state: dict[str, Any], params: TrainingParams, best_path: Path, log: LogFn
+) -> None:
+    """Validation loss, best-weights file, and the early-stopping decision, all kept in `state`."""
+    model.eval()
+    with torch.no_grad():
+        loss = float(evaluate(model))
+    state["last_eval"] = loss
+    metrics = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
+    state["history"].append({"step": state["step"], **metrics})
+    log(metrics, state["step"])
+    if loss < state["best"]:
+        state["best"], state["bad_evals"] = loss, 0
+        staging = best_path.with_suffix(".tmp")
+        save_model(model, str(staging))
+        staging.replace(best_path)
+    else:
+        state["bad_evals"] += 1
+        if params.early_stopping_patience and state["bad_evals"] >= params.early_stopping_patience:
+            state["stopped_early"] = True
+
+
+def batched(indices: torch.Tensor | range, size: int) -> Iterator[list[int]]:
+    items = list(indices)
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
