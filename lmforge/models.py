@@ -52,7 +52,10 @@ class LSTMForCausalLM(PreTrainedModel):
         super().__init__(config)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.lstm = nn.LSTM(
-            config.hidden_size, config.hidden_size, num_layers=config.num_layers, batch_first=True,
+            config.hidden_size,
+            config.hidden_size,
+            num_layers=config.num_layers,
+            batch_first=True,
             dropout=config.dropout if config.num_layers > 1 else 0.0,
         )
         self.drop = nn.Dropout(config.dropout)
@@ -126,8 +129,14 @@ def build_pretrain_model(
         )
         return GPT2LMHeadModel(config)
     config = LSTMConfig(
-        vocab_size=vocab_size, hidden_size=arch.hidden_size, num_layers=arch.layers, dropout=arch.dropout,
-        pad_token_id=pad_id, bos_token_id=cls_id, eos_token_id=sep_id, tie_word_embeddings=True,
+        vocab_size=vocab_size,
+        hidden_size=arch.hidden_size,
+        num_layers=arch.layers,
+        dropout=arch.dropout,
+        pad_token_id=pad_id,
+        bos_token_id=cls_id,
+        eos_token_id=sep_id,
+        tie_word_embeddings=True,
     )
     return LSTMForCausalLM(config)
 

@@ -62,12 +62,16 @@ def nsp_pairs(
     first, second = body[:, :a_len], body[:, a_len : a_len + b_len]
     is_random = torch.rand(batch, generator=generator) < 0.5
     others = torch.randint(len(all_blocks), (batch,), generator=generator)
-    other_halves = torch.from_numpy(np.asarray(all_blocks[others.numpy()], dtype=np.int64))[:, 1 + a_len : 1 + a_len + b_len]
+    other_halves = torch.from_numpy(np.asarray(all_blocks[others.numpy()], dtype=np.int64))[
+        :, 1 + a_len : 1 + a_len + b_len
+    ]
     second = torch.where(is_random[:, None], other_halves, second)
     cls = torch.full((batch, 1), ids.cls)
     sep = torch.full((batch, 1), ids.sep)
     pairs = torch.cat([cls, first, sep, second, sep], dim=1)
-    token_types = torch.cat([torch.zeros(batch, a_len + 2, dtype=torch.long), torch.ones(batch, b_len + 1, dtype=torch.long)], dim=1)
+    token_types = torch.cat(
+        [torch.zeros(batch, a_len + 2, dtype=torch.long), torch.ones(batch, b_len + 1, dtype=torch.long)], dim=1
+    )
     return pairs, token_types, is_random.long()
 
 

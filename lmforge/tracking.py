@@ -118,7 +118,9 @@ def pipeline_parent(experiment_id: str) -> str:
 
 
 @contextmanager
-def stage_run(stage: str, params: dict[str, Any], task: str | None = None, system_metrics: bool = True) -> Iterator[Any]:
+def stage_run(
+    stage: str, params: dict[str, Any], task: str | None = None, system_metrics: bool = True
+) -> Iterator[Any]:
     """A child run of the pipeline run, tagged stage / task / git commit / dvc lineage, with params."""
     import mlflow
 

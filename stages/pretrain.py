@@ -56,8 +56,15 @@ def run(params: PretrainParams, name: str, processed: Path, out_dir: Path, check
     make_batch = batch_maker(arch.objective, train_blocks, ids, params.mlm_probability)
     make_val_batch = batch_maker(arch.objective, val_blocks, ids, params.mlm_probability)
     run_id = fingerprint(arch.model_dump(), training.model_dump(), params.seed, params.mlm_probability, meta)
-    resolved = {"model": name, **arch.model_dump(), "training": training.model_dump(), "seed": params.seed,
-                "mlm_probability": params.mlm_probability, "vocab_size": len(tokenizer), "block_size": block_size}
+    resolved = {
+        "model": name,
+        **arch.model_dump(),
+        "training": training.model_dump(),
+        "seed": params.seed,
+        "mlm_probability": params.mlm_probability,
+        "vocab_size": len(tokenizer),
+        "block_size": block_size,
+    }
     device = pick_device()
 
     with tracking.stage_run("pretrain", resolved, task=name) as mlflow_run:
@@ -104,8 +111,10 @@ def main() -> None:
     metrics = run(params.pretrain, args.model, args.processed, out,
                   args.checkpoints or Path("checkpoints/pretrain") / args.model)  # fmt: skip
     write_json_atomic(args.metrics or Path("reports/pretrain") / f"{args.model}.json", metrics)
-    print(f"pretrain: {args.model}: val loss {metrics['val_loss']:.3f} (perplexity {metrics['val_perplexity']:.1f}) "
-          f"after {metrics['steps']} steps, {metrics['tokens_per_second']} tokens/s; wrote {out}")
+    print(
+        f"pretrain: {args.model}: val loss {metrics['val_loss']:.3f} (perplexity {metrics['val_perplexity']:.1f}) "
+        f"after {metrics['steps']} steps, {metrics['tokens_per_second']} tokens/s; wrote {out}"
+    )
 
 
 if __name__ == "__main__":

@@ -62,9 +62,23 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run: SmokeRun, tmp_path: P
     assert pretrain(params, "encoder", straight, smoke_run).returncode == 0
 
     killed = tmp_path / "killed"
-    command = [sys.executable, "-m", "stages.pretrain", "--params", str(params), "--model", "encoder",
-               "--processed", str(smoke_run.processed), "--out", str(killed / "models/encoder"),
-               "--checkpoints", str(killed / "checkpoints/encoder"), "--metrics", str(killed / "m.json")]
+    command = [
+        sys.executable,
+        "-m",
+        "stages.pretrain",
+        "--params",
+        str(params),
+        "--model",
+        "encoder",
+        "--processed",
+        str(smoke_run.processed),
+        "--out",
+        str(killed / "models/encoder"),
+        "--checkpoints",
+        str(killed / "checkpoints/encoder"),
+        "--metrics",
+        str(killed / "m.json"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     killed.mkdir()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
