@@ -8,6 +8,7 @@ classes here, in our own code, so loading it never needs `trust_remote_code`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ class LSTMForCausalLM(PreTrainedModel):
 
     config_class = LSTMConfig
     base_model_prefix = "lstm"
-    _tied_weights_keys = {"head.weight": "embed.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"head.weight": "embed.weight"}
 
     def __init__(self, config: LSTMConfig) -> None:
         super().__init__(config)
