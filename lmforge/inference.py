@@ -1,0 +1,147 @@
+"""Predictions from a fine-tuned task model; shared by the evaluate stage and the MLflow pyfunc.
+
+A task model folder (models/finetuned/<task>) holds the weights (safetensors), the tokenizer and
+lmforge_task.json, which says what kind of task it is and what its labels are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+import lmforge.models  # noqa: F401  registers the LSTM with the Auto classes
+
+AUTO_BY_KIND = {
+    "classification": AutoModelForSequenceClassification,
+    "token_classification": AutoModelForTokenClassification,
+    "generation": AutoModelForCausalLM,
+}
+# A CJK character is a word of its own; other words are runs of letters/digits, or one symbol.
+WORD = re.compile(r"[\u3000-\u9fff\uf900-\ufaff\uff00-\uffef]|[^\s\u3000-\u9fff\uf900-\ufaff\uff00-\uffef]+")
+# WordPiece decoding puts a space between CJK characters; Chinese is written without them.
+CJK_GAP = re.compile(r"(?<=[\u3000-\u9fff\uf900-\ufaff\uff00-\uffef]) (?=[\u3000-\u9fff\uf900-\ufaff\uff00-\uffef])")
+
+
+@dataclass
+class TaskModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    meta: dict[str, Any]
+
+    @property
+    def kind(self) -> str:
+        return self.meta["kind"]
+
+    @property
+    def labels(self) -> list[str]:
+        return self.meta["labels"]
+
+    @property
+    def max_length(self) -> int:
+        return int(self.meta["max_length"])
+
+
+def load_task_model(folder: Path) -> TaskModel:
+    """Load weights from safetensors only (never a pickle) and put the model in eval mode."""
+    meta = json.loads((Path(folder) / "lmforge_task.json").read_text())
+    model = AUTO_BY_KIND[meta["kind"]].from_pretrained(str(folder), use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model.eval()
+    return TaskModel(model, tokenizer, meta)
+
+
+def split_words(text: str) -> list[str]:
+    """Words of raw text for token classification: CJK characters one by one, other runs whole."""
+    return WORD.findall(text)
+
+
+@torch.no_grad()
+def class_probabilities(tm: TaskModel, texts: list[str], batch_size: int = 64) -> np.ndarray:
+    out = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tm.tokenizer(texts[start : start + batch_size], truncation=True, max_length=tm.max_length,
+                               padding=True, return_tensors="pt")  # fmt: skip
+        encoded.pop("token_type_ids", None)
+        out.append(torch.softmax(tm.model(**encoded).logits.float(), dim=-1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(tm.labels)))
+
+
+@torch.no_grad()
+def word_tags(tm: TaskModel, sentences: list[list[str]], batch_size: int = 64) -> list[list[str]]:
+    """One predicted tag per word: the prediction on the word's first sub-token ("O" if truncated away)."""
+    predictions = []
+    for start in range(0, len(sentences), batch_size):
+        chunk = sentences[start : start + batch_size]
+        encoded = tm.tokenizer(chunk, is_split_into_words=True, truncation=True, max_length=tm.max_length,
+                               padding=True, return_tensors="pt")  # fmt: skip
+        word_ids = [encoded.word_ids(i) for i in range(len(chunk))]
+        encoded.pop("token_type_ids", None)
+        best = tm.model(**encoded).logits.argmax(-1).numpy()
+        for i, words in enumerate(chunk):
+            tags = ["O"] * len(words)
+            seen = set()
+            for position, word in enumerate(word_ids[i]):
+                if word is not None and word not in seen:
+                    seen.add(word)
+                    tags[word] = tm.labels[int(best[i, position])]
+            predictions.append(tags)
+    return predictions
+
+
+def generation_pairs(texts: list[str], prompt_chars: int) -> list[tuple[str, str]]:
+    return [(text[:prompt_chars], text[prompt_chars:]) for text in texts if len(text) > prompt_chars]
+
+
+@torch.no_grad()
+def continuation_losses(
+    tm: TaskModel, pairs: list[tuple[str, str]], batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per example: summed cross-entropy of the continuation tokens, and how many there were."""
+    losses, counts = [], []
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        encoded = tm.tokenizer([p for p, _ in chunk], [c for _, c in chunk], truncation="only_second",
+                               max_length=tm.max_length, padding=True, return_tensors="pt",
+                               return_token_type_ids=True)  # fmt: skip
+        target = (encoded["token_type_ids"] == 1) & (encoded["attention_mask"] == 1)
+        logits = tm.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits.float()
+        log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
+        next_ids = encoded["input_ids"][:, 1:]
+        token_loss = -log_probs.gather(-1, next_ids.unsqueeze(-1)).squeeze(-1)
+        mask = target[:, 1:]
+        losses.append((token_loss * mask).sum(-1).numpy())
+        counts.append(mask.sum(-1).numpy())
+    return np.concatenate(losses), np.concatenate(counts)
+
+
+@torch.no_grad()
+def generate(tm: TaskModel, prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy continuation of each prompt until [SEP] (plain loop: works for GPT and the LSTM alike)."""
+    tokenizer = tm.tokenizer
+    stop = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    outputs = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, truncation=True, max_length=tm.max_length - max_new_tokens)["input_ids"]
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            logits = tm.model(input_ids=torch.tensor([ids + generated])).logits[0, -1]
+            token = int(logits.argmax())
+            if token == stop:
+                break
+            generated.append(token)
+        outputs.append(CJK_GAP.sub("", tokenizer.decode(generated, skip_special_tokens=True)))
+    return outputs

@@ -1,0 +1,53 @@
+"""The MLflow pyfunc of a task model, logged as code (MLflow "models from code"), so no pickle.
+
+`mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"text": [...]}))` answers, by task kind:
+- classification:        label, score (the label's probability)
+- token_classification:  words, tags (one tag per word; CJK characters are words of their own)
+- generation:            continuation (greedy, up to max_new_tokens)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+MAX_NEW_TOKENS = 24
+
+
+def _texts(model_input) -> list[str]:
+    if isinstance(model_input, pd.DataFrame):
+        column = "text" if "text" in model_input.columns else model_input.columns[0]
+        return [str(value) for value in model_input[column]]
+    if isinstance(model_input, pd.Series):
+        return [str(value) for value in model_input]
+    if isinstance(model_input, str):
+        return [model_input]
+    return [str(value) for value in model_input]
+
+
+class LmforgeTextModel(PythonModel):
+    def load_context(self, context) -> None:
+        from lmforge.inference import load_task_model
+
+        self.task_model = load_task_model(Path(context.artifacts["model_dir"]))
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        from lmforge.inference import class_probabilities, generate, split_words, word_tags
+
+        tm = self.task_model
+        texts = _texts(model_input)
+        if tm.kind == "classification":
+            probs = class_probabilities(tm, texts)
+            best = probs.argmax(axis=1)
+            return pd.DataFrame({"label": [tm.labels[i] for i in best], "score": probs.max(axis=1).astype(float)})
+        if tm.kind == "token_classification":
+            words = [split_words(text) for text in texts]
+            return pd.DataFrame({"words": words, "tags": word_tags(tm, words)})
+        new_tokens = int((params or {}).get("max_new_tokens", MAX_NEW_TOKENS))
+        return pd.DataFrame({"continuation": generate(tm, texts, new_tokens)})
+
+
+mlflow.models.set_model(LmforgeTextModel())
