@@ -16,8 +16,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 run: setup
-	dvc repro
-	lmforge status
+	lmforge run
 
 test: setup
 	ruff check .

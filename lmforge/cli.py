@@ -55,6 +55,36 @@ def params_use(
     typer.echo(f"{params}: now the {profile} profile")
 
 
+@app.command("run")
+def run_pipeline(
+    force: bool = typer.Option(False, "--force", help="re-run every stage, changed or not"),
+) -> None:
+    """Run the whole pipeline (`dvc repro`) under one MLflow pipeline run, then print a summary."""
+    import os
+    import subprocess
+
+    from lmforge import tracking
+
+    experiment_id = tracking.setup()
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    parent = client.create_run(
+        experiment_id, run_name=f"pipeline {tracking.git_commit()[:7]}",
+        tags={"lmforge.kind": "pipeline", "git_commit": tracking.git_commit()},
+    )  # fmt: skip
+    env = {**os.environ, tracking.PARENT_ENV: parent.info.run_id}
+    command = ["dvc", "repro", *(["--force"] if force else [])]
+    result = subprocess.run(command, env=env)
+    client.set_terminated(parent.info.run_id, status="FINISHED" if result.returncode == 0 else "FAILED")
+    if result.returncode != 0:
+        typer.echo(f"error: the pipeline failed (dvc repro exit {result.returncode}); see the stage's message above",
+                   err=True)  # fmt: skip
+        raise typer.Exit(result.returncode)
+    status(Path("reports"))
+    typer.echo(f"MLflow pipeline run: {parent.info.run_id}")
+
+
 @app.command("status")
 def status(reports: Path = REPORTS_OPTION) -> None:
     """Say where the results of the last run are, with the key figures."""
@@ -74,12 +104,22 @@ def status(reports: Path = REPORTS_OPTION) -> None:
             f"pretraining corpus {train['tokens']:,} tokens in {train['blocks']:,} blocks; "
             f"peak RSS {stats['peak_rss_mb']} MB"
         )
+    for metrics_path in sorted((reports / "eval").glob("*/metrics.json")):
+        m = json.loads(metrics_path.read_text())
+        base = m["baseline"].get(m["primary_metric"])
+        baseline = f"; baseline {m['baseline']['name']} {base:.4f}" if base is not None else ""
+        typer.echo(f"evaluate    {m['task']}: {m['primary_metric']} {m['primary']:.4f} "
+                   f"[{m['primary_ci_low']:.4f}, {m['primary_ci_high']:.4f}] on {m['test_examples']} test examples"
+                   f"{baseline}; p95 latency {m['latency_ms_p95']:.1f} ms")  # fmt: skip
     typer.echo("results:")
     typer.echo("  data/raw/<dataset>/           train/val/test Parquet + manifest.json (frozen test sha256)")
     typer.echo(f"  {reports}/validation/          per-dataset expectation results (JSON)")
     typer.echo(f"  {reports}/validation/data_docs/<dataset>/index.html   Great Expectations Data Docs")
     typer.echo("  data/processed/               tokenizer, packed pretraining blocks, tokenized task datasets")
-    typer.echo("  dvc metrics show              the same figures, versioned with the pipeline")
+    typer.echo("  models/pretrained/, models/finetuned/   HF-format models (safetensors)")
+    typer.echo("  reports/eval/<task>/          metrics.json, confusion.json, curve.json, model.json (MLflow URI)")
+    typer.echo("  dvc metrics show; dvc plots show   the figures and plots, versioned with the pipeline")
+    typer.echo("  mlflow ui --backend-store-uri sqlite:///mlflow.db   runs, nested by pipeline; models")
 
 
 if __name__ == "__main__":

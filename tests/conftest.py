@@ -71,3 +71,18 @@ def smoke_run(tmp_path_factory: pytest.TempPathFactory, smoke_params: Params) ->
     validate.run(smoke_params.validate_, raw, validation, root / "reports/validate.json")
     preprocess.run(smoke_params.preprocess, raw, validation, processed)
     return SmokeRun(root, raw, validation, processed, smoke_params)
+
+
+@pytest.fixture(scope="session")
+def smoke_models(smoke_run: SmokeRun) -> SmokeRun:
+    """The smoke run, plus its pretrained encoder and decoder and its three fine-tuned task models."""
+    from stages import finetune, pretrain
+
+    root, params = smoke_run.root, smoke_run.params
+    for name in params.pretrain.models:
+        pretrain.run(params.pretrain, name, smoke_run.processed, root / "models/pretrained" / name,
+                     root / "checkpoints/pretrain" / name)  # fmt: skip
+    for task in params.finetune.tasks:
+        finetune.run(params.finetune, task, smoke_run.raw, smoke_run.processed, root / "models/pretrained",
+                     root / "models/finetuned" / task, root / "checkpoints/finetune" / task)  # fmt: skip
+    return smoke_run

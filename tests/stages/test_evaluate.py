@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from lmforge.errors import LmforgeError
+from stages import evaluate
+from tests.conftest import SmokeRun
+
+
+@pytest.fixture(scope="module")
+def evaluated(smoke_models: SmokeRun) -> SmokeRun:
+    for task in smoke_models.params.finetune.tasks:
+        evaluate.run(smoke_models.params.evaluate, task, smoke_models.root / "models/finetuned" / task,
+                     smoke_models.raw, smoke_models.root / "reports/eval" / task)  # fmt: skip
+    return smoke_models
+
+
+@pytest.mark.parametrize(("task", "primary"), [("sentiment", "macro_f1"), ("ner", "entity_f1"),
+                                               ("continuation", "perplexity")])  # fmt: skip
+def test_metrics_with_interval_baseline_latency_and_plots(evaluated: SmokeRun, task: str, primary: str):
+    out = evaluated.root / "reports/eval" / task
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["primary_metric"] == primary
+    assert metrics["primary_ci_low"] <= metrics["primary"] <= metrics["primary_ci_high"]
+    assert metrics["test_examples"] == evaluated.params.evaluate.max_test_samples
+    assert 0 < metrics["latency_ms_p50"] <= metrics["latency_ms_p95"]
+    assert metrics["throughput_per_s"] > 0
+    curve = json.loads((out / "curve.json").read_text())
+    assert [point["step"] for point in curve] == [5, 10]
+    per_example = json.loads((out / "per_example.json").read_text())
+    assert all(len(values) == metrics["test_examples"] for values in per_example.values()) or task == "continuation"
+    if task == "sentiment":
+        assert {"accuracy", "roc_auc", "per_class", "worst_class_recall"} <= metrics.keys()
+        assert metrics["baseline"]["name"] == "tfidf_char12_logreg" and 0.5 < metrics["baseline"]["accuracy"] <= 1
+        confusion = json.loads((out / "confusion.json").read_text())
+        assert len(confusion) == metrics["test_examples"]
+        assert metrics["accuracy"] == pytest.approx(
+            sum(r["actual"] == r["predicted"] for r in confusion) / len(confusion)
+        )
+    if task == "continuation":
+        assert metrics["primary"] > 1 and 0 <= metrics["bleu_char"] <= 1 and 0 <= metrics["rouge_l_char"] <= 1
+
+
+def test_pyfunc_model_predicts_on_raw_text(evaluated: SmokeRun):
+    import mlflow
+
+    texts = pd.DataFrame({"text": ["质量很好，非常满意", "太差了，不推荐"]})
+    for task, column in (("sentiment", "label"), ("ner", "tags"), ("continuation", "continuation")):
+        uri = json.loads((evaluated.root / "reports/eval" / task / "model.json").read_text())["model_uri"]
+        predictions = mlflow.pyfunc.load_model(uri).predict(texts)
+        assert len(predictions) == 2 and column in predictions.columns
+        if task == "sentiment":
+            assert set(predictions["label"]) <= {"neg", "pos"} and predictions["score"].between(0.5, 1).all()
+        if task == "ner":
+            assert [len(tags) for tags in predictions["tags"]] == [len(words) for words in predictions["words"]]
+
+
+def test_a_test_split_that_changed_since_it_was_frozen_is_refused(evaluated: SmokeRun, tmp_path: Path):
+    raw = tmp_path / "raw"
+    shutil.copytree(evaluated.raw / "sentiment", raw / "sentiment")
+    test = pd.read_parquet(raw / "sentiment/test.parquet")
+    test.iloc[1:].to_parquet(raw / "sentiment/test.parquet", index=False)
+    with pytest.raises(LmforgeError, match="does not match the sha256 frozen in its manifest"):
+        evaluate.run(evaluated.params.evaluate, "sentiment", evaluated.root / "models/finetuned/sentiment", raw,
+                     tmp_path / "eval")  # fmt: skip
+    assert not (tmp_path / "eval").exists()

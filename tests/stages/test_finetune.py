@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from lmforge.errors import LmforgeError
+from lmforge.params import params_to_dict
+from stages import finetune
+from tests.conftest import SmokeRun, run_stage
+
+
+def tensor_names(folder: Path) -> set[str]:
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        return set(handle.keys())
+
+
+@pytest.mark.parametrize(("task", "kind"), [("sentiment", "classification"), ("ner", "token_classification"),
+                                            ("continuation", "generation")])  # fmt: skip
+def test_each_task_writes_a_safetensors_model_that_describes_itself(smoke_models: SmokeRun, task: str, kind: str):
+    out = smoke_models.root / "models/finetuned" / task
+    meta = json.loads((out / "lmforge_task.json").read_text())
+    assert meta["kind"] == kind and meta["method"] == "full"
+    assert meta["test_sha256"] == json.loads((smoke_models.raw / meta["dataset"] / "manifest.json").read_text())[
+        "test_sha256"]  # fmt: skip
+    assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
+    assert [entry["step"] for entry in json.loads((out / "history.json").read_text())] == [5, 10]
+
+
+def smoke_task(smoke_models: SmokeRun, **changes) -> object:
+    data = params_to_dict(smoke_models.params)
+    data["finetune"]["tasks"]["sentiment"].update(changes)
+    from lmforge.params import parse_params
+
+    return parse_params(data).finetune
+
+
+def test_lora_trains_adapters_and_merges_them_into_a_plain_model(smoke_models: SmokeRun, tmp_path: Path):
+    params = smoke_task(smoke_models, method="lora")
+    metrics = finetune.run(params, "sentiment", smoke_models.raw, smoke_models.processed,
+                           smoke_models.root / "models/pretrained", tmp_path / "lora", tmp_path / "ck")  # fmt: skip
+    assert metrics["steps"] == 10
+    names = tensor_names(tmp_path / "lora")
+    assert not any("lora_" in name for name in names)  # merged: no peft needed to serve it
+    assert names == tensor_names(smoke_models.root / "models/finetuned/sentiment")
+
+
+def test_local_model_folder_as_base_retokenizes_with_its_tokenizer(smoke_models: SmokeRun, tmp_path: Path):
+    local = tmp_path / "my-bert"
+    shutil.copytree(smoke_models.root / "models/pretrained/encoder", local)
+    params = smoke_task(smoke_models, base=str(local))
+    finetune.run(params, "sentiment", smoke_models.raw, smoke_models.processed, tmp_path / "nowhere",
+                 tmp_path / "out", tmp_path / "ck")  # fmt: skip
+    assert json.loads((tmp_path / "out/lmforge_task.json").read_text())["base_resolved"] == str(local)
+    assert (tmp_path / "ck/tokenized/train.parquet").is_file()
+
+
+def test_generation_from_an_encoder_fails_naming_the_key(smoke_models: SmokeRun, tmp_path: Path):
+    data = params_to_dict(smoke_models.params)
+    data["finetune"]["tasks"]["continuation"]["base"] = "pretrained:encoder"
+    from lmforge.params import parse_params
+
+    with pytest.raises(LmforgeError, match=r"finetune.tasks.continuation.base: generation needs a decoder"):
+        finetune.run(parse_params(data).finetune, "continuation", smoke_models.raw, smoke_models.processed,
+                     smoke_models.root / "models/pretrained", tmp_path / "out", tmp_path / "ck")  # fmt: skip
+
+
+def cli(smoke_models: SmokeRun, tmp_path: Path, task: str, base: str | None = None, env: dict | None = None):
+    data = params_to_dict(smoke_models.params)
+    if base is not None:
+        data["finetune"]["tasks"]["sentiment"]["base"] = base
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
+    return run_stage("finetune", "--params", tmp_path / "params.yaml", "--task", task, "--raw", smoke_models.raw,
+                     "--processed", smoke_models.processed, "--pretrained", smoke_models.root / "models/pretrained",
+                     "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--metrics", tmp_path / "m.json",
+                     env=env)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("task", "base", "expected"),
+    [
+        ("nope", None, "finetune.tasks: no task named 'nope' (have: sentiment, ner, continuation)"),
+        (
+            "sentiment",
+            "./no/such/model",
+            "finetune.tasks.sentiment.base: local model folder ./no/such/model does not exist",
+        ),
+        (
+            "sentiment",
+            "bert-base-chinese",
+            "finetune.tasks.sentiment.base: cannot load a tokenizer from 'bert-base-chinese'",
+        ),
+    ],
+)
+def test_bad_task_or_base_gives_one_line(smoke_models: SmokeRun, tmp_path: Path, task: str, base: str | None,
+                                         expected: str):  # fmt: skip
+    result = cli(smoke_models, tmp_path, task, base, env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], result.stderr[-1500:]
+    assert not (tmp_path / "out").exists()
