@@ -310,7 +310,7 @@ def _default_tasks() -> dict[str, FinetuneTask]:
             training=TrainingParams(
                 max_steps=250,
                 epochs=2,
-                learning_rate=3e-4,
+                learning_rate=1e-3,
                 max_train_samples=6000,
                 max_eval_samples=1000,
                 eval_every=50,
@@ -324,7 +324,7 @@ def _default_tasks() -> dict[str, FinetuneTask]:
             training=TrainingParams(
                 max_steps=250,
                 epochs=2,
-                learning_rate=3e-4,
+                learning_rate=1e-3,
                 max_train_samples=6000,
                 max_eval_samples=1000,
                 eval_every=50,
@@ -336,7 +336,7 @@ def _default_tasks() -> dict[str, FinetuneTask]:
             kind="generation",
             base="pretrained:decoder",
             training=TrainingParams(
-                max_steps=80,
+                max_steps=60,
                 learning_rate=5e-4,
                 max_train_samples=4000,
                 max_eval_samples=500,
@@ -367,6 +367,7 @@ class EvaluateParams(Section):
     batch_size: int = Field(64, ge=1, description="examples per batch for predictions and throughput")
     max_test_samples: int | None = Field(None, ge=1, description="score at most this many test examples (smoke)")
     max_new_tokens: int = Field(24, ge=1, description="generation: tokens generated per prompt")
+    generated_samples: int = Field(100, ge=1, description="generation: prompts continued for BLEU and ROUGE-L")
 
 
 class Params(Section):

@@ -45,7 +45,6 @@ from lmforge.metrics import (
 from lmforge.params import EvaluateParams, load_params
 
 SERVING_CODE = Path(__file__).resolve().parent.parent / "lmforge" / "serving.py"
-GENERATION_SAMPLES = 200  # prompts continued for BLEU/ROUGE: greedy decoding is the slow part
 
 
 def frozen_test_split(raw: Path, tm: TaskModel) -> pd.DataFrame:
@@ -134,7 +133,7 @@ def evaluate_generation(tm: TaskModel, test: pd.DataFrame, params: EvaluateParam
     seconds = time.perf_counter() - started
     perplexity = float(np.exp(losses.sum() / counts.sum()))
     low, high = interval(params, lambda idx: float(np.exp(losses[idx].sum() / counts[idx].sum())), len(pairs))
-    sample = pairs[:GENERATION_SAMPLES]
+    sample = pairs[: params.generated_samples]  # greedy decoding is the slow part
     hypotheses = generate(tm, [prompt for prompt, _ in sample], params.max_new_tokens)
     references = [continuation[: max(len(h), 1) * 2] for (_, continuation), h in zip(sample, hypotheses, strict=True)]
     rouge = [char_rouge_l(ref, hyp) for ref, hyp in zip(references, hypotheses, strict=True)]

@@ -42,15 +42,26 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+STAGES = (
+    "ingest", "validate", "preprocess", "pretrain@encoder", "pretrain@decoder",
+    "finetune@sentiment", "finetune@ner", "finetune@continuation",
+    "evaluate@sentiment", "evaluate@ner", "evaluate@continuation",
+)  # fmt: skip
+
+
 def ran(output: str) -> list[str]:
-    return [stage for stage in ("ingest", "validate", "preprocess") if f"Running stage '{stage}'" in output]
+    return [stage for stage in STAGES if f"Running stage '{stage}'" in output]
 
 
 def test_repro_runs_then_skips_then_reruns_only_what_a_param_touches(clone: Path):
     first = sh("dvc", "repro", cwd=clone)
-    assert ran(first.stdout) == ["ingest", "validate", "preprocess"]
+    assert ran(first.stdout) == list(STAGES)
     assert (clone / "data/processed/tokenizer/tokenizer.json").is_file()
     assert (clone / "reports/validation/data_docs/sentiment/index.html").is_file()
+    assert (clone / "models/finetuned/sentiment/model.safetensors").is_file()
+    metrics = sh("dvc", "metrics", "show", "--json", cwd=clone).stdout
+    assert "reports/eval/sentiment/metrics.json" in metrics and "macro_f1" in metrics
+    assert (clone / "mlflow.db").is_file() is False  # the tests' MLflow store is the session's, not the clone's
 
     started = time.perf_counter()
     second = sh("dvc", "repro", cwd=clone)
@@ -59,11 +70,11 @@ def test_repro_runs_then_skips_then_reruns_only_what_a_param_touches(clone: Path
     assert "Data and pipelines are up to date" in second.stdout
 
     params = yaml.safe_load((clone / "params.yaml").read_text())
-    params["preprocess"]["block_size"] = 32
+    params["evaluate"]["latency_samples"] = 3
     (clone / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
     third = sh("dvc", "repro", cwd=clone)
-    assert ran(third.stdout) == ["preprocess"]
-    assert "preprocess.block_size" in sh("dvc", "params", "diff", cwd=clone).stdout
+    assert ran(third.stdout) == ["evaluate@sentiment", "evaluate@ner", "evaluate@continuation"]
+    assert "evaluate.latency_samples" in sh("dvc", "params", "diff", cwd=clone).stdout
     assert sh("dvc", "status", cwd=clone).stdout.strip().endswith("Data and pipelines are up to date.")
 
 

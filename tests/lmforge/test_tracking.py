@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from lmforge.tracking import dvc_lineage, loggable_params
+from tests.conftest import SmokeRun
+
+
+def test_params_that_look_like_credentials_are_never_logged():
+    flat = loggable_params(
+        {"training": {"learning_rate": 0.1}, "hub_token": "abc", "db": {"password": "x", "host": "h"}}
+    )
+    assert flat == {"training.learning_rate": "0.1", "db.host": "h"}
+
+
+def test_lineage_tags_are_the_dvc_lock_hashes_of_the_stage_inputs(tmp_path: Path):
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "preprocess": {"cmd": "x", "deps": ["data/raw"], "outs": ["data/processed"]},
+        "pretrain": {"foreach": {"encoder": {}}, "do": {"cmd": "y", "deps": ["stages/pretrain.py", "data/processed"]}},
+    }}))  # fmt: skip
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "preprocess": {"outs": [{"path": "data/processed", "md5": "abc123.dir"}]},
+    }}))  # fmt: skip
+    lineage = dvc_lineage("pretrain@encoder", tmp_path / "dvc.lock", tmp_path / "dvc.yaml")
+    assert lineage == {"dvc.data/processed": "abc123.dir"}
+
+
+def test_stage_runs_nest_under_one_pipeline_run_with_their_tags(smoke_models: SmokeRun):
+    import mlflow
+
+    runs = mlflow.search_runs(experiment_names=["lmforge"], output_format="list", max_results=500)
+    stages = [run for run in runs if run.data.tags.get("stage") in {"pretrain", "finetune"}]
+    assert {run.data.tags["stage"] for run in stages} == {"pretrain", "finetune"}
+    parents = {run.data.tags["mlflow.parentRunId"] for run in stages}
+    assert len(parents) == 1
+    parent = mlflow.get_run(parents.pop())
+    assert parent.data.tags["lmforge.kind"] == "pipeline"
+    finetune = next(run for run in stages if run.data.tags.get("task") == "sentiment")
+    assert len(finetune.data.tags["git_commit"]) >= 7
+    assert "train_loss" in finetune.data.metrics and "val_loss" in finetune.data.metrics
+    assert float(finetune.data.params["training.learning_rate"]) > 0
+    history = mlflow.MlflowClient().get_metric_history(finetune.info.run_id, "train_loss")
+    assert [point.step for point in history] == [5, 10]
