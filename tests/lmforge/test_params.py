@@ -95,3 +95,9 @@ def test_cli_check_names_a_missing_file(tmp_path: Path):
     result = lmforge("params", "check", "--params", "nope.yaml", cwd=tmp_path)
     assert result.returncode == 2
     assert "nope.yaml: file not found" in result.stderr
+
+
+def test_a_task_naming_an_undeclared_dataset_is_caught_across_sections():
+    with pytest.raises(ParamsError) as caught:
+        parse_params(deep_merge(defaults(), {"finetune": {"tasks": {"sentiment": {"dataset": "reviews"}}}}))
+    assert str(caught.value) == ("params.yaml: finetune.tasks.sentiment.dataset: 'reviews' is not in ingest.datasets")

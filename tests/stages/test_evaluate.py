@@ -27,7 +27,9 @@ def test_metrics_with_interval_baseline_latency_and_plots(evaluated: SmokeRun, t
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["primary_metric"] == primary
     assert metrics["primary_ci_low"] <= metrics["primary"] <= metrics["primary_ci_high"]
-    assert metrics["test_examples"] == evaluated.params.evaluate.max_test_samples
+    dataset = evaluated.params.finetune.tasks[task].dataset
+    test_rows = json.loads((evaluated.raw / dataset / "manifest.json").read_text())["rows"]["test"]
+    assert metrics["test_examples"] == min(evaluated.params.evaluate.max_test_samples, test_rows)
     assert 0 < metrics["latency_ms_p50"] <= metrics["latency_ms_p95"]
     assert metrics["throughput_per_s"] > 0
     curve = json.loads((out / "curve.json").read_text())

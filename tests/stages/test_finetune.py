@@ -73,7 +73,7 @@ def cli(smoke_models: SmokeRun, tmp_path: Path, task: str, base: str | None = No
     data = params_to_dict(smoke_models.params)
     if base is not None:
         data["finetune"]["tasks"]["sentiment"]["base"] = base
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     return run_stage("finetune", "--params", tmp_path / "params.yaml", "--task", task, "--raw", smoke_models.raw,
                      "--processed", smoke_models.processed, "--pretrained", smoke_models.root / "models/pretrained",
                      "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--metrics", tmp_path / "m.json",

@@ -50,6 +50,7 @@ def local_params(tmp_path: Path, file_name: str, task: str = "classification", *
     data["ingest"]["datasets"] = {
         "mine": {"task": task, "source": {"kind": "local", "path": file_name, **source}, "labels": None}
     }
+    data["finetune"]["tasks"] = {}  # the default tasks name datasets this file does not declare
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True))
     return path
@@ -139,6 +140,7 @@ def test_hub_dataset_offline_fails_clearly(tmp_path: Path):
     data["ingest"]["datasets"] = {
         "imdb": {"task": "classification", "source": {"kind": "hf", "name": "stanfordnlp/imdb"}}
     }
+    data["finetune"]["tasks"] = {}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     result = run_stage(
         "ingest",
