@@ -142,8 +142,16 @@ def mean_loss(model: torch.nn.Module, rows: list[dict[str, Any]], pad_id: int, b
     return total / max(count, 1)
 
 
+DROPOUT_KEYS = {  # where each architecture keeps its dropout probabilities
+    "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+    "lmforge_lstm": ("dropout",),
+}
+
+
 def build_task_model(task: FinetuneTask, name: str, base: str, labels: list[str],
-                     tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:  # fmt: skip
+                     tokenizer: PreTrainedTokenizerBase, seed: int,
+                     dropout: float | None = None) -> PreTrainedModel:  # fmt: skip
     """The base model with the task's head (new heads seeded), LoRA-wrapped when asked."""
     key = f"finetune.tasks.{name}.base"
     try:
@@ -157,6 +165,8 @@ def build_task_model(task: FinetuneTask, name: str, base: str, labels: list[str]
         raise LmforgeError(f"{key}: the LSTM baseline is a language model only; use a bert or gpt base for {task.kind}")
     torch.manual_seed(seed)
     options: dict[str, Any] = {"use_safetensors": True}
+    if dropout is not None:
+        options.update({key: dropout for key in DROPOUT_KEYS.get(config.model_type, ())})
     if task.kind == "generation":
         model = AutoModelForCausalLM.from_pretrained(base, **options)
     else:

@@ -370,6 +370,69 @@ class EvaluateParams(Section):
     generated_samples: int = Field(100, ge=1, description="generation: prompts continued for BLEU and ROUGE-L")
 
 
+class FloatRange(Section):
+    low: float
+    high: float
+    log: bool = Field(False, description="sample on a log scale")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.low > self.high or (self.log and self.low <= 0):
+            raise ValueError(f"need low <= high, and low > 0 on a log scale (got {self.low}, {self.high})")
+        return self
+
+
+class IntRange(Section):
+    low: int = Field(ge=1)
+    high: int = Field(ge=1)
+
+
+class SearchSpace(Section):
+    """What Optuna may change in a fine-tuning task; null leaves the task's own value."""
+
+    learning_rate: FloatRange | None = FloatRange(low=3e-4, high=3e-3, log=True)
+    batch_size: list[int] | None = Field([16, 32], description="choices")
+    warmup_ratio: FloatRange | None = FloatRange(low=0.0, high=0.2)
+    weight_decay: FloatRange | None = FloatRange(low=0.0, high=0.1)
+    dropout: FloatRange | None = FloatRange(low=0.0, high=0.3)
+    epochs: IntRange | None = Field(None, description="range of epochs (null: the task's)")
+    lora_r: list[int] | None = Field([4, 8, 16], description="choices, used when the task's method is lora")
+    lora_alpha: list[int] | None = Field([8, 16, 32], description="choices, used when the task's method is lora")
+
+
+class OptimizeParams(Section):
+    n_trials: dict[str, int] = Field(
+        default_factory=lambda: {"sentiment": 6, "ner": 0, "continuation": 0},
+        description="trials per fine-tuning task; 0 (or absent): no tuning, the fine-tuned model is the candidate",
+    )
+    timeout_s: float | None = Field(None, gt=0, description="stop starting trials after this many seconds")
+    seed: int = Field(1234, description="seeds the TPE sampler")
+    pruner: Literal["median", "hyperband", "none"] = Field("median", description="stops unpromising trials early")
+    max_steps: int = Field(100, ge=1, description="optimizer steps per trial at most")
+    eval_every: int = Field(20, ge=1, description="steps between the validation losses the pruner sees")
+    storage: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the study storage; null: optuna.db here. "
+        "LMFORGE_OPTUNA_STORAGE overrides it (credentials go there, never here)",
+    )
+    heartbeat_s: int = Field(10, ge=1, description="a running trial's heartbeat; a silent one is failed and retried")
+    grace_s: int = Field(30, ge=2, description="seconds without a heartbeat before a trial counts as dead")
+    search_space: SearchSpace = SearchSpace()
+
+
+class PromoteParams(Section):
+    model_prefix: str = Field("lmforge", description="registered models are named <prefix>-<task>")
+    margin: float = Field(0.0, ge=0.0, description="the primary metric must beat the champion's by more than this")
+    bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples of the shared test set")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="the improvement's lower bound is at this level")
+    max_latency_ratio: float = Field(1.5, gt=0.0, description="guard: candidate p95 latency / champion's at most")
+    max_recall_drop: float = Field(0.05, ge=0.0, le=1.0, description="guard: worst-class recall may drop this much")
+    floors: dict[str, float] = Field(
+        default_factory=lambda: {"sentiment": 0.6, "ner": 0.2, "continuation": 2000.0},
+        description="the first champion's primary metric must be at least this good (a ceiling for perplexity)",
+    )
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -379,6 +442,8 @@ class Params(Section):
     pretrain: PretrainParams = PretrainParams()
     finetune: FinetuneParams = FinetuneParams()
     evaluate: EvaluateParams = EvaluateParams()
+    optimize: OptimizeParams = OptimizeParams()
+    promote: PromoteParams = PromoteParams()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Params:
@@ -390,6 +455,12 @@ class Params(Section):
                 and task.base.removeprefix("pretrained:") not in self.pretrain.models
             ):
                 raise ValueError(f"finetune.tasks.{name}.base: {task.base!r} is not in pretrain.models")
+        for name in self.optimize.n_trials:
+            if name not in self.finetune.tasks:
+                raise ValueError(f"optimize.n_trials.{name}: {name!r} is not in finetune.tasks")
+        for name in self.promote.floors:
+            if name not in self.finetune.tasks:
+                raise ValueError(f"promote.floors.{name}: {name!r} is not in finetune.tasks")
         return self
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import torch
 
 from lmforge import tracking
 from lmforge.errors import LmforgeError, run_main
@@ -26,62 +28,80 @@ from lmforge.finetuning import (
 )
 from lmforge.io import atomic_output_dir, read_json, write_json, write_json_atomic
 from lmforge.models import count_parameters, resolve_base
-from lmforge.params import FinetuneParams, load_params
+from lmforge.params import FinetuneParams, FinetuneTask, load_params
 from lmforge.training import fingerprint, pick_device, train
 
 
-def run(params: FinetuneParams, name: str, raw: Path, processed: Path, pretrained: Path, out_dir: Path,
-        checkpoints: Path) -> dict[str, Any]:  # fmt: skip
-    if name not in params.tasks:
-        raise LmforgeError(f"finetune.tasks: no task named {name!r} (have: {', '.join(params.tasks)})")
-    task = params.tasks[name]
+def train_task(
+    task: FinetuneTask, name: str, seed: int, raw: Path, processed: Path, pretrained: Path, out_dir: Path,
+    checkpoints: Path, on_eval: Callable[[float], None] | None = None, dropout: float | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Fine-tune `task` and write the model to out_dir, logging to the active MLflow run.
+
+    `on_eval` sees every validation loss (the optimize stage prunes trials with it); `dropout`
+    overrides the base model's dropout (a tuned hyperparameter).
+    """
     base = resolve_base(task.base, pretrained, f"finetune.tasks.{name}.base")
     tokenizer = load_tokenizer(base, f"finetune.tasks.{name}.base")
     max_length = min(tokenizer.model_max_length, 4096)
     base_is_ours = task.base.startswith("pretrained:")
     data = load_task_data(task, name, base_is_ours, tokenizer, raw, processed, checkpoints, max_length)
-    model = build_task_model(task, name, base, data.labels, tokenizer, params.seed)
+    model = build_task_model(task, name, base, data.labels, tokenizer, seed, dropout)
     manifest = read_json(raw / task.dataset / "manifest.json")
     training = task.training
     pad = tokenizer.pad_token_id
-    resolved = {"task": name, **task.model_dump(), "base_resolved": base, "seed": params.seed,
+    resolved = {"task": name, **task.model_dump(), "base_resolved": base, "seed": seed, "dropout": dropout,
                 "labels": data.labels, "max_length": max_length}  # fmt: skip
     run_id = fingerprint(resolved, manifest["files"])
 
-    with tracking.stage_run("finetune", resolved, task=name) as mlflow_run:
-        mlflow.log_params(
-            {"n_parameters": count_parameters(model), "trainable_parameters": trainable_parameters(model)}
-        )
-        result = train(
-            model, len(data.train), batch_maker(data.train, pad),
-            lambda m: mean_loss(m, data.val, pad, training.batch_size),
-            training, params.seed, checkpoints, run_id,
-            log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
-            description=f"finetune {name} ({task.kind}, {task.method})", device=pick_device(),
-        )  # fmt: skip
-        if task.method == "lora":
-            model = model.merge_and_unload()  # a plain model: evaluate and serving need no peft
-        metrics = {
-            "val_loss": result.best_eval_loss,
-            "steps": result.steps,
-            "train_examples": len(data.train),
-            "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9)),
-            "seconds": result.seconds,
-            "stopped_early": result.stopped_early,
-            "resumed_from_step": result.resumed_from_step,
-        }
-        if task.kind == "generation":
-            metrics["val_perplexity"] = math.exp(min(result.best_eval_loss, 50))
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
-        with atomic_output_dir(out_dir) as staging:
-            model.to("cpu").save_pretrained(str(staging), safe_serialization=True)
-            tokenizer.save_pretrained(str(staging))
-            write_json(staging / "lmforge_task.json", {
-                **resolved, "kind": task.kind, "dataset": task.dataset, "test_sha256": manifest["test_sha256"],
-                "finetune_run_id": mlflow_run.info.run_id,
-            })  # fmt: skip
-            write_json(staging / "history.json", result.history)
-        metrics["mlflow_run_id"] = mlflow_run.info.run_id
+    def validation_loss(m: torch.nn.Module) -> float:
+        loss = mean_loss(m, data.val, pad, training.batch_size)
+        if on_eval is not None:
+            on_eval(loss)
+        return loss
+
+    mlflow.log_params({"n_parameters": count_parameters(model), "trainable_parameters": trainable_parameters(model)})
+    result = train(
+        model, len(data.train), batch_maker(data.train, pad), validation_loss,
+        training, seed, checkpoints, run_id,
+        log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
+        description=f"finetune {name} ({task.kind}, {task.method})", device=pick_device(),
+    )  # fmt: skip
+    if task.method == "lora":
+        model = model.merge_and_unload()  # a plain model: evaluate and serving need no peft
+    metrics = {
+        "val_loss": result.best_eval_loss,
+        "steps": result.steps,
+        "train_examples": len(data.train),
+        "tokens_per_second": round(result.tokens / max(result.seconds, 1e-9)),
+        "seconds": result.seconds,
+        "stopped_early": result.stopped_early,
+        "resumed_from_step": result.resumed_from_step,
+    }
+    if task.kind == "generation":
+        metrics["val_perplexity"] = math.exp(min(result.best_eval_loss, 50))
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
+    run = mlflow.active_run()
+    with atomic_output_dir(out_dir) as staging:
+        model.to("cpu").save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        write_json(staging / "lmforge_task.json", {
+            **resolved, "kind": task.kind, "dataset": task.dataset, "test_sha256": manifest["test_sha256"],
+            "finetune_run_id": run.info.run_id if run else None,
+        })  # fmt: skip
+        write_json(staging / "history.json", result.history)
+    return metrics
+
+
+def run(params: FinetuneParams, name: str, raw: Path, processed: Path, pretrained: Path, out_dir: Path,
+        checkpoints: Path) -> dict[str, Any]:  # fmt: skip
+    """The finetune stage: one task, in its own MLflow stage run."""
+    if name not in params.tasks:
+        raise LmforgeError(f"finetune.tasks: no task named {name!r} (have: {', '.join(params.tasks)})")
+    task = params.tasks[name]
+    with tracking.stage_run("finetune", {"task": name, **task.model_dump(), "seed": params.seed}, task=name) as run:
+        metrics = train_task(task, name, params.seed, raw, processed, pretrained, out_dir, checkpoints)
+        metrics["mlflow_run_id"] = run.info.run_id
     return metrics
 
 

@@ -1,0 +1,184 @@
+"""optimize: an Optuna study over a fine-tuning task's hyperparameters -> the candidate for promotion.
+
+Writes reports/optimize/<task>/best_params.json and trials.json, the best trial's model to
+models/candidates/<task>/, and that model scored on the frozen test split by the evaluate stage's
+own code into reports/optimize/<task>/candidate/. Each trial is a nested MLflow run under the
+study's run. With `optimize.n_trials.<task>: 0` the fine-tuned model is the candidate as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+
+from lmforge import tracking
+from lmforge.errors import LmforgeError, run_main
+from lmforge.io import atomic_output_dir, read_json, write_json, write_json_atomic
+from lmforge.optimization import FINISHED, finished_trials, open_study, pruning_hook, storage_url, suggest
+from lmforge.params import Params, load_params
+from lmforge.training import fingerprint
+from stages import evaluate
+from stages.finetune import train_task
+
+ACTIVE = (*FINISHED, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+
+
+class SlotTaken(Exception):
+    """Another worker started the last trial this study needed."""
+
+
+def study_name(params: Params, task: str, raw: Path) -> str:
+    """Same task, search space and data -> same study, so a re-run continues it."""
+    spec = params.finetune.tasks[task]
+    space = params.optimize.model_dump(exclude={"n_trials", "timeout_s", "storage", "heartbeat_s", "grace_s"})
+    files = read_json(raw / spec.dataset / "manifest.json")["files"]
+    return f"lmforge-{task}-{fingerprint(spec.model_dump(), space, params.finetune.seed, files)}"
+
+
+def run_study(params: Params, task: str, raw: Path, processed: Path, pretrained: Path, work_dir: Path,
+              n_trials: int) -> tuple[optuna.Study, str]:  # fmt: skip
+    """Run trials until n_trials have finished (complete or pruned); return the study and its MLflow run."""
+    spec = params.finetune.tasks[task]
+    name = study_name(params, task, raw)
+    study = open_study(params.optimize, name)
+
+    def objective(trial: optuna.Trial) -> float:
+        ranked = sorted(t.number for t in study.get_trials(deepcopy=False, states=ACTIVE))
+        if ranked.index(trial.number) >= n_trials:
+            study.stop()
+            raise SlotTaken(f"trial {trial.number}: n_trials={n_trials} already taken by other workers")
+        updates, dropout = suggest(trial, params.optimize, spec)
+        trial_dir = work_dir / f"trial-{trial.number:03d}"
+        tags = {"stage": "optimize", "task": task, "optuna.study": name, "optuna.trial": str(trial.number)}
+        with mlflow.start_run(run_name=f"trial {trial.number}", nested=True, tags=tags) as run:
+            mlflow.log_params({f"trial.{key}": value for key, value in trial.params.items()})
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            trial.set_user_attr("model_dir", str(trial_dir / "model"))
+            try:
+                metrics = train_task(spec.model_copy(update=updates), task, params.finetune.seed, raw, processed,
+                                     pretrained, trial_dir / "model", trial_dir / "checkpoints",
+                                     on_eval=pruning_hook(trial), dropout=dropout)  # fmt: skip
+            except optuna.TrialPruned:
+                mlflow.set_tag("optuna.state", "pruned")
+                raise
+            except Exception:
+                mlflow.set_tag("optuna.state", "failed")
+                raise
+            mlflow.set_tag("optuna.state", "complete")
+            return metrics["val_loss"]
+
+    with tracking.stage_run("optimize", {"task": task, **params.optimize.model_dump(exclude={"storage"})},
+                            task=task) as parent:  # fmt: skip
+        mlflow.set_tags({"optuna.study": name, "optuna.storage": storage_url(params.optimize).split("://")[0]})
+        if finished_trials(study) < n_trials:
+            study.optimize(
+                objective,
+                timeout=params.optimize.timeout_s,
+                callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)],
+                catch=(SlotTaken,),
+            )
+        log_study(study)
+    return study, parent.info.run_id
+
+
+def log_study(study: optuna.Study) -> None:
+    """Best params and value, trial counts, and the optimization-history and importance plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
+
+    states = [trial.state.name.lower() for trial in study.trials]
+    mlflow.log_metrics({f"trials_{state}": float(states.count(state)) for state in set(states)})
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return
+    mlflow.log_params({f"best.{key}": value for key, value in study.best_params.items()})
+    mlflow.log_metric("best_val_loss", study.best_value)
+    mlflow.log_figure(plot_optimization_history(study).figure, "optimization_history.png")
+    if len(complete) >= 2:
+        mlflow.log_figure(plot_param_importances(study).figure, "param_importances.png")
+
+
+def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
+    return [
+        {"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
+         "intermediate": {str(k): v for k, v in t.intermediate_values.items()},
+         "mlflow_run_id": t.user_attrs.get("mlflow_run_id")}
+        for t in study.trials
+    ]  # fmt: skip
+
+
+def run(params: Params, task: str, raw: Path, processed: Path, pretrained: Path, finetuned: Path, evaluated: Path,
+        out_dir: Path, candidate_dir: Path, work_dir: Path) -> dict[str, Any]:  # fmt: skip
+    if task not in params.finetune.tasks:
+        raise LmforgeError(f"finetune.tasks: no task named {task!r} (have: {', '.join(params.finetune.tasks)})")
+    n_trials = params.optimize.n_trials.get(task, 0)
+    if n_trials == 0:
+        summary = {"task": task, "tuned": False, "n_trials": 0, "best_params": {}}
+        with atomic_output_dir(candidate_dir) as staging:
+            shutil.copytree(finetuned, staging, dirs_exist_ok=True)
+        with atomic_output_dir(out_dir) as staging:
+            shutil.copytree(evaluated, staging / "candidate")  # the same model, already scored and logged
+            write_json(staging / "best_params.json", summary)
+            write_json(staging / "trials.json", [])
+        return summary
+
+    study, run_id = run_study(params, task, raw, processed, pretrained, work_dir, n_trials)
+    if not [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]:
+        raise LmforgeError(f"optimize: study {study.study_name} has no completed trial (all pruned or failed)")
+    best = study.best_trial
+    summary = {
+        "task": task, "tuned": True, "study": study.study_name, "n_trials": n_trials,
+        "finished_trials": finished_trials(study), "best_trial": best.number, "best_val_loss": best.value,
+        "best_params": best.params, "mlflow_run_id": run_id, "trial_mlflow_run_id": best.user_attrs["mlflow_run_id"],
+    }  # fmt: skip
+    with atomic_output_dir(candidate_dir) as staging:
+        shutil.copytree(best.user_attrs["model_dir"], staging, dirs_exist_ok=True)
+        meta = read_json(staging / "lmforge_task.json")
+        write_json(staging / "lmforge_task.json", {**meta, "optuna_study": study.study_name,
+                                                   "optuna_trial": best.number})  # fmt: skip
+    with atomic_output_dir(out_dir) as staging:
+        evaluate.run(params.evaluate, task, candidate_dir, raw, staging / "candidate")
+        write_json(staging / "best_params.json", summary)
+        write_json(staging / "trials.json", trials_table(study))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--task", required=True)
+    parser.add_argument("--raw", type=Path, default=Path("data/raw"))
+    parser.add_argument("--processed", type=Path, default=Path("data/processed"))
+    parser.add_argument("--pretrained", type=Path, default=Path("models/pretrained"))
+    parser.add_argument("--finetuned", type=Path, help="default: models/finetuned/<task>")
+    parser.add_argument("--evaluated", type=Path, help="default: reports/eval/<task>")
+    parser.add_argument("--out", type=Path, help="default: reports/optimize/<task>")
+    parser.add_argument("--candidate", type=Path, help="default: models/candidates/<task>")
+    parser.add_argument("--work", type=Path, help="default: checkpoints/optimize/<task>")
+    parser.add_argument("--metrics", type=Path, help="default: reports/optimize/<task>.json")
+    args = parser.parse_args()
+    params = load_params(args.params)
+    task = args.task
+    summary = run(
+        params, task, args.raw, args.processed, args.pretrained,
+        args.finetuned or Path("models/finetuned") / task, args.evaluated or Path("reports/eval") / task,
+        args.out or Path("reports/optimize") / task, args.candidate or Path("models/candidates") / task,
+        args.work or Path("checkpoints/optimize") / task,
+    )  # fmt: skip
+    write_json_atomic(args.metrics or Path("reports/optimize") / f"{task}.json", summary)
+    if summary["tuned"]:
+        print(f"optimize: {task}: best trial {summary['best_trial']} of {summary['finished_trials']} "
+              f"(val loss {summary['best_val_loss']:.4f}) {summary['best_params']}")  # fmt: skip
+    else:
+        print(f"optimize: {task}: not tuned (optimize.n_trials.{task} is 0); the fine-tuned model is the candidate")
+
+
+if __name__ == "__main__":
+    run_main(main)
