@@ -85,6 +85,78 @@ def run_pipeline(
     typer.echo(f"MLflow pipeline run: {parent.info.run_id}")
 
 
+TASK_OPTION = typer.Option(..., "--task", "-t", help="a key of finetune.tasks")
+
+
+@app.command("promote")
+def promote_version(
+    task: str = TASK_OPTION,
+    version: str = typer.Option(..., "--version", "-v", help="the registered model version to gate"),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Run the promotion gate on a registered version; move @champion only if it passes."""
+    from stages.promote import gate_version
+
+    try:
+        report = gate_version(load_params(params), task, version, Path("data/raw"), Path("reports/validation"))
+    except LmforgeError as error:
+        fail(error)
+    typer.echo(f"{report['registered_model']} version {version}: gate {report['decision'].upper()}")
+    for reason in report["reasons"]:
+        typer.echo(f"  {reason}")
+    raise typer.Exit(0 if report["decision"] != "fail" else 1)
+
+
+@app.command("compare")
+def compare(
+    task: str = TASK_OPTION,
+    candidate: str = typer.Option(None, "--candidate", "-c", help="version to compare (default: @challenger)"),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Champion vs candidate on the frozen test set: primary metric with CIs, the paired improvement."""
+    from lmforge import registry
+    from lmforge.gate import paired_bootstrap
+
+    try:
+        settings = load_params(params).promote
+        name = registry.model_name(settings.model_prefix, task)
+        client = registry.client()
+        champion = registry.alias_version(client, name, registry.CHAMPION)
+        challenger = (client.get_model_version(name, candidate) if candidate
+                      else registry.alias_version(client, name, registry.CHALLENGER))  # fmt: skip
+        rows = [(label, mv) for label, mv in (("champion", champion), ("candidate", challenger)) if mv is not None]
+        if not rows:
+            raise LmforgeError(f"{name}: no @champion and no candidate to compare")
+        evidence = {label: registry.evidence_of(client, mv) for label, mv in rows}
+    except LmforgeError as error:
+        fail(error)
+    for label, mv in rows:
+        m = evidence[label].metrics
+        typer.echo(f"{label:>9}  version {mv.version:>3}  {m['primary_metric']} {m['primary']:.4f} "
+                   f"[{m['primary_ci_low']:.4f}, {m['primary_ci_high']:.4f}]  p95 {m['latency_ms_p95']:.1f} ms  "
+                   f"gate {mv.tags.get('gate.decision', '-')}")  # fmt: skip
+    if (
+        len(evidence) == 2
+        and evidence["champion"].metrics["test_sha256"] == evidence["candidate"].metrics["test_sha256"]
+    ):
+        delta, lower = paired_bootstrap(evidence["candidate"], evidence["champion"], settings.bootstrap_samples,
+                                        settings.confidence)  # fmt: skip
+        typer.echo(f"improvement {delta:+.4f}, {settings.confidence:.0%} lower bound {lower:+.4f} (paired bootstrap)")
+
+
+@app.command("rollback")
+def rollback_champion(task: str = TASK_OPTION, params: Path = PARAMS_OPTION) -> None:
+    """Give @champion back to the previous champion (repeat to go further back)."""
+    from lmforge import registry
+
+    try:
+        name = registry.model_name(load_params(params).promote.model_prefix, task)
+        before, after = registry.rollback(registry.client(), name)
+    except LmforgeError as error:
+        fail(error)
+    typer.echo(f"{name}: @champion moved from version {before} back to version {after}")
+
+
 @app.command("status")
 def status(reports: Path = REPORTS_OPTION) -> None:
     """Say where the results of the last run are, with the key figures."""

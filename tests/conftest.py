@@ -86,3 +86,14 @@ def smoke_models(smoke_run: SmokeRun) -> SmokeRun:
         finetune.run(params.finetune, task, smoke_run.raw, smoke_run.processed, root / "models/pretrained",
                      root / "models/finetuned" / task, root / "checkpoints/finetune" / task)  # fmt: skip
     return smoke_run
+
+
+@pytest.fixture(scope="session")
+def smoke_evaluated(smoke_models: SmokeRun) -> SmokeRun:
+    """The smoke models, each scored on its test split (reports/eval/<task>) and logged to MLflow."""
+    from stages import evaluate
+
+    for task in smoke_models.params.finetune.tasks:
+        evaluate.run(smoke_models.params.evaluate, task, smoke_models.root / "models/finetuned" / task,
+                     smoke_models.raw, smoke_models.root / "reports/eval" / task)  # fmt: skip
+    return smoke_models

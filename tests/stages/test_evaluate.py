@@ -13,11 +13,8 @@ from tests.conftest import SmokeRun
 
 
 @pytest.fixture(scope="module")
-def evaluated(smoke_models: SmokeRun) -> SmokeRun:
-    for task in smoke_models.params.finetune.tasks:
-        evaluate.run(smoke_models.params.evaluate, task, smoke_models.root / "models/finetuned" / task,
-                     smoke_models.raw, smoke_models.root / "reports/eval" / task)  # fmt: skip
-    return smoke_models
+def evaluated(smoke_evaluated: SmokeRun) -> SmokeRun:
+    return smoke_evaluated
 
 
 @pytest.mark.parametrize(("task", "primary"), [("sentiment", "macro_f1"), ("ner", "entity_f1"),

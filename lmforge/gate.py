@@ -1,0 +1,127 @@
+"""The promotion gate: may a candidate take @champion? A pure function of the evidence.
+
+Evidence is what the evaluate stage wrote for a model: metrics.json and per_example.json on the
+frozen test split. Comparing per-example records of the candidate and the champion on the *same*
+examples gives a paired bootstrap: resample the test examples, score both models on each resample,
+and require the lower bound of the improvement to be above zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+from lmforge.metrics import f1_from_counts
+from lmforge.params import PromoteParams
+
+
+@dataclass(frozen=True)
+class Evidence:
+    metrics: dict[str, Any]
+    per_example: dict[str, list]
+
+    @property
+    def primary(self) -> float:
+        return float(self.metrics["primary"])
+
+    @property
+    def higher_is_better(self) -> bool:
+        return bool(self.metrics["higher_is_better"])
+
+
+@dataclass
+class Decision:
+    passed: bool
+    reasons: list[str] = field(default_factory=list)
+    checks: dict[str, bool] = field(default_factory=dict)
+    improvement: float | None = None
+    improvement_lower_bound: float | None = None
+
+    def check(self, name: str, ok: bool, reason: str) -> None:
+        self.checks[name] = ok
+        self.reasons.append(("ok: " if ok else "FAIL: ") + reason)
+        self.passed = self.passed and ok
+
+
+def scorer(evidence: Evidence) -> Callable[[np.ndarray], float]:
+    """The primary metric on a resample of test-example indices, oriented so that higher is better."""
+    kind, per_example = evidence.metrics["kind"], evidence.per_example
+    if kind == "classification":
+        y_true, y_pred = np.asarray(per_example["y_true"]), np.asarray(per_example["y_pred"])
+        labels = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
+        return lambda idx: float(f1_score(y_true[idx], y_pred[idx], labels=labels, average="macro", zero_division=0))
+    if kind == "token_classification":
+        counts = np.asarray(per_example["entity_counts"]).reshape(-1, 3)
+        return lambda idx: f1_from_counts(counts[idx])
+    losses, tokens = np.asarray(per_example["loss"]), np.asarray(per_example["tokens"])
+    return lambda idx: -float(np.exp(losses[idx].sum() / max(tokens[idx].sum(), 1)))  # lower perplexity is better
+
+
+def paired_bootstrap(candidate: Evidence, champion: Evidence, samples: int, confidence: float,
+                     seed: int = 0) -> tuple[float, float]:  # fmt: skip
+    """Mean improvement (candidate - champion, oriented) and its lower confidence bound."""
+    n = candidate.metrics["test_examples"]
+    score_candidate, score_champion = scorer(candidate), scorer(champion)
+    rng = np.random.default_rng(seed)
+    deltas = np.empty(samples)
+    for i in range(samples):
+        idx = rng.integers(0, n, n)
+        deltas[i] = score_candidate(idx) - score_champion(idx)
+    everything = np.arange(n)
+    return score_candidate(everything) - score_champion(everything), float(np.quantile(deltas, 1 - confidence))
+
+
+def oriented(evidence: Evidence) -> float:
+    return evidence.primary if evidence.higher_is_better else -evidence.primary
+
+
+def decide(candidate: Evidence, champion: Evidence | None, params: PromoteParams, floor: float | None,
+           validation_passed: bool, frozen_test_sha256: str, loads: tuple[bool, str]) -> Decision:  # fmt: skip
+    """Every check of the gate, each with its reason; passed only if all pass."""
+    metric = candidate.metrics["primary_metric"]
+    decision = Decision(passed=True)
+    decision.check("validation", validation_passed, "the data passed validation" if validation_passed
+                   else "the data did not pass validation (reports/validation)")  # fmt: skip
+    frozen = candidate.metrics["test_sha256"] == frozen_test_sha256
+    decision.check("frozen_test", frozen, "scored on the frozen test split" if frozen
+                   else "scored on a test split other than the frozen one")  # fmt: skip
+    if champion is None:
+        if floor is None:
+            decision.check("floor", False, "no champion yet and no floor configured (promote.floors)")
+        else:
+            ok = oriented(candidate) >= (floor if candidate.higher_is_better else -floor)
+            relation = ">=" if candidate.higher_is_better else "<="
+            value = f"first model: {metric} {candidate.primary:.4f}"
+            decision.check(
+                "floor", ok, f"{value} {relation} floor {floor}" if ok else f"{value} misses the floor {floor}"
+            )
+    else:
+        same = champion.metrics["test_sha256"] == candidate.metrics["test_sha256"]
+        decision.check("same_test", same, "champion and candidate scored on the same test examples" if same
+                       else "the champion was scored on another test split: re-score it before comparing")  # fmt: skip
+        if same:
+            delta, lower = paired_bootstrap(candidate, champion, params.bootstrap_samples, params.confidence)
+            decision.improvement, decision.improvement_lower_bound = delta, lower
+            decision.check(
+                "margin",
+                delta > params.margin,
+                f"{metric} {candidate.primary:.4f} vs champion {champion.primary:.4f}: "
+                f"improvement {delta:+.4f} {'>' if delta > params.margin else '<='} margin {params.margin}",
+            )
+            decision.check("significance", lower > 0,
+                           f"paired bootstrap ({params.bootstrap_samples} resamples): {params.confidence:.0%} lower "
+                           f"bound of the improvement {lower:+.4f} {'>' if lower > 0 else '<='} 0")  # fmt: skip
+        ratio = candidate.metrics["latency_ms_p95"] / max(champion.metrics["latency_ms_p95"], 1e-9)
+        decision.check("latency", ratio <= params.max_latency_ratio,
+                       f"p95 latency ratio {ratio:.2f} (limit {params.max_latency_ratio})")  # fmt: skip
+        if "worst_class_recall" in candidate.metrics and "worst_class_recall" in champion.metrics:
+            drop = champion.metrics["worst_class_recall"] - candidate.metrics["worst_class_recall"]
+            decision.check("worst_class_recall", drop <= params.max_recall_drop,
+                           f"worst-class recall drop {drop:+.4f} (limit {params.max_recall_drop})")  # fmt: skip
+    ok, message = loads
+    decision.check("loads", ok, message)
+    return decision

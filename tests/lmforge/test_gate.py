@@ -1,0 +1,94 @@
+"""The gate as a pure function, on per-example records whose truth is known by construction."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import f1_score
+
+from lmforge.gate import Evidence, decide, paired_bootstrap
+from lmforge.params import PromoteParams
+
+N = 400
+Y_TRUE = np.arange(N) % 2
+LOADS = (True, "loads")
+
+
+def classifier(correct_fraction: float, seed: int, sha: str = "frozen", latency: float = 5.0) -> Evidence:
+    rng = np.random.default_rng(seed)
+    correct = rng.random(N) < correct_fraction
+    y_pred = np.where(correct, Y_TRUE, 1 - Y_TRUE)
+    recall = [float(np.mean(y_pred[c == Y_TRUE] == c)) for c in (0, 1)]
+    metrics = {"kind": "classification", "primary_metric": "macro_f1", "higher_is_better": True,
+               "primary": float(f1_score(Y_TRUE, y_pred, average="macro")), "test_examples": N, "test_sha256": sha,
+               "latency_ms_p95": latency, "worst_class_recall": min(recall)}  # fmt: skip
+    return Evidence(metrics, {"y_true": Y_TRUE.tolist(), "y_pred": y_pred.tolist()})
+
+
+def gate(candidate: Evidence, champion: Evidence | None, floor: float | None = 0.6, **settings) -> object:
+    return decide(candidate, champion, PromoteParams(**settings), floor, True, "frozen", LOADS)
+
+
+def test_a_clearly_better_candidate_passes():
+    decision = gate(classifier(0.9, 1), classifier(0.7, 2))
+    assert decision.passed, decision.reasons
+    assert decision.improvement > 0.15 and decision.improvement_lower_bound > 0.1
+
+
+def test_a_worse_candidate_fails_margin_and_significance():
+    decision = gate(classifier(0.7, 1), classifier(0.9, 2))
+    assert not decision.passed
+    assert decision.checks["margin"] is False and decision.checks["significance"] is False
+
+
+def test_an_improvement_within_noise_fails_significance_but_not_margin():
+    champion = classifier(0.8, 3)
+    nudged = list(champion.per_example["y_pred"])
+    # Fix four mistakes and make three new ones: a little better overall, but well within noise.
+    for i in [i for i in range(N) if nudged[i] != Y_TRUE[i]][:4]:
+        nudged[i] = int(Y_TRUE[i])
+    for i in [i for i in range(N) if nudged[i] == Y_TRUE[i]][-3:]:
+        nudged[i] = int(1 - Y_TRUE[i])
+    primary = float(f1_score(Y_TRUE, nudged, average="macro"))
+    candidate = Evidence({**champion.metrics, "primary": primary}, {"y_true": Y_TRUE.tolist(), "y_pred": nudged})
+    decision = gate(candidate, champion)
+    assert decision.checks["margin"] is True and decision.checks["significance"] is False
+    assert not decision.passed
+    assert not gate(candidate, champion, margin=0.05).checks["margin"]
+
+
+def test_first_model_must_clear_the_floor():
+    assert not gate(classifier(0.55, 4), None, floor=0.6).passed
+    assert gate(classifier(0.7, 4), None, floor=0.6).passed
+    assert not gate(classifier(0.9, 4), None, floor=None).passed  # no champion and no floor: no promotion
+
+
+def test_guards_latency_test_split_validation_and_loading():
+    champion = classifier(0.7, 2)
+    assert gate(classifier(0.9, 1, latency=20.0), champion).checks["latency"] is False
+    assert gate(classifier(0.9, 1, sha="other"), champion).checks["frozen_test"] is False
+    assert (
+        decide(classifier(0.9, 1), champion, PromoteParams(), None, False, "frozen", LOADS).checks["validation"]
+        is False
+    )
+    assert not decide(classifier(0.9, 1), champion, PromoteParams(), None, True, "frozen", (False, "no")).passed
+    other_split = Evidence({**champion.metrics, "test_sha256": "older"}, champion.per_example)
+    assert gate(classifier(0.9, 1), other_split).checks["same_test"] is False
+
+
+def test_lower_perplexity_is_the_better_direction():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(5, 20, N)
+
+    def lm(mean_loss: float) -> Evidence:
+        losses = tokens * (mean_loss + rng.normal(0, 0.05, N))
+        ppl = float(np.exp(losses.sum() / tokens.sum()))
+        metrics = {"kind": "generation", "primary_metric": "perplexity", "primary": ppl, "higher_is_better": False,
+                   "test_examples": N, "test_sha256": "frozen", "latency_ms_p95": 5.0}  # fmt: skip
+        return Evidence(metrics, {"loss": losses.tolist(), "tokens": tokens.tolist()})
+
+    better, worse = lm(3.0), lm(3.5)
+    assert gate(better, worse, floor=100.0).passed
+    assert not gate(worse, better, floor=100.0).passed
+    assert gate(better, None, floor=100.0).passed and not gate(worse, None, floor=25.0).passed
+    delta, lower = paired_bootstrap(better, worse, 200, 0.95)
+    assert delta > 0 and lower > 0
