@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import f1_score
 
-from lmforge.metrics import f1_from_counts
+from lmforge.metrics import f1_from_counts, macro_f1_statistic
 from lmforge.params import PromoteParams
 
 
@@ -52,8 +51,8 @@ def scorer(evidence: Evidence) -> Callable[[np.ndarray], float]:
     kind, per_example = evidence.metrics["kind"], evidence.per_example
     if kind == "classification":
         y_true, y_pred = np.asarray(per_example["y_true"]), np.asarray(per_example["y_pred"])
-        labels = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
-        return lambda idx: float(f1_score(y_true[idx], y_pred[idx], labels=labels, average="macro", zero_division=0))
+        n_labels = len(evidence.metrics.get("per_class", {})) or int(max(y_true.max(), y_pred.max())) + 1
+        return macro_f1_statistic(y_true, y_pred, n_labels)
     if kind == "token_classification":
         counts = np.asarray(per_example["entity_counts"]).reshape(-1, 3)
         return lambda idx: f1_from_counts(counts[idx])

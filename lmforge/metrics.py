@@ -49,9 +49,17 @@ def classification_scores(y_true: np.ndarray, probs: np.ndarray, labels: list[st
     return scores
 
 
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> float:
+    """Macro-F1 over labels 0..n_labels-1 (0 for a label never seen nor predicted), as sklearn's
+    f1_score(average="macro", zero_division=0), but fast enough to call a thousand times."""
+    confusion = np.bincount(y_true * n_labels + y_pred, minlength=n_labels * n_labels).reshape(n_labels, n_labels)
+    tp = np.diag(confusion).astype(float)
+    denominator = confusion.sum(axis=0) + confusion.sum(axis=1)
+    return float(np.mean(np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)))
+
+
 def macro_f1_statistic(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> Callable[[np.ndarray], float]:
-    labels = list(range(n_labels))
-    return lambda idx: float(f1_score(y_true[idx], y_pred[idx], labels=labels, average="macro", zero_division=0))
+    return lambda idx: macro_f1(y_true[idx], y_pred[idx], n_labels)
 
 
 # --- token classification --------------------------------------------------------------------------

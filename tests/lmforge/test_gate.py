@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from sklearn.metrics import f1_score
 
 from lmforge.gate import Evidence, decide, paired_bootstrap
@@ -92,3 +93,13 @@ def test_lower_perplexity_is_the_better_direction():
     assert gate(better, None, floor=100.0).passed and not gate(worse, None, floor=25.0).passed
     delta, lower = paired_bootstrap(better, worse, 200, 0.95)
     assert delta > 0 and lower > 0
+
+
+def test_fast_macro_f1_agrees_with_sklearn():
+    from lmforge.metrics import macro_f1
+
+    rng = np.random.default_rng(5)
+    for n_labels in (2, 3, 7):
+        y_true, y_pred = rng.integers(0, n_labels, 300), rng.integers(0, n_labels - 1, 300)
+        expected = f1_score(y_true, y_pred, labels=list(range(n_labels)), average="macro", zero_division=0)
+        assert macro_f1(y_true, y_pred, n_labels) == pytest.approx(expected)
