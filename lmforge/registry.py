@@ -79,12 +79,13 @@ def champion_history(mlflow_client: mlflow.MlflowClient, name: str) -> list[str]
 def crown(mlflow_client: mlflow.MlflowClient, name: str, version: str) -> None:
     """Move @champion to `version`; the one it replaces becomes @previous; record the history."""
     current = alias_version(mlflow_client, name, CHAMPION)
-    if current is not None and current.version != version:
-        mlflow_client.set_registered_model_alias(name, PREVIOUS, current.version)
+    version = str(version)
+    if current is not None and str(current.version) != version:
+        mlflow_client.set_registered_model_alias(name, PREVIOUS, str(current.version))
     mlflow_client.set_registered_model_alias(name, CHAMPION, version)
     history = champion_history(mlflow_client, name)
-    if current is not None and (not history or history[-1] != current.version):
-        history.append(current.version)  # a champion set by hand in the UI joins the history too
+    if current is not None and (not history or history[-1] != str(current.version)):
+        history.append(str(current.version))  # a champion set by hand in the UI joins the history too
     history.append(version)
     mlflow_client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
 
@@ -95,7 +96,7 @@ def rollback(mlflow_client: mlflow.MlflowClient, name: str) -> tuple[str, str]:
     if current is None:
         raise LmforgeError(f"{name}: no @champion to roll back")
     history = champion_history(mlflow_client, name)
-    while history and history[-1] == current.version:
+    while history and history[-1] == str(current.version):
         history.pop()
     if not history:
         raise LmforgeError(f"{name}: version {current.version} is the first champion; nothing to roll back to")
@@ -106,8 +107,8 @@ def rollback(mlflow_client: mlflow.MlflowClient, name: str) -> tuple[str, str]:
     else:
         mlflow_client.delete_registered_model_alias(name, PREVIOUS)
     mlflow_client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
-    mlflow_client.set_model_version_tag(name, current.version, "lmforge.rolled_back", "true")
-    return current.version, target
+    mlflow_client.set_model_version_tag(name, str(current.version), "lmforge.rolled_back", "true")
+    return str(current.version), target
 
 
 def smoke_load(name: str, version: str, text: str) -> tuple[bool, str]:
@@ -156,4 +157,4 @@ def promotion_lock(name: str) -> Iterator[None]:
 def describe(version: ModelVersion | None) -> dict[str, Any] | None:
     if version is None:
         return None
-    return {"version": version.version, "decision": version.tags.get("gate.decision"), "run_id": version.run_id}
+    return {"version": str(version.version), "decision": version.tags.get("gate.decision"), "run_id": version.run_id}

@@ -73,20 +73,21 @@ def gate_version(params: Params, task: str, version: str, raw: Path, validation:
     smoke_text = str(pd.read_parquet(raw / spec.dataset / "test.parquet", columns=["text"])["text"].iloc[0])
     with registry.promotion_lock(name), tracking.stage_run("promote", {"task": task, **params.promote.model_dump()},
                                                             task=task, system_metrics=False) as run:  # fmt: skip
-        mv = client.get_model_version(name, version)
+        mv = client.get_model_version(name, str(version))
+        version = str(mv.version)
         candidate = registry.evidence_of(client, mv)
         champion_version = registry.alias_version(client, name, registry.CHAMPION)
-        if champion_version is not None and champion_version.version == mv.version:
+        if champion_version is not None and str(champion_version.version) == version:
             # Re-running promote on the model that already serves changes nothing.
             return {
                 "task": task,
                 "registered_model": name,
-                "version": mv.version,
+                "version": version,
                 "decision": "unchanged",
-                "reasons": [f"version {mv.version} already holds @champion"],
+                "reasons": [f"version {version} already holds @champion"],
                 "checks": {},
-                "champion_before": mv.version,
-                "champion_after": mv.version,
+                "champion_before": version,
+                "champion_after": registry.describe(champion_version),
                 "mlflow_run_id": run.info.run_id,
             }
         champion = registry.evidence_of(client, champion_version) if champion_version is not None else None
@@ -94,30 +95,30 @@ def gate_version(params: Params, task: str, version: str, raw: Path, validation:
         decision = decide(
             candidate, champion, params.promote, params.promote.floors.get(task),
             validation_passed(validation, spec.dataset, manifest["test_sha256"]), manifest["test_sha256"],
-            registry.smoke_load(name, mv.version, smoke_text),
+            registry.smoke_load(name, version, smoke_text),
         )  # fmt: skip
         verdict = "pass" if decision.passed else "fail"
         if decision.passed:
-            registry.crown(client, name, mv.version)
+            registry.crown(client, name, version)
         else:
-            client.set_registered_model_alias(name, registry.CHALLENGER, mv.version)
+            client.set_registered_model_alias(name, registry.CHALLENGER, version)
         reasons = "; ".join(decision.reasons)
-        client.set_model_version_tag(name, mv.version, "gate.decision", verdict)
-        client.set_model_version_tag(name, mv.version, "gate.reasons", reasons[:4900])
-        client.set_model_version_tag(name, mv.version, "dataset.test_digest", digest)
-        client.update_model_version(name, mv.version, description=f"Gate {verdict.upper()} "
+        client.set_model_version_tag(name, version, "gate.decision", verdict)
+        client.set_model_version_tag(name, version, "gate.reasons", reasons[:4900])
+        client.set_model_version_tag(name, version, "dataset.test_digest", digest)
+        client.update_model_version(name, version, description=f"Gate {verdict.upper()} "
                                     f"(vs champion {champion_version.version if champion_version else 'none'}):\n- "
                                     + "\n- ".join(decision.reasons))  # fmt: skip
         report = {
-            "task": task, "registered_model": name, "version": mv.version, "decision": verdict,
+            "task": task, "registered_model": name, "version": version, "decision": verdict,
             "reasons": decision.reasons, "checks": decision.checks,
-            "champion_before": champion_version.version if champion_version else None,
+            "champion_before": str(champion_version.version) if champion_version else None,
             "champion_after": registry.describe(registry.alias_version(client, name, registry.CHAMPION)),
             "improvement": decision.improvement, "improvement_lower_bound": decision.improvement_lower_bound,
             "candidate_primary": candidate.primary, "primary_metric": candidate.metrics["primary_metric"],
             "champion_primary": champion.primary if champion else None, "mlflow_run_id": run.info.run_id,
         }  # fmt: skip
-        mlflow.set_tags({"gate.decision": verdict, "registered_model": name, "model_version": mv.version})
+        mlflow.set_tags({"gate.decision": verdict, "registered_model": name, "model_version": version})
         mlflow.log_dict(report, "promotion.json")
     return report
 
@@ -132,7 +133,7 @@ def run(params: Params, task: str, candidate: Path, raw: Path, validation: Path)
     mv = registry.register(
         client, name, model["model_uri"], model["run_id"], lineage_tags(params, task, candidate, raw)
     )
-    return gate_version(params, task, mv.version, raw, validation)
+    return gate_version(params, task, str(mv.version), raw, validation)
 
 
 def main() -> None:
