@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from lmforge.optimization import FINISHED, open_study
+from lmforge.params import Params, deep_merge, params_to_dict, parse_params
+from stages import optimize
+from tests.conftest import REPO, SmokeRun
+
+
+def tuning(run: SmokeRun, tmp_path: Path, n_trials: int, **optimize_params) -> Params:
+    space = {"learning_rate": {"low": 1e-6, "high": 3e-2, "log": True}}
+    overrides = {"n_trials": {"sentiment": n_trials}, "max_steps": 12, "eval_every": 3, "heartbeat_s": 1,
+                 "grace_s": 3, "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "search_space": space,
+                 **optimize_params}  # fmt: skip
+    return parse_params(deep_merge(params_to_dict(run.params), {"optimize": overrides}))
+
+
+def run_optimize(params: Params, run: SmokeRun, tmp_path: Path) -> dict:
+    return optimize.run(params, "sentiment", run.raw, run.processed, run.root / "models/pretrained",
+                        run.root / "models/finetuned/sentiment", run.root / "reports/eval/sentiment",
+                        tmp_path / "out", tmp_path / "candidate", tmp_path / "work")  # fmt: skip
+
+
+def test_study_prunes_resumes_and_yields_a_scored_candidate(smoke_evaluated: SmokeRun, tmp_path: Path):
+    params = tuning(smoke_evaluated, tmp_path, n_trials=6)
+    summary = run_optimize(params, smoke_evaluated, tmp_path)
+    assert summary["tuned"] and summary["finished_trials"] == 6
+    trials = json.loads((tmp_path / "out/trials.json").read_text())
+    states = [trial["state"] for trial in trials]
+    assert "pruned" in states, states  # the median pruner stopped a trial that trailed the others
+    pruned = next(trial for trial in trials if trial["state"] == "pruned")
+    assert len(pruned["intermediate"]) < 12 // 3  # it stopped before its last evaluation
+    best = json.loads((tmp_path / "out/best_params.json").read_text())
+    assert set(best["best_params"]) >= {"learning_rate", "batch_size", "dropout"}
+    metrics = json.loads((tmp_path / "out/candidate/metrics.json").read_text())
+    assert metrics["test_sha256"] == json.loads((smoke_evaluated.raw / "sentiment/manifest.json").read_text())[
+        "test_sha256"]  # fmt: skip
+    assert json.loads((tmp_path / "candidate/lmforge_task.json").read_text())["optuna_trial"] == best["best_trial"]
+
+    again = run_optimize(params, smoke_evaluated, tmp_path)  # the same study, already complete: no new trial
+    assert len(json.loads((tmp_path / "out/trials.json").read_text())) == len(trials)
+    assert again["best_trial"] == summary["best_trial"]
+    more = run_optimize(tuning(smoke_evaluated, tmp_path, n_trials=7), smoke_evaluated, tmp_path)
+    assert more["study"] == summary["study"] and more["finished_trials"] == 7
+
+
+def test_a_killed_trial_is_failed_and_retried_never_left_running(smoke_evaluated: SmokeRun, tmp_path: Path):
+    params = tuning(smoke_evaluated, tmp_path, n_trials=2, pruner="none",
+                    search_space={"learning_rate": {"low": 1e-3, "high": 2e-3, "log": True}})  # fmt: skip
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params_to_dict(params), allow_unicode=True, sort_keys=False))
+    run = smoke_evaluated
+    root = run.root
+    command = [sys.executable, "-m", "stages.optimize", "--params", str(params_file), "--task", "sentiment",
+               "--raw", str(run.raw), "--processed", str(run.processed),
+               "--pretrained", str(root / "models/pretrained"), "--finetuned", str(root / "models/finetuned/sentiment"),
+               "--evaluated", str(root / "reports/eval/sentiment"),
+               "--out", str(tmp_path / "out"), "--candidate", str(tmp_path / "candidate"),
+               "--work", str(tmp_path / "work"), "--metrics", str(tmp_path / "m.json")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list((tmp_path / "work").glob("trial-000/checkpoints/step-*")):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    study_name = optimize.study_name(params, "sentiment", run.raw)
+    assert [t.state for t in open_study(params.optimize, study_name).trials] == [optuna.trial.TrialState.RUNNING]
+    time.sleep(params.optimize.grace_s + 1)  # the dead trial's heartbeat goes stale
+
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-1500:]
+    trials = open_study(params.optimize, study_name).trials
+    states = [t.state for t in trials]
+    assert states[0] == optuna.trial.TrialState.FAIL
+    assert optuna.trial.TrialState.RUNNING not in states
+    assert sum(state in FINISHED for state in states) == 2
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == trials[0].number]
+    assert retried and retried[0].params == trials[0].params  # the same params, tried again
+
+
+@pytest.mark.parametrize("n_trials", [0])
+def test_an_untuned_task_passes_its_fine_tuned_model_on(smoke_evaluated: SmokeRun, tmp_path: Path, n_trials: int):
+    summary = run_optimize(tuning(smoke_evaluated, tmp_path, n_trials=n_trials), smoke_evaluated, tmp_path)
+    assert summary == {"task": "sentiment", "tuned": False, "n_trials": 0, "best_params": {}}
+    source = smoke_evaluated.root / "reports/eval/sentiment"
+    assert (tmp_path / "out/candidate/model.json").read_text() == (source / "model.json").read_text()
