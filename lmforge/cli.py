@@ -183,6 +183,18 @@ def status(reports: Path = REPORTS_OPTION) -> None:
         typer.echo(f"evaluate    {m['task']}: {m['primary_metric']} {m['primary']:.4f} "
                    f"[{m['primary_ci_low']:.4f}, {m['primary_ci_high']:.4f}] on {m['test_examples']} test examples"
                    f"{baseline}; p95 latency {m['latency_ms_p95']:.1f} ms")  # fmt: skip
+    for path in sorted((reports / "optimize").glob("*.json")):
+        best = json.loads(path.read_text())
+        if best.get("tuned"):
+            typer.echo(f"optimize    {best['task']}: best of {best['finished_trials']} trials: val loss "
+                       f"{best['best_val_loss']:.4f} with {best['best_params']}")  # fmt: skip
+    for path in sorted((reports / "promotion").glob("*.json")):
+        report = json.loads(path.read_text())
+        champion = report.get("champion_after") or {}
+        typer.echo(f"promote     {report['registered_model']} v{report['version']}: gate {report['decision'].upper()}; "
+                   f"@champion is v{champion.get('version', '-')}")  # fmt: skip
+        for reason in report["reasons"]:
+            typer.echo(f"              {reason}")
     typer.echo("results:")
     typer.echo("  data/raw/<dataset>/           train/val/test Parquet + manifest.json (frozen test sha256)")
     typer.echo(f"  {reports}/validation/          per-dataset expectation results (JSON)")
@@ -190,6 +202,9 @@ def status(reports: Path = REPORTS_OPTION) -> None:
     typer.echo("  data/processed/               tokenizer, packed pretraining blocks, tokenized task datasets")
     typer.echo("  models/pretrained/, models/finetuned/   HF-format models (safetensors)")
     typer.echo("  reports/eval/<task>/          metrics.json, confusion.json, curve.json, model.json (MLflow URI)")
+    typer.echo("  reports/optimize/<task>/      best_params.json, trials.json, the candidate's scores")
+    typer.echo("  reports/promotion/<task>.json the gate's decision and every reason")
+    typer.echo("  lmforge compare --task <task>; lmforge rollback --task <task>")
     typer.echo("  dvc metrics show; dvc plots show   the figures and plots, versioned with the pipeline")
     typer.echo("  mlflow ui --backend-store-uri sqlite:///mlflow.db   runs, nested by pipeline; models")
 

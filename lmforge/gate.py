@@ -31,6 +31,11 @@ class Evidence:
     def higher_is_better(self) -> bool:
         return bool(self.metrics["higher_is_better"])
 
+    @property
+    def examples(self) -> int:
+        """How many test examples the per-example records cover (generation skips too-short texts)."""
+        return len(next(iter(self.per_example.values()), []))
+
 
 @dataclass
 class Decision:
@@ -63,7 +68,7 @@ def scorer(evidence: Evidence) -> Callable[[np.ndarray], float]:
 def paired_bootstrap(candidate: Evidence, champion: Evidence, samples: int, confidence: float,
                      seed: int = 0) -> tuple[float, float]:  # fmt: skip
     """Mean improvement (candidate - champion, oriented) and its lower confidence bound."""
-    n = candidate.metrics["test_examples"]
+    n = candidate.examples
     score_candidate, score_champion = scorer(candidate), scorer(champion)
     rng = np.random.default_rng(seed)
     deltas = np.empty(samples)
@@ -99,7 +104,9 @@ def decide(candidate: Evidence, champion: Evidence | None, params: PromoteParams
                 "floor", ok, f"{value} {relation} floor {floor}" if ok else f"{value} misses the floor {floor}"
             )
     else:
-        same = champion.metrics["test_sha256"] == candidate.metrics["test_sha256"]
+        same = (champion.metrics["test_sha256"] == candidate.metrics["test_sha256"]
+                and champion.examples == candidate.examples
+                and champion.metrics["kind"] == candidate.metrics["kind"])  # fmt: skip
         decision.check("same_test", same, "champion and candidate scored on the same test examples" if same
                        else "the champion was scored on another test split: re-score it before comparing")  # fmt: skip
         if same:

@@ -10,6 +10,7 @@ the stages of one `dvc repro` sit together in the UI.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import subprocess
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ import yaml
 EXPERIMENT = "lmforge"
 PARENT_ENV = "LMFORGE_PARENT_RUN_ID"
 SECRET_WORDS = ("password", "secret", "token", "key")  # never logged as params
+# MLflow's INFO lines would bury a stage's one-line error on stderr.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
 def tracking_uri() -> str:

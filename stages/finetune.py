@@ -99,6 +99,8 @@ def run(params: FinetuneParams, name: str, raw: Path, processed: Path, pretraine
     if name not in params.tasks:
         raise LmforgeError(f"finetune.tasks: no task named {name!r} (have: {', '.join(params.tasks)})")
     task = params.tasks[name]
+    # Fail on a bad base before an MLflow run opens, so the error stays one line on stderr.
+    load_tokenizer(resolve_base(task.base, pretrained, f"finetune.tasks.{name}.base"), f"finetune.tasks.{name}.base")
     with tracking.stage_run("finetune", {"task": name, **task.model_dump(), "seed": params.seed}, task=name) as run:
         metrics = train_task(task, name, params.seed, raw, processed, pretrained, out_dir, checkpoints)
         metrics["mlflow_run_id"] = run.info.run_id

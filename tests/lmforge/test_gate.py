@@ -103,3 +103,10 @@ def test_fast_macro_f1_agrees_with_sklearn():
         y_true, y_pred = rng.integers(0, n_labels, 300), rng.integers(0, n_labels - 1, 300)
         expected = f1_score(y_true, y_pred, labels=list(range(n_labels)), average="macro", zero_division=0)
         assert macro_f1(y_true, y_pred, n_labels) == pytest.approx(expected)
+
+
+def test_records_of_different_test_examples_are_not_compared():
+    champion = classifier(0.7, 2)
+    shorter = Evidence(champion.metrics, {k: v[:-3] for k, v in champion.per_example.items()})
+    decision = gate(classifier(0.9, 1), shorter)
+    assert decision.checks["same_test"] is False and not decision.passed

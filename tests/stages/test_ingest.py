@@ -45,12 +45,17 @@ def test_pretraining_corpus_holds_no_validation_or_test_text(smoke_run: SmokeRun
 # --- bad input: one line, non-zero exit, earlier outputs untouched -----------------------------------
 
 
+def clear_tasks(data: dict) -> None:
+    """The default tasks name datasets these files do not declare: drop them and what refers to them."""
+    data["finetune"]["tasks"], data["optimize"]["n_trials"], data["promote"]["floors"] = {}, {}, {}
+
+
 def local_params(tmp_path: Path, file_name: str, task: str = "classification", **source) -> Path:
     data = params_to_dict(Params())
     data["ingest"]["datasets"] = {
         "mine": {"task": task, "source": {"kind": "local", "path": file_name, **source}, "labels": None}
     }
-    data["finetune"]["tasks"] = {}  # the default tasks name datasets this file does not declare
+    clear_tasks(data)
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True))
     return path
@@ -140,7 +145,7 @@ def test_hub_dataset_offline_fails_clearly(tmp_path: Path):
     data["ingest"]["datasets"] = {
         "imdb": {"task": "classification", "source": {"kind": "hf", "name": "stanfordnlp/imdb"}}
     }
-    data["finetune"]["tasks"] = {}
+    clear_tasks(data)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))
     result = run_stage(
         "ingest",
