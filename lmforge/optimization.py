@@ -35,6 +35,8 @@ def open_study(params: OptimizeParams, study_name: str) -> optuna.Study:
     try:
         storage = optuna.storages.RDBStorage(
             url,
+            # SQLite: concurrent workers wait for the write lock instead of failing at once.
+            engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
             heartbeat_interval=params.heartbeat_s,
             grace_period=params.grace_s,
             heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),

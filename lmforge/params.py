@@ -415,6 +415,7 @@ class OptimizeParams(Section):
         description="SQLAlchemy URL of the study storage; null: optuna.db here. "
         "LMFORGE_OPTUNA_STORAGE overrides it (credentials go there, never here)",
     )
+    workers: int = Field(1, ge=1, le=64, description="trial processes working on one study at once")
     heartbeat_s: int = Field(10, ge=1, description="a running trial's heartbeat; a silent one is failed and retried")
     grace_s: int = Field(30, ge=2, description="seconds without a heartbeat before a trial counts as dead")
     search_space: SearchSpace = SearchSpace()
@@ -433,6 +434,22 @@ class PromoteParams(Section):
     )
 
 
+def _default_timeouts() -> dict[str, int]:
+    return {"ingest": 900, "validate": 900, "preprocess": 1800, "pretrain": 14400, "finetune": 7200,
+            "evaluate": 3600, "optimize": 14400, "promote": 900}  # fmt: skip
+
+
+class OrchestrateParams(Section):
+    """How the Prefect flow runs the DVC stages (flows/pipeline.py); no stage reads this section."""
+
+    retries: int = Field(2, ge=0, le=10, description="retries of a stage that failed transiently (killed, unreachable)")
+    retry_delay_s: float = Field(10.0, ge=0.0, description="first retry delay; doubles on each retry")
+    timeouts_s: dict[str, int] = Field(default_factory=_default_timeouts, description="per stage (dvc.yaml name)")
+    gpu_stages: list[str] = Field(["pretrain", "finetune", "optimize"], description="stages tagged gpu in Prefect")
+    gpu_concurrency: int = Field(1, ge=1, description="training stages that may run at once (Prefect tag gpu)")
+    retrain_cron: str = Field("0 3 * * *", description="when flows/retrain.py checks for new data (cron, UTC)")
+
+
 class Params(Section):
     """The whole of params.yaml."""
 
@@ -444,6 +461,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     optimize: OptimizeParams = OptimizeParams()
     promote: PromoteParams = PromoteParams()
+    orchestrate: OrchestrateParams = OrchestrateParams()
 
     @model_validator(mode="after")
     def _references_resolve(self) -> Params:

@@ -9,7 +9,11 @@ study's run. With `optimize.n_trials.<task>: 0` the fine-tuned model is the cand
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ from stages import evaluate
 from stages.finetune import train_task
 
 ACTIVE = (*FINISHED, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+STUDY_RUN_ENV = "LMFORGE_STUDY_RUN_ID"
 
 
 class SlotTaken(Exception):
@@ -35,16 +40,33 @@ class SlotTaken(Exception):
 def study_name(params: Params, task: str, raw: Path) -> str:
     """Same task, search space and data -> same study, so a re-run continues it."""
     spec = params.finetune.tasks[task]
-    space = params.optimize.model_dump(exclude={"n_trials", "timeout_s", "storage", "heartbeat_s", "grace_s"})
+    space = params.optimize.model_dump(
+        exclude={"n_trials", "timeout_s", "storage", "heartbeat_s", "grace_s", "workers"}
+    )
     files = read_json(raw / spec.dataset / "manifest.json")["files"]
     return f"lmforge-{task}-{fingerprint(spec.model_dump(), space, params.finetune.seed, files)}"
 
 
-def run_study(params: Params, task: str, raw: Path, processed: Path, pretrained: Path, work_dir: Path,
-              n_trials: int) -> tuple[optuna.Study, str]:  # fmt: skip
-    """Run trials until n_trials have finished (complete or pruned); return the study and its MLflow run."""
+@dataclass(frozen=True)
+class TrialPaths:
+    """Where trials read their inputs and write their models; what a worker process needs to know."""
+
+    params: Path
+    raw: Path
+    processed: Path
+    pretrained: Path
+    work: Path
+
+
+def work_on_study(params: Params, task: str, paths: TrialPaths, n_trials: int) -> optuna.Study:
+    """Run trials of the task's study until n_trials have finished, in this process.
+
+    Each trial is a nested MLflow run under the active run (the study's run). Any number of
+    processes may do this at once against one storage: each trial first checks that it is within
+    the first n_trials live trials, so the count is reached exactly.
+    """
     spec = params.finetune.tasks[task]
-    name = study_name(params, task, raw)
+    name = study_name(params, task, paths.raw)
     study = open_study(params.optimize, name)
 
     def objective(trial: optuna.Trial) -> float:
@@ -53,15 +75,16 @@ def run_study(params: Params, task: str, raw: Path, processed: Path, pretrained:
             study.stop()
             raise SlotTaken(f"trial {trial.number}: n_trials={n_trials} already taken by other workers")
         updates, dropout = suggest(trial, params.optimize, spec)
-        trial_dir = work_dir / f"trial-{trial.number:03d}"
+        trial_dir = paths.work / f"trial-{trial.number:03d}"
         tags = {"stage": "optimize", "task": task, "optuna.study": name, "optuna.trial": str(trial.number)}
         with mlflow.start_run(run_name=f"trial {trial.number}", nested=True, tags=tags) as run:
             mlflow.log_params({f"trial.{key}": value for key, value in trial.params.items()})
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             trial.set_user_attr("model_dir", str(trial_dir / "model"))
+            trial.set_user_attr("worker_pid", os.getpid())
             try:
-                metrics = train_task(spec.model_copy(update=updates), task, params.finetune.seed, raw, processed,
-                                     pretrained, trial_dir / "model", trial_dir / "checkpoints",
+                metrics = train_task(spec.model_copy(update=updates), task, params.finetune.seed, paths.raw,
+                                     paths.processed, paths.pretrained, trial_dir / "model", trial_dir / "checkpoints",
                                      on_eval=pruning_hook(trial), dropout=dropout)  # fmt: skip
             except optuna.TrialPruned:
                 mlflow.set_tag("optuna.state", "pruned")
@@ -72,18 +95,46 @@ def run_study(params: Params, task: str, raw: Path, processed: Path, pretrained:
             mlflow.set_tag("optuna.state", "complete")
             return metrics["val_loss"]
 
+    if finished_trials(study) < n_trials:
+        study.optimize(
+            objective,
+            timeout=params.optimize.timeout_s,
+            callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)],
+            catch=(SlotTaken,),
+        )
+    return study
+
+
+def spawn_workers(count: int, task: str, paths: TrialPaths, study_run_id: str) -> list[subprocess.Popen]:
+    """`count` more processes working on the same study (their trial runs nest under the study's run)."""
+    command = [sys.executable, "-m", "stages.optimize", "--worker", "--task", task, "--params", str(paths.params),
+               "--raw", str(paths.raw), "--processed", str(paths.processed), "--pretrained", str(paths.pretrained),
+               "--work", str(paths.work)]  # fmt: skip
+    env = {**os.environ, STUDY_RUN_ENV: study_run_id}
+    return [subprocess.Popen(command, env=env) for _ in range(count)]
+
+
+def run_study(params: Params, task: str, paths: TrialPaths, n_trials: int) -> tuple[optuna.Study, str]:
+    """The study under its own MLflow run, with `optimize.workers` processes; return it and the run id."""
     with tracking.stage_run("optimize", {"task": task, **params.optimize.model_dump(exclude={"storage"})},
                             task=task) as parent:  # fmt: skip
+        name = study_name(params, task, paths.raw)
         mlflow.set_tags({"optuna.study": name, "optuna.storage": storage_url(params.optimize).split("://")[0]})
-        if finished_trials(study) < n_trials:
-            study.optimize(
-                objective,
-                timeout=params.optimize.timeout_s,
-                callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)],
-                catch=(SlotTaken,),
-            )
+        open_study(params.optimize, name)  # created once, before workers race to create it
+        workers = spawn_workers(params.optimize.workers - 1, task, paths, parent.info.run_id)
+        study = work_on_study(params, task, paths, n_trials)
+        codes = [worker.wait() for worker in workers]
+        if any(codes):
+            raise LmforgeError(f"optimize: {sum(1 for c in codes if c)} trial worker(s) failed (exit codes {codes})")
         log_study(study)
     return study, parent.info.run_id
+
+
+def worker_main(params: Params, task: str, paths: TrialPaths) -> None:
+    """A trial worker: join the study run named by the environment and work until n_trials are done."""
+    tracking.setup()
+    with mlflow.start_run(run_id=os.environ[STUDY_RUN_ENV]):
+        work_on_study(params, task, paths, params.optimize.n_trials.get(task, 0))
 
 
 def log_study(study: optuna.Study) -> None:
@@ -115,7 +166,8 @@ def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
 
 
 def run(params: Params, task: str, raw: Path, processed: Path, pretrained: Path, finetuned: Path, evaluated: Path,
-        out_dir: Path, candidate_dir: Path, work_dir: Path) -> dict[str, Any]:  # fmt: skip
+        out_dir: Path, candidate_dir: Path, work_dir: Path,
+        params_path: Path = Path("params.yaml")) -> dict[str, Any]:  # fmt: skip
     if task not in params.finetune.tasks:
         raise LmforgeError(f"finetune.tasks: no task named {task!r} (have: {', '.join(params.finetune.tasks)})")
     n_trials = params.optimize.n_trials.get(task, 0)
@@ -129,7 +181,8 @@ def run(params: Params, task: str, raw: Path, processed: Path, pretrained: Path,
             write_json(staging / "trials.json", [])
         return summary
 
-    study, run_id = run_study(params, task, raw, processed, pretrained, work_dir, n_trials)
+    paths = TrialPaths(params_path, raw, processed, pretrained, work_dir)
+    study, run_id = run_study(params, task, paths, n_trials)
     if not [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]:
         raise LmforgeError(f"optimize: study {study.study_name} has no completed trial (all pruned or failed)")
     best = study.best_trial
@@ -163,14 +216,20 @@ def main() -> None:
     parser.add_argument("--candidate", type=Path, help="default: models/candidates/<task>")
     parser.add_argument("--work", type=Path, help="default: checkpoints/optimize/<task>")
     parser.add_argument("--metrics", type=Path, help="default: reports/optimize/<task>.json")
+    parser.add_argument("--worker", action="store_true", help="only run trials (spawned by optimize.workers > 1)")
     args = parser.parse_args()
     params = load_params(args.params)
     task = args.task
+    if args.worker:
+        paths = TrialPaths(args.params, args.raw, args.processed, args.pretrained,
+                           args.work or Path("checkpoints/optimize") / task)  # fmt: skip
+        worker_main(params, task, paths)
+        return
     summary = run(
         params, task, args.raw, args.processed, args.pretrained,
         args.finetuned or Path("models/finetuned") / task, args.evaluated or Path("reports/eval") / task,
         args.out or Path("reports/optimize") / task, args.candidate or Path("models/candidates") / task,
-        args.work or Path("checkpoints/optimize") / task,
+        args.work or Path("checkpoints/optimize") / task, args.params,
     )  # fmt: skip
     write_json_atomic(args.metrics or Path("reports/optimize") / f"{task}.json", summary)
     if summary["tuned"]:

@@ -97,3 +97,50 @@ def smoke_evaluated(smoke_models: SmokeRun) -> SmokeRun:
         evaluate.run(smoke_models.params.evaluate, task, smoke_models.root / "models/finetuned" / task,
                      smoke_models.raw, smoke_models.root / "reports/eval" / task)  # fmt: skip
     return smoke_models
+
+
+def sh(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command with this environment's tools first on PATH (dvc, python)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def clone_working_tree(root: Path, profile: str = "smoke") -> Path:
+    """Tracked and untracked-but-not-ignored files of this working tree, committed in a fresh git repo."""
+    import shutil
+
+    listed = sh("git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", cwd=REPO).stdout
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if source.is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, root / name)
+    sh("git", "init", "-q", "-b", "main", cwd=root)
+    sh(sys.executable, "-m", "lmforge.cli", "params", "use", profile, cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone", cwd=root)
+    return root
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """A fresh database on the PostgreSQL that runs on loopback here; dropped afterwards."""
+    import uuid
+
+    import psycopg2
+
+    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
+    name = f"lmforge_test_{uuid.uuid4().hex[:8]}"
+    connection = psycopg2.connect(admin)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        connection.close()

@@ -1,46 +1,22 @@
-"""The data stages as a real DVC pipeline, in a temporary clone of this working tree, on the smoke profile."""
+"""The whole pipeline as a real DVC pipeline, in a temporary clone of this working tree, on the smoke profile."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import clone_working_tree, sh
 
 pytestmark = pytest.mark.slow
 
 
-def sh(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result
-
-
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tracked and untracked-but-not-ignored files of this working tree, committed in a fresh git repo."""
-    root = tmp_path_factory.mktemp("clone")
-    listed = sh("git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", cwd=REPO).stdout
-    for name in filter(None, listed.split("\0")):
-        source = REPO / name
-        if source.is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, root / name)
-    sh("git", "init", "-q", "-b", "main", cwd=root)
-    sh(sys.executable, "-m", "lmforge.cli", "params", "use", "smoke", cwd=root)
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "clone", cwd=root)
-    return root
+    return clone_working_tree(tmp_path_factory.mktemp("clone"))
 
 
 STAGES = (

@@ -97,3 +97,20 @@ def test_an_untuned_task_passes_its_fine_tuned_model_on(smoke_evaluated: SmokeRu
     assert summary == {"task": "sentiment", "tuned": False, "n_trials": 0, "best_params": {}}
     source = smoke_evaluated.root / "reports/eval/sentiment"
     assert (tmp_path / "out/candidate/model.json").read_text() == (source / "model.json").read_text()
+
+
+def test_two_workers_share_one_postgresql_study_and_reach_n_trials_exactly(
+    smoke_evaluated: SmokeRun, tmp_path: Path, postgres_url: str
+):
+    params = tuning(smoke_evaluated, tmp_path, n_trials=4, workers=2, pruner="none", storage=postgres_url)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params_to_dict(params), allow_unicode=True, sort_keys=False))
+    run = smoke_evaluated
+    summary = optimize.run(params, "sentiment", run.raw, run.processed, run.root / "models/pretrained",
+                           run.root / "models/finetuned/sentiment", run.root / "reports/eval/sentiment",
+                           tmp_path / "out", tmp_path / "candidate", tmp_path / "work", params_file)  # fmt: skip
+    trials = open_study(params.optimize, summary["study"]).trials
+    finished = [t for t in trials if t.state in FINISHED]
+    assert len(finished) == 4 and len({t.number for t in finished}) == 4
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert len({t.user_attrs["worker_pid"] for t in finished}) == 2  # both processes ran trials

@@ -1,0 +1,168 @@
+"""The DVC pipeline as a Prefect flow: one task per stage of dvc.yaml, each run through DVC.
+
+The DAG is read from dvc.yaml (through DVC's own index), never restated here. Each task runs
+`dvc repro --single-item <stage>`, so dvc.lock ends exactly as after `dvc repro`, and a stage DVC
+finds unchanged is skipped in a second or two. Stages run one at a time, in dependency order: DVC
+holds a lock on the repository while it reproduces a stage.
+
+Retries: a stage that exits with lmforge's deterministic codes (2: bad params or input, 3: a
+failed expectation) fails at once; any other failure (a killed worker, an unreachable tracking
+server) is retried with exponential backoff. Timeouts and retries come from `orchestrate:` in
+params.yaml; training stages carry the tag `gpu`, whose concurrency limit caps how many run at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from lmforge import tracking
+from lmforge.params import OrchestrateParams, load_params
+
+DETERMINISTIC_EXIT_CODES = {2, 3}  # lmforge: bad params/input (2), a broken expectation (3)
+SKIPPED = "didn't change, skipping"
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, code: int, message: str) -> None:
+        super().__init__(f"stage {stage} failed (exit {code}): {message}")
+        self.stage, self.code = stage, code
+
+
+def dag_stages(repo_root: Path = Path(".")) -> list[str]:
+    """The stages of dvc.yaml, upstream first, as DVC itself orders them."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(repo_root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        return [stage.addressing for stage in reversed(list(nx.topological_sort(graph)))]
+
+
+def is_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry unless the stage said the failure is the user's to fix (exit 2 or 3)."""
+    try:
+        state.result()
+    except StageFailed as error:
+        return error.code not in DETERMINISTIC_EXIT_CODES
+    except Exception:
+        return True
+    return False
+
+
+def last_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+def run_stage(stage: str, env: dict[str, str], force: bool = False) -> dict[str, Any]:
+    """`dvc repro --single-item <stage>`; the stage's one-line error becomes the task's failure."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    command = ["dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    seconds = round(time.perf_counter() - started, 1)
+    if result.returncode != 0:
+        logger.error(result.stderr[-3000:])
+        code = _stage_exit_code(result)
+        raise StageFailed(stage, code, last_error_line(result.stderr))
+    status = "skipped (unchanged)" if SKIPPED in result.stdout else "ran"
+    logger.info(f"{stage}: {status} in {seconds}s")
+    return {"stage": stage, "status": status, "seconds": seconds}
+
+
+def _stage_exit_code(result: subprocess.CompletedProcess) -> int:
+    """DVC exits 255 when a stage command fails; the stage's own code is in its message."""
+    for code in DETERMINISTIC_EXIT_CODES:
+        if f"exited with '{code}'" in result.stderr or f"failed with exit code {code}" in result.stderr:
+            return code
+    return result.returncode
+
+
+def stage_task(stage: str, settings: OrchestrateParams) -> Any:
+    base = stage.split("@")[0]
+    return task(
+        run_stage,
+        name=stage,
+        retries=settings.retries,
+        retry_delay_seconds=[settings.retry_delay_s * 2**i for i in range(max(settings.retries, 1))],
+        retry_condition_fn=is_transient,
+        timeout_seconds=settings.timeouts_s.get(base),
+        tags=["gpu"] if base in settings.gpu_stages else [],
+    )
+
+
+def ensure_gpu_limit(limit: int) -> None:
+    """The tag-based concurrency limit `gpu`: at most `limit` training stages at once, across flow runs."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.create_concurrency_limit(tag="gpu", concurrency_limit=limit)
+
+
+def summary_markdown(results: list[dict[str, Any]], parent_run_id: str, reports: Path) -> str:
+    lines = ["# lmforge pipeline", "", "| stage | status | seconds |", "|---|---|---|"]
+    lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
+    lines += [
+        "",
+        "## Metrics (frozen test split)",
+        "",
+        "| task | metric | value | 95% CI | baseline |",
+        "|---|---|---|---|---|",
+    ]
+    for path in sorted((reports / "eval").glob("*/metrics.json")):
+        m = json.loads(path.read_text())
+        base = m["baseline"].get(m["primary_metric"])
+        lines.append(f"| {m['task']} | {m['primary_metric']} | {m['primary']:.4f} | "
+                     f"[{m['primary_ci_low']:.4f}, {m['primary_ci_high']:.4f}] | "
+                     f"{'-' if base is None else f'{base:.4f}'} |")  # fmt: skip
+    lines += ["", "## Promotion"]
+    for path in sorted((reports / "promotion").glob("*.json")):
+        report = json.loads(path.read_text())
+        lines += ["", f"**{report['registered_model']} v{report['version']}: {report['decision'].upper()}**", ""]
+        lines += [f"- {reason}" for reason in report["reasons"]]
+    uri = tracking.tracking_uri()
+    link = f"{uri.rstrip('/')}/#/experiments/0/runs/{parent_run_id}" if uri.startswith("http") else parent_run_id
+    lines += ["", f"MLflow pipeline run: {link} (`mlflow ui --backend-store-uri {uri}` for a local store)"]
+    return "\n".join(lines)
+
+
+@flow(name="lmforge-pipeline", log_prints=True)
+def pipeline(params_path: str = "params.yaml", reports_dir: str = "reports",
+             force_stages: list[str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Run every stage of dvc.yaml in order under one MLflow pipeline run; publish a summary artifact."""
+    import mlflow
+    from prefect.runtime import flow_run
+
+    settings = load_params(params_path).orchestrate
+    ensure_gpu_limit(settings.gpu_concurrency)
+    experiment_id = tracking.setup()
+    client = mlflow.MlflowClient()
+    parent = client.create_run(experiment_id, run_name=f"pipeline {tracking.git_commit()[:7]}",
+                               tags={"lmforge.kind": "pipeline", "git_commit": tracking.git_commit(),
+                                     "prefect.flow_run_id": str(flow_run.id)})  # fmt: skip
+    env = {**os.environ, tracking.PARENT_ENV: parent.info.run_id, "LMFORGE_PREFECT_FLOW_RUN_ID": str(flow_run.id),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    results: list[dict[str, Any]] = []
+    try:
+        for stage in dag_stages():
+            results.append(stage_task(stage, settings)(stage, env, stage in (force_stages or [])))
+    finally:
+        failed = len(results) < len(dag_stages())
+        client.set_terminated(parent.info.run_id, status="FAILED" if failed else "FINISHED")
+        create_markdown_artifact(summary_markdown(results, parent.info.run_id, Path(reports_dir)),
+                                 key="lmforge-pipeline-summary", description="stages, metrics, promotion")  # fmt: skip
+    return results
+
+
+if __name__ == "__main__":
+    pipeline()

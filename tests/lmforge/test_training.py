@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from lmforge.params import TrainingParams
+from lmforge.training import make_scheduler, train
+
+
+class Recording(BertForMaskedLM):
+    """A real BERT that notes whether autocast was on during its forward passes."""
+
+    seen_autocast: list[bool]
+
+    def forward(self, **batch):
+        self.seen_autocast.append(torch.is_autocast_enabled("cpu"))
+        return super().forward(**batch)
+
+
+def tiny_model() -> Recording:
+    torch.manual_seed(0)
+    model = Recording(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32, max_position_embeddings=16))  # fmt: skip
+    model.seen_autocast = []
+    return model
+
+
+def batches(indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    input_ids = (indices[:, None] * 7 + torch.arange(12)[None, :]) % 45 + 5
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
+
+
+def run(precision: str, tmp_path: Path) -> tuple[Recording, float]:
+    model = tiny_model()
+    params = TrainingParams(max_steps=4, batch_size=4, eval_every=2, checkpoint_every=2, log_every=2,
+                            precision=precision)  # fmt: skip
+    evaluate = lambda m: float(m(**batches(torch.arange(8), torch.Generator())).loss)  # noqa: E731
+    result = train(model, 32, batches, evaluate, params, 0, tmp_path / precision, precision, lambda *_: None,
+                   precision, torch.device("cpu"))  # fmt: skip
+    return model, result.best_eval_loss
+
+
+def test_bf16_switch_turns_autocast_on_and_still_learns(tmp_path: Path):
+    fp32_model, fp32_loss = run("fp32", tmp_path)
+    bf16_model, bf16_loss = run("bf16", tmp_path)
+    assert not any(fp32_model.seen_autocast)
+    assert sum(bf16_model.seen_autocast) == 4  # each of the 4 training forwards ran under bf16 autocast
+    assert math.isfinite(bf16_loss) and abs(bf16_loss - fp32_loss) < 0.5
+
+
+def test_warmup_then_linear_decay_to_zero():
+    parameter = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([parameter], lr=1.0)
+    scheduler = make_scheduler(optimizer, TrainingParams(warmup_ratio=0.2), total_steps=10)
+    rates = []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] < rates[1] < rates[2] and max(rates) == rates[2]
+    assert rates[-1] < rates[5] < rates[2] and scheduler.get_last_lr()[0] == 0.0
