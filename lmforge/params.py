@@ -302,47 +302,20 @@ class FinetuneTask(Section):
 
 
 def _default_tasks() -> dict[str, FinetuneTask]:
+    # The default budget: about a minute per encoder task on 2 CPU cores.
+    encoder_training = TrainingParams(max_steps=250, epochs=2, learning_rate=1e-3, max_train_samples=6000,
+                                      max_eval_samples=1000, eval_every=50, checkpoint_every=50)  # fmt: skip
+    decoder_training = TrainingParams(max_steps=60, learning_rate=5e-4, max_train_samples=4000, max_eval_samples=500,
+                                      eval_every=40, checkpoint_every=40)  # fmt: skip
     return {
         "sentiment": FinetuneTask(
-            dataset="sentiment",
-            kind="classification",
-            base="pretrained:encoder",
-            training=TrainingParams(
-                max_steps=250,
-                epochs=2,
-                learning_rate=1e-3,
-                max_train_samples=6000,
-                max_eval_samples=1000,
-                eval_every=50,
-                checkpoint_every=50,
-            ),
+            dataset="sentiment", kind="classification", base="pretrained:encoder", training=encoder_training
         ),
         "ner": FinetuneTask(
-            dataset="people_daily",
-            kind="token_classification",
-            base="pretrained:encoder",
-            training=TrainingParams(
-                max_steps=250,
-                epochs=2,
-                learning_rate=1e-3,
-                max_train_samples=6000,
-                max_eval_samples=1000,
-                eval_every=50,
-                checkpoint_every=50,
-            ),
+            dataset="people_daily", kind="token_classification", base="pretrained:encoder", training=encoder_training
         ),
         "continuation": FinetuneTask(
-            dataset="sentiment",
-            kind="generation",
-            base="pretrained:decoder",
-            training=TrainingParams(
-                max_steps=60,
-                learning_rate=5e-4,
-                max_train_samples=4000,
-                max_eval_samples=500,
-                eval_every=40,
-                checkpoint_every=40,
-            ),
+            dataset="sentiment", kind="generation", base="pretrained:decoder", training=decoder_training
         ),
     }
 
