@@ -186,11 +186,24 @@ def run(params: Params, task: str, raw: Path, processed: Path, pretrained: Path,
     if not [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]:
         raise LmforgeError(f"optimize: study {study.study_name} has no completed trial (all pruned or failed)")
     best = study.best_trial
+    finetuned_loss = min(point["val_loss"] for point in read_json(finetuned / "history.json"))
     summary = {
         "task": task, "tuned": True, "study": study.study_name, "n_trials": n_trials,
         "finished_trials": finished_trials(study), "best_trial": best.number, "best_val_loss": best.value,
         "best_params": best.params, "mlflow_run_id": run_id, "trial_mlflow_run_id": best.user_attrs["mlflow_run_id"],
+        "finetuned_val_loss": finetuned_loss,
+        "candidate_source": "trial" if best.value < finetuned_loss else "finetune",
     }  # fmt: skip
+    if summary["candidate_source"] == "finetune":
+        # Trials train on a smaller budget; when none beats the task's own fine-tune on validation
+        # loss, the fine-tuned model stays the candidate (already scored by the evaluate stage).
+        with atomic_output_dir(candidate_dir) as staging:
+            shutil.copytree(finetuned, staging, dirs_exist_ok=True)
+        with atomic_output_dir(out_dir) as staging:
+            shutil.copytree(evaluated, staging / "candidate")
+            write_json(staging / "best_params.json", summary)
+            write_json(staging / "trials.json", trials_table(study))
+        return summary
     with atomic_output_dir(candidate_dir) as staging:
         shutil.copytree(best.user_attrs["model_dir"], staging, dirs_exist_ok=True)
         meta = read_json(staging / "lmforge_task.json")
@@ -234,7 +247,9 @@ def main() -> None:
     write_json_atomic(args.metrics or Path("reports/optimize") / f"{task}.json", summary)
     if summary["tuned"]:
         print(f"optimize: {task}: best trial {summary['best_trial']} of {summary['finished_trials']} "
-              f"(val loss {summary['best_val_loss']:.4f}) {summary['best_params']}")  # fmt: skip
+              f"(val loss {summary['best_val_loss']:.4f}) {summary['best_params']}; the candidate is the "
+              f"{'best trial' if summary['candidate_source'] == 'trial' else 'fine-tuned model'} "
+              f"(fine-tune val loss {summary['finetuned_val_loss']:.4f})")  # fmt: skip
     else:
         print(f"optimize: {task}: not tuned (optimize.n_trials.{task} is 0); the fine-tuned model is the candidate")
 

@@ -46,7 +46,13 @@ def test_study_prunes_resumes_and_yields_a_scored_candidate(smoke_evaluated: Smo
     metrics = json.loads((tmp_path / "out/candidate/metrics.json").read_text())
     assert metrics["test_sha256"] == json.loads((smoke_evaluated.raw / "sentiment/manifest.json").read_text())[
         "test_sha256"]  # fmt: skip
-    assert json.loads((tmp_path / "candidate/lmforge_task.json").read_text())["optuna_trial"] == best["best_trial"]
+    candidate_meta = json.loads((tmp_path / "candidate/lmforge_task.json").read_text())
+    if best["candidate_source"] == "trial":
+        assert (
+            candidate_meta["optuna_trial"] == best["best_trial"] and best["best_val_loss"] < best["finetuned_val_loss"]
+        )
+    else:  # no trial beat the task's own fine-tune: it stays the candidate
+        assert "optuna_trial" not in candidate_meta and best["best_val_loss"] >= best["finetuned_val_loss"]
 
     again = run_optimize(params, smoke_evaluated, tmp_path)  # the same study, already complete: no new trial
     assert len(json.loads((tmp_path / "out/trials.json").read_text())) == len(trials)
