@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -81,11 +82,10 @@ def run_stage(stage: str, env: dict[str, str], force: bool = False) -> dict[str,
 
 
 def _stage_exit_code(result: subprocess.CompletedProcess) -> int:
-    """DVC exits 255 when a stage command fails; the stage's own code is in its message."""
-    for code in DETERMINISTIC_EXIT_CODES:
-        if f"exited with '{code}'" in result.stderr or f"failed with exit code {code}" in result.stderr:
-            return code
-    return result.returncode
+    """DVC exits 255 when a stage command fails; the stage's own code is in its message
+    (`ERROR: failed to reproduce 'validate': failed to run: ..., exited with 3`)."""
+    found = re.findall(r"exited with (-?\d+)", result.stderr)
+    return int(found[-1]) if found else result.returncode
 
 
 def stage_task(stage: str, settings: OrchestrateParams) -> Any:

@@ -58,30 +58,55 @@ def params_use(
 @app.command("run")
 def run_pipeline(
     force: bool = typer.Option(False, "--force", help="re-run every stage, changed or not"),
+    engine: str = typer.Option("prefect", "--engine", help="prefect: the Prefect flow; dvc: plain `dvc repro`"),
 ) -> None:
-    """Run the whole pipeline (`dvc repro`) under one MLflow pipeline run, then print a summary."""
+    """Run the whole pipeline under one MLflow pipeline run, then print a summary.
+
+    The default runs flows/pipeline.py (one Prefect task per dvc.yaml stage, on a temporary local
+    Prefect server unless PREFECT_API_URL points at one); `--engine dvc` runs `dvc repro` directly.
+    """
+    if engine == "prefect":
+        from flows.pipeline import dag_stages, pipeline
+
+        state = pipeline(force_stages=dag_stages() if force else [], return_state=True)
+        if not state.is_completed():
+            typer.echo(f"error: the pipeline flow failed: {state.message}", err=True)
+            raise typer.Exit(1)
+        results = state.result()
+        typer.echo(f"{'stage':<24} {'status':<20} {'seconds':>8}")
+        for result in results:
+            typer.echo(f"{result['stage']:<24} {result['status']:<20} {result['seconds']:>8}")
+    elif engine == "dvc":
+        _run_with_dvc(force)
+    else:
+        fail(LmforgeError(f"--engine: {engine!r} is neither prefect nor dvc"))
+    status(Path("reports"))
+    typer.echo(
+        "Prefect UI: prefect server start (then http://127.0.0.1:4200; set PREFECT_API_URL to record runs there)"
+    )
+
+
+def _run_with_dvc(force: bool) -> None:
     import os
     import subprocess
+
+    import mlflow
 
     from lmforge import tracking
 
     experiment_id = tracking.setup()
-    import mlflow
-
     client = mlflow.MlflowClient()
     parent = client.create_run(
         experiment_id, run_name=f"pipeline {tracking.git_commit()[:7]}",
         tags={"lmforge.kind": "pipeline", "git_commit": tracking.git_commit()},
     )  # fmt: skip
     env = {**os.environ, tracking.PARENT_ENV: parent.info.run_id}
-    command = ["dvc", "repro", *(["--force"] if force else [])]
-    result = subprocess.run(command, env=env)
+    result = subprocess.run(["dvc", "repro", *(["--force"] if force else [])], env=env)
     client.set_terminated(parent.info.run_id, status="FINISHED" if result.returncode == 0 else "FAILED")
     if result.returncode != 0:
         typer.echo(f"error: the pipeline failed (dvc repro exit {result.returncode}); see the stage's message above",
                    err=True)  # fmt: skip
         raise typer.Exit(result.returncode)
-    status(Path("reports"))
     typer.echo(f"MLflow pipeline run: {parent.info.run_id}")
 
 
