@@ -43,3 +43,26 @@ def test_stage_runs_nest_under_one_pipeline_run_with_their_tags(smoke_models: Sm
     assert float(finetune.data.params["training.learning_rate"]) > 0
     history = mlflow.MlflowClient().get_metric_history(finetune.info.run_id, "train_loss")
     assert [point.step for point in history] == [5, 10]
+
+
+def test_postgresql_advisory_lock_serialises_promotions(postgres_url: str, monkeypatch):
+    import psycopg2
+
+    from lmforge import registry
+
+    monkeypatch.setenv(registry.LOCK_ENV, postgres_url)
+    other = psycopg2.connect(postgres_url)
+    other.autocommit = True
+
+    def free() -> bool:
+        with other.cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(hashtext(%s))", ("lmforge-promote:m-task",))
+            got = cursor.fetchone()[0]
+            if got:
+                cursor.execute("SELECT pg_advisory_unlock(hashtext(%s))", ("lmforge-promote:m-task",))
+            return got
+
+    with registry.promotion_lock("m-task"):
+        assert not free()  # another session (another machine) must wait
+    assert free()
+    other.close()
