@@ -15,7 +15,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,9 +226,3 @@ def _record_eval(
         state["bad_evals"] += 1
         if params.early_stopping_patience and state["bad_evals"] >= params.early_stopping_patience:
             state["stopped_early"] = True
-
-
-def batched(indices: torch.Tensor | range, size: int) -> Iterator[list[int]]:
-    items = list(indices)
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

@@ -37,7 +37,7 @@ def lineage_tags(params: Params, task: str, candidate: Path, raw: Path) -> dict[
         "dataset": spec.dataset,
         "dataset.test_sha256": manifest["test_sha256"],
         "dataset.source_sha256": manifest["source"]["sha256"],
-        **{key: value for key, value in tracking.dvc_lineage(f"promote@{task}").items()},
+        **tracking.dvc_lineage(f"promote@{task}"),
         **tracking.dvc_lineage(f"finetune@{task}"),
     }
     if best.get("tuned"):
