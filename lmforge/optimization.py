@@ -24,7 +24,9 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def storage_url(params: OptimizeParams) -> str:
-    return os.environ.get(STORAGE_ENV) or params.storage or f"sqlite:///{Path('optuna.db').resolve()}"
+    url = os.environ.get(STORAGE_ENV) or params.storage or f"sqlite:///{Path('optuna.db').resolve()}"
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the driver installed here is psycopg2.
+    return "postgresql+psycopg2://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
 
 
 def open_study(params: OptimizeParams, study_name: str) -> optuna.Study:

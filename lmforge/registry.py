@@ -136,13 +136,20 @@ def promotion_lock(name: str) -> Iterator[None]:
     if url:
         import psycopg2
 
+        key = f"lmforge-promote:{name}"
         connection = psycopg2.connect(url)
+        connection.autocommit = True
         try:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_lock(hashtext(%s))", (f"lmforge-promote:{name}",))
-            yield
+                cursor.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+            try:
+                yield
+            finally:
+                # Unlock explicitly: a closed session frees its locks only once the server notices.
+                with connection.cursor() as cursor:
+                    cursor.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
         finally:
-            connection.close()  # closing the session releases the advisory lock
+            connection.close()
         return
     from filelock import FileLock
 

@@ -106,7 +106,7 @@ def work_on_study(params: Params, task: str, paths: TrialPaths, n_trials: int) -
 
 
 def spawn_workers(count: int, task: str, paths: TrialPaths, study_run_id: str) -> list[subprocess.Popen]:
-    """`count` more processes working on the same study (their trial runs nest under the study's run)."""
+    """`count` processes working on the same study (their trial runs nest under the study's run)."""
     command = [sys.executable, "-m", "stages.optimize", "--worker", "--task", task, "--params", str(paths.params),
                "--raw", str(paths.raw), "--processed", str(paths.processed), "--pretrained", str(paths.pretrained),
                "--work", str(paths.work)]  # fmt: skip
@@ -120,12 +120,16 @@ def run_study(params: Params, task: str, paths: TrialPaths, n_trials: int) -> tu
                             task=task) as parent:  # fmt: skip
         name = study_name(params, task, paths.raw)
         mlflow.set_tags({"optuna.study": name, "optuna.storage": storage_url(params.optimize).split("://")[0]})
-        open_study(params.optimize, name)  # created once, before workers race to create it
-        workers = spawn_workers(params.optimize.workers - 1, task, paths, parent.info.run_id)
-        study = work_on_study(params, task, paths, n_trials)
-        codes = [worker.wait() for worker in workers]
-        if any(codes):
-            raise LmforgeError(f"optimize: {sum(1 for c in codes if c)} trial worker(s) failed (exit codes {codes})")
+        study = open_study(params.optimize, name)  # created once, before workers race to create it
+        if params.optimize.workers == 1:
+            work_on_study(params, task, paths, n_trials)
+        else:  # N worker processes that start together, so the trials spread over all of them
+            workers = spawn_workers(params.optimize.workers, task, paths, parent.info.run_id)
+            codes = [worker.wait() for worker in workers]
+            if any(codes):
+                raise LmforgeError(
+                    f"optimize: {sum(1 for c in codes if c)} trial worker(s) failed (exit codes {codes})"
+                )
         log_study(study)
     return study, parent.info.run_id
 

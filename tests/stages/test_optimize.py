@@ -108,7 +108,8 @@ def test_an_untuned_task_passes_its_fine_tuned_model_on(smoke_evaluated: SmokeRu
 def test_two_workers_share_one_postgresql_study_and_reach_n_trials_exactly(
     smoke_evaluated: SmokeRun, tmp_path: Path, postgres_url: str
 ):
-    params = tuning(smoke_evaluated, tmp_path, n_trials=4, workers=2, pruner="none", storage=postgres_url)
+    params = tuning(smoke_evaluated, tmp_path, n_trials=4, workers=2, pruner="none", storage=postgres_url,
+                    max_steps=40, eval_every=20)  # trials long enough for both workers to take some  # fmt: skip
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params_to_dict(params), allow_unicode=True, sort_keys=False))
     run = smoke_evaluated
