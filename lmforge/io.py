@@ -68,3 +68,13 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short hash of everything that defines a run: a checkpoint of another run is never resumed."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def files_sha256(folder: Path, *patterns: str) -> dict[str, str]:
+    """sha256 of the files in `folder` matching the glob patterns, by name: contents a run depends on."""
+    return {path.name: sha256_file(path) for pattern in patterns for path in sorted(folder.glob(pattern))}

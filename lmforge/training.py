@@ -10,8 +10,6 @@ epoch), the batch generator (masking, sentence pairs) and the global torch RNG (
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import sys
 import time
@@ -44,11 +42,6 @@ class TrainResult:
     tokens: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short hash of everything that defines a run: a checkpoint of another run is never resumed."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def pick_device() -> torch.device:

@@ -26,10 +26,10 @@ from lmforge.finetuning import (
     mean_loss,
     trainable_parameters,
 )
-from lmforge.io import atomic_output_dir, read_json, write_json, write_json_atomic
+from lmforge.io import atomic_output_dir, files_sha256, fingerprint, read_json, write_json, write_json_atomic
 from lmforge.models import count_parameters, resolve_base
 from lmforge.params import FinetuneParams, FinetuneTask, load_params
-from lmforge.training import fingerprint, pick_device, train
+from lmforge.training import pick_device, train
 
 
 def train_task(
@@ -52,7 +52,10 @@ def train_task(
     pad = tokenizer.pad_token_id
     resolved = {"task": name, **task.model_dump(), "base_resolved": base, "seed": seed, "dropout": dropout,
                 "labels": data.labels, "max_length": max_length}  # fmt: skip
-    run_id = fingerprint(resolved, manifest["files"])
+    # The base's weights and tokenizer too: after new data re-trains the base (or its vocabulary), a
+    # checkpoint fine-tuned from the old one must not be resumed.
+    base_files = files_sha256(Path(base), "*.safetensors", "tokenizer.json") if Path(base).is_dir() else {}
+    run_id = fingerprint(resolved, manifest["files"], base_files)
 
     def validation_loss(m: torch.nn.Module) -> float:
         loss = mean_loss(m, data.val, pad, training.batch_size)

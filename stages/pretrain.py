@@ -16,12 +16,12 @@ import mlflow
 
 from lmforge import tracking
 from lmforge.errors import LmforgeError, run_main
-from lmforge.io import atomic_output_dir, read_json, write_json, write_json_atomic
+from lmforge.io import atomic_output_dir, files_sha256, fingerprint, read_json, write_json, write_json_atomic
 from lmforge.models import build_pretrain_model, count_parameters
 from lmforge.params import PretrainParams, load_params
 from lmforge.pretraining import SpecialIds, batch_maker, validation_loss
 from lmforge.tokenization import read_blocks
-from lmforge.training import fingerprint, pick_device, train
+from lmforge.training import pick_device, train
 
 
 def special_ids(tokenizer: Any) -> SpecialIds:
@@ -55,7 +55,10 @@ def run(params: PretrainParams, name: str, processed: Path, out_dir: Path, check
     model = build_pretrain_model(arch, len(tokenizer), ids.pad, ids.cls, ids.sep, params.seed)
     make_batch = batch_maker(arch.objective, train_blocks, ids, params.mlm_probability)
     make_val_batch = batch_maker(arch.objective, val_blocks, ids, params.mlm_probability)
-    run_id = fingerprint(arch.model_dump(), training.model_dump(), params.seed, params.mlm_probability, meta)
+    # The token files and tokenizer themselves, not only their counts: a checkpoint trained on other
+    # tokens (a retrained tokenizer, new data of the same size) is never resumed.
+    inputs = files_sha256(processed / "pretrain", "*.bin") | files_sha256(processed / "tokenizer", "tokenizer.json")
+    run_id = fingerprint(arch.model_dump(), training.model_dump(), params.seed, params.mlm_probability, meta, inputs)
     resolved = {
         "model": name,
         **arch.model_dump(),

@@ -59,6 +59,28 @@ def test_local_model_folder_as_base_retokenizes_with_its_tokenizer(smoke_models:
     assert (tmp_path / "ck/tokenized/train.parquet").is_file()
 
 
+def test_a_checkpoint_of_another_base_is_never_resumed(smoke_models: SmokeRun, tmp_path: Path):
+    """New data re-trains the base; the fine-tune's checkpoints of the old base must not be resumed."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    pretrained = tmp_path / "pretrained"
+    shutil.copytree(smoke_models.root / "models/pretrained", pretrained)
+    params = smoke_task(smoke_models)
+    run = lambda out: finetune.run(params, "sentiment", smoke_models.raw, smoke_models.processed,  # noqa: E731
+                                   pretrained, tmp_path / out, tmp_path / "ck")  # fmt: skip
+    run("first")
+    again = run("again")  # same base, same data: the finished checkpoint is reused, nothing retrains
+    assert again["steps"] == 10
+    assert (tmp_path / "again/model.safetensors").read_bytes() == (tmp_path / "first/model.safetensors").read_bytes()
+
+    weights = pretrained / "encoder/model.safetensors"
+    save_file({name: tensor + 0.01 * torch.randn_like(tensor) for name, tensor in load_file(weights).items()},
+              str(weights), metadata={"format": "pt"})  # fmt: skip
+    run("new-base")
+    assert (tmp_path / "new-base/model.safetensors").read_bytes() != (tmp_path / "first/model.safetensors").read_bytes()
+
+
 def test_generation_from_an_encoder_fails_naming_the_key(smoke_models: SmokeRun, tmp_path: Path):
     data = params_to_dict(smoke_models.params)
     data["finetune"]["tasks"]["continuation"]["base"] = "pretrained:encoder"
