@@ -389,6 +389,11 @@ class OptimizeParams(Section):
         "LMFORGE_OPTUNA_STORAGE overrides it (credentials go there, never here)",
     )
     workers: int = Field(1, ge=1, le=64, description="trial processes working on one study at once")
+    worker_deployment: str | None = Field(
+        None,
+        description="Prefect deployment whose flow runs are the trial workers, on its work pool "
+        "(lmforge-trial-worker/lmforge-trial-worker in prefect.yaml); null: local processes",
+    )
     heartbeat_s: int = Field(10, ge=1, description="a running trial's heartbeat; a silent one is failed and retried")
     grace_s: int = Field(30, ge=2, description="seconds without a heartbeat before a trial counts as dead")
     search_space: SearchSpace = SearchSpace()

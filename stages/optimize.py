@@ -22,15 +22,13 @@ import optuna
 
 from lmforge import tracking
 from lmforge.errors import LmforgeError, run_main
-from lmforge.io import atomic_output_dir, read_json, write_json, write_json_atomic
+from lmforge.io import atomic_output_dir, fingerprint, read_json, write_json, write_json_atomic
 from lmforge.optimization import FINISHED, finished_trials, open_study, pruning_hook, storage_url, suggest
 from lmforge.params import Params, load_params
-from lmforge.training import fingerprint
-from stages import evaluate
-from stages.finetune import train_task
 
 ACTIVE = (*FINISHED, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
 STUDY_RUN_ENV = "LMFORGE_STUDY_RUN_ID"
+TRIAL_MODEL_ARTIFACT = "model"  # where a remote worker logs a completed trial's model in the trial's run
 
 
 class SlotTaken(Exception):
@@ -41,7 +39,7 @@ def study_name(params: Params, task: str, raw: Path) -> str:
     """Same task, search space and data -> same study, so a re-run continues it."""
     spec = params.finetune.tasks[task]
     space = params.optimize.model_dump(
-        exclude={"n_trials", "timeout_s", "storage", "heartbeat_s", "grace_s", "workers"}
+        exclude={"n_trials", "timeout_s", "storage", "heartbeat_s", "grace_s", "workers", "worker_deployment"}
     )
     files = read_json(raw / spec.dataset / "manifest.json")["files"]
     return f"lmforge-{task}-{fingerprint(spec.model_dump(), space, params.finetune.seed, files)}"
@@ -58,16 +56,19 @@ class TrialPaths:
     work: Path
 
 
-def work_on_study(params: Params, task: str, paths: TrialPaths, n_trials: int) -> optuna.Study:
-    """Run trials of the task's study until n_trials have finished, in this process.
+def work_on_study(study: optuna.Study, params: Params, task: str, paths: TrialPaths, n_trials: int,
+                  log_models: bool = False) -> list[int]:  # fmt: skip
+    """Run trials of the task's study until n_trials have finished, in this process; return the trials run here.
 
     Each trial is a nested MLflow run under the active run (the study's run). Any number of
     processes may do this at once against one storage: each trial first checks that it is within
-    the first n_trials live trials, so the count is reached exactly.
+    the first n_trials live trials, so the count is reached exactly. `log_models` also logs each
+    completed trial's model to its run, for workers whose disk the stage cannot read.
     """
+    from stages.finetune import train_task  # torch and transformers: only where trials train
+
     spec = params.finetune.tasks[task]
-    name = study_name(params, task, paths.raw)
-    study = open_study(params.optimize, name)
+    trained: list[int] = []
 
     def objective(trial: optuna.Trial) -> float:
         ranked = sorted(t.number for t in study.get_trials(deepcopy=False, states=ACTIVE))
@@ -76,7 +77,7 @@ def work_on_study(params: Params, task: str, paths: TrialPaths, n_trials: int) -
             raise SlotTaken(f"trial {trial.number}: n_trials={n_trials} already taken by other workers")
         updates, dropout = suggest(trial, params.optimize, spec)
         trial_dir = paths.work / f"trial-{trial.number:03d}"
-        tags = {"stage": "optimize", "task": task, "optuna.study": name, "optuna.trial": str(trial.number)}
+        tags = {"stage": "optimize", "task": task, "optuna.study": study.study_name, "optuna.trial": str(trial.number)}
         with mlflow.start_run(run_name=f"trial {trial.number}", nested=True, tags=tags) as run:
             mlflow.log_params({f"trial.{key}": value for key, value in trial.params.items()})
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
@@ -93,6 +94,9 @@ def work_on_study(params: Params, task: str, paths: TrialPaths, n_trials: int) -
                 mlflow.set_tag("optuna.state", "failed")
                 raise
             mlflow.set_tag("optuna.state", "complete")
+            if log_models:
+                mlflow.log_artifacts(str(trial_dir / "model"), TRIAL_MODEL_ARTIFACT)
+            trained.append(trial.number)
             return metrics["val_loss"]
 
     if finished_trials(study) < n_trials:
@@ -102,16 +106,33 @@ def work_on_study(params: Params, task: str, paths: TrialPaths, n_trials: int) -
             callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)],
             catch=(SlotTaken,),
         )
-    return study
+    return trained
 
 
-def spawn_workers(count: int, task: str, paths: TrialPaths, study_run_id: str) -> list[subprocess.Popen]:
-    """`count` processes working on the same study (their trial runs nest under the study's run)."""
+def run_worker_processes(count: int, task: str, paths: TrialPaths, study_run_id: str) -> None:
+    """`count` local processes working on the same study (their trial runs nest under the study's run)."""
     command = [sys.executable, "-m", "stages.optimize", "--worker", "--task", task, "--params", str(paths.params),
                "--raw", str(paths.raw), "--processed", str(paths.processed), "--pretrained", str(paths.pretrained),
                "--work", str(paths.work)]  # fmt: skip
     env = {**os.environ, STUDY_RUN_ENV: study_run_id}
-    return [subprocess.Popen(command, env=env) for _ in range(count)]
+    workers = [subprocess.Popen(command, env=env) for _ in range(count)]
+    codes = [worker.wait() for worker in workers]
+    if any(codes):
+        raise LmforgeError(f"optimize: {sum(1 for c in codes if c)} trial worker(s) failed (exit codes {codes})")
+
+
+def run_worker_flow_runs(deployment: str, count: int, task: str, paths: TrialPaths, study_run_id: str) -> None:
+    """`count` runs of the trial-worker deployment on its Prefect work pool (flows/trials.py)."""
+    from flows.trials import run_trial_workers
+
+    print(f"optimize: {count} runs of {deployment} wait for a worker on its pool (`prefect worker start --pool ...`)")
+    parameters = {"task": task, "study_run_id": study_run_id, "params_path": str(paths.params),
+                  "raw": str(paths.raw), "processed": str(paths.processed), "pretrained": str(paths.pretrained),
+                  "work": str(paths.work)}  # fmt: skip
+    states = run_trial_workers(deployment, count, parameters)
+    failed = {run: state for run, state in states.items() if state != "COMPLETED"}
+    if failed:
+        raise LmforgeError(f"optimize: {len(failed)} trial worker flow run(s) of {deployment} failed: {failed}")
 
 
 def run_study(params: Params, task: str, paths: TrialPaths, n_trials: int) -> tuple[optuna.Study, str]:
@@ -121,24 +142,35 @@ def run_study(params: Params, task: str, paths: TrialPaths, n_trials: int) -> tu
         name = study_name(params, task, paths.raw)
         mlflow.set_tags({"optuna.study": name, "optuna.storage": storage_url(params.optimize).split("://")[0]})
         study = open_study(params.optimize, name)  # created once, before workers race to create it
-        if params.optimize.workers == 1:
-            work_on_study(params, task, paths, n_trials)
+        workers, deployment = params.optimize.workers, params.optimize.worker_deployment
+        if deployment:
+            run_worker_flow_runs(deployment, workers, task, paths, parent.info.run_id)
+        elif workers == 1:
+            work_on_study(study, params, task, paths, n_trials)
         else:  # N worker processes that start together, so the trials spread over all of them
-            workers = spawn_workers(params.optimize.workers, task, paths, parent.info.run_id)
-            codes = [worker.wait() for worker in workers]
-            if any(codes):
-                raise LmforgeError(
-                    f"optimize: {sum(1 for c in codes if c)} trial worker(s) failed (exit codes {codes})"
-                )
+            run_worker_processes(workers, task, paths, parent.info.run_id)
         log_study(study)
     return study, parent.info.run_id
 
 
-def worker_main(params: Params, task: str, paths: TrialPaths) -> None:
+def worker_main(params: Params, task: str, paths: TrialPaths, log_models: bool = False) -> list[int]:
     """A trial worker: join the study run named by the environment and work until n_trials are done."""
     tracking.setup()
+    study = open_study(params.optimize, study_name(params, task, paths.raw))
     with mlflow.start_run(run_id=os.environ[STUDY_RUN_ENV]):
-        work_on_study(params, task, paths, params.optimize.n_trials.get(task, 0))
+        return work_on_study(study, params, task, paths, params.optimize.n_trials.get(task, 0), log_models)
+
+
+def trial_model(trial: optuna.trial.FrozenTrial, work_dir: Path) -> Path:
+    """The trial's model folder: where it was trained, or, for a worker elsewhere, from its MLflow run."""
+    trained_at = Path(trial.user_attrs["model_dir"])
+    if (trained_at / "model.safetensors").is_file():
+        return trained_at
+    target = work_dir / f"trial-{trial.number:03d}-from-mlflow"
+    if not (target / TRIAL_MODEL_ARTIFACT / "model.safetensors").is_file():
+        mlflow.artifacts.download_artifacts(run_id=trial.user_attrs["mlflow_run_id"],
+                                            artifact_path=TRIAL_MODEL_ARTIFACT, dst_path=str(target))  # fmt: skip
+    return target / TRIAL_MODEL_ARTIFACT
 
 
 def log_study(study: optuna.Study) -> None:
@@ -209,10 +241,12 @@ def run(params: Params, task: str, raw: Path, processed: Path, pretrained: Path,
             write_json(staging / "trials.json", trials_table(study))
         return summary
     with atomic_output_dir(candidate_dir) as staging:
-        shutil.copytree(best.user_attrs["model_dir"], staging, dirs_exist_ok=True)
+        shutil.copytree(trial_model(best, work_dir), staging, dirs_exist_ok=True)
         meta = read_json(staging / "lmforge_task.json")
         write_json(staging / "lmforge_task.json", {**meta, "optuna_study": study.study_name,
                                                    "optuna_trial": best.number})  # fmt: skip
+    from stages import evaluate
+
     with atomic_output_dir(out_dir) as staging:
         evaluate.run(params.evaluate, task, candidate_dir, raw, staging / "candidate")
         write_json(staging / "best_params.json", summary)

@@ -126,21 +126,32 @@ def clone_working_tree(root: Path, profile: str = "smoke") -> Path:
 
 
 @pytest.fixture
-def postgres_url() -> str:
-    """A fresh database on the PostgreSQL that runs on loopback here; dropped afterwards."""
+def postgres_databases():
+    """Makes fresh databases on the PostgreSQL that runs on loopback here; all dropped afterwards."""
     import uuid
 
     import psycopg2
 
-    admin = "postgresql://postgres@127.0.0.1:5432/postgres"
-    name = f"lmforge_test_{uuid.uuid4().hex[:8]}"
-    connection = psycopg2.connect(admin)
+    connection = psycopg2.connect("postgresql://postgres@127.0.0.1:5432/postgres")
     connection.autocommit = True
-    with connection.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
+    names: list[str] = []
+
+    def new_database() -> str:
+        names.append(f"lmforge_test_{uuid.uuid4().hex[:8]}")
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {names[-1]}")
+        return f"postgresql://postgres@127.0.0.1:5432/{names[-1]}"
+
     try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        yield new_database
     finally:
         with connection.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            for name in names:
+                cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         connection.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_databases) -> str:
+    """A fresh database on the PostgreSQL that runs on loopback here; dropped afterwards."""
+    return postgres_databases()

@@ -1,0 +1,114 @@
+"""Optuna trial workers as flow runs on a Prefect work pool, the way they run beyond one machine.
+
+Everything is real and nothing shares a Python process, as in infra/compose.yaml: a Prefect server
+(`prefect server start`) and an MLflow server (`mlflow server`, artifacts proxied) on PostgreSQL, the
+`local` process work pool, `prefect deploy` of prefect.yaml's lmforge-trial-worker, a `prefect worker`
+whose flow runs work in a checkout of their own, the Optuna study on PostgreSQL, and the optimize
+stage (`optimize.workers: 2`, `optimize.worker_deployment`) in another checkout.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from lmforge.optimization import FINISHED, open_study
+from lmforge.params import params_to_dict
+from tests.conftest import SmokeRun, clone_working_tree
+from tests.flows.test_pipeline_flow import api, free_port
+from tests.stages.test_optimize import tuning
+
+pytestmark = pytest.mark.slow
+
+INPUTS = ("data/raw", "data/processed", "models/pretrained", "models/finetuned", "reports/eval")
+
+
+def start(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("wb") as output:
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{' '.join(command)}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+    return result
+
+
+def test_trial_workers_run_as_flow_runs_on_a_work_pool(smoke_evaluated: SmokeRun, tmp_path: Path,
+                                                      postgres_databases, monkeypatch) -> None:  # fmt: skip
+    from flows.server import wait_until_healthy
+    from flows.trials import TRIAL_WORKER
+    from stages.optimize import trial_model
+
+    prefect_db, mlflow_db, optuna_db = postgres_databases(), postgres_databases(), postgres_databases()
+    params = tuning(smoke_evaluated, tmp_path, n_trials=4, workers=2, pruner="none", storage=None,
+                    max_steps=40, eval_every=20, worker_deployment=TRIAL_WORKER)  # fmt: skip
+    params_yaml = yaml.safe_dump(params_to_dict(params), allow_unicode=True, sort_keys=False)
+
+    # The stage's checkout reads the smoke run's inputs; the worker's has copies of its own.
+    stage_home, worker_home = tmp_path / "stage", clone_working_tree(tmp_path / "worker")
+    for home, place in ((stage_home, os.symlink), (worker_home, shutil.copytree)):
+        for relative in INPUTS:
+            (home / relative).parent.mkdir(parents=True, exist_ok=True)
+            place(smoke_evaluated.root / relative, home / relative)
+        (home / "params.yaml").write_text(params_yaml)
+
+    port, mlflow_port = free_port(), free_port()
+    python = [sys.executable, "-m"]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+               PREFECT_API_DATABASE_CONNECTION_URL=prefect_db.replace("postgresql://", "postgresql+asyncpg://"),
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2",
+               LMFORGE_OPTUNA_STORAGE=optuna_db, LMFORGE_HOME=str(worker_home),
+               MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
+    server = start([*python, "prefect", "server", "start", "--port", str(port)], tmp_path, env, tmp_path / "server.log")
+    tracking = start([*python, "mlflow", "server", "--backend-store-uri", mlflow_db, "--port", str(mlflow_port),
+                      "--artifacts-destination", (tmp_path / "artifacts").as_uri()], tmp_path, env,
+                     tmp_path / "mlflow.log")  # fmt: skip
+    worker = None
+    try:
+        wait_until_healthy(env["PREFECT_API_URL"], server, tmp_path / "server.log", timeout_s=180)
+        wait_until_healthy(env["MLFLOW_TRACKING_URI"], tracking, tmp_path / "mlflow.log", timeout_s=180)
+        run([*python, "prefect", "work-pool", "create", "local", "--type", "process"], worker_home, env)
+        run([*python, "prefect", "--no-prompt", "deploy", "--name", "lmforge-trial-worker"], worker_home, env)
+        worker = start([*python, "prefect", "worker", "start", "--pool", "local"], worker_home, env,
+                       tmp_path / "worker.log")  # fmt: skip
+
+        stage = subprocess.run([*python, "stages.optimize", "--params", "params.yaml", "--task", "sentiment"],
+                               cwd=stage_home, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert stage.returncode == 0, stage.stderr[-3000:]
+        runs = api(port, "POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["lmforge-trial-worker"]}}})
+        assert sorted(run["state_type"] for run in runs) == ["COMPLETED", "COMPLETED"]
+
+        study_name = yaml.safe_load((stage_home / "reports/optimize/sentiment/best_params.json").read_text())["study"]
+        trials = open_study(params.optimize.model_copy(update={"storage": optuna_db}), study_name).trials
+        finished = [t for t in trials if t.state in FINISHED]
+        assert len(finished) == 4 and len({t.number for t in finished}) == 4
+        assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+        assert len({t.user_attrs["worker_pid"] for t in finished}) == 2  # both flow runs trained trials
+
+        # The worker's disk is not the stage's: the best trial's model comes from its MLflow run.
+        best = min((t for t in finished if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
+        monkeypatch.chdir(tmp_path)  # where the trial's relative model folder does not exist
+        session_store = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        try:
+            fetched = trial_model(best, tmp_path / "fetch")
+        finally:
+            mlflow.set_tracking_uri(session_store)
+    finally:
+        for process in filter(None, (worker, server, tracking)):
+            process.terminate()
+            process.wait(timeout=60)
+    assert fetched.is_relative_to(tmp_path / "fetch")
+    trained = worker_home / best.user_attrs["model_dir"] / "model.safetensors"
+    assert (fetched / "model.safetensors").read_bytes() == trained.read_bytes()
