@@ -60,15 +60,20 @@ def test_first_model_needs_the_floor_then_becomes_champion(smoke_evaluated: Smok
     assert again["decision"] == "unchanged"
 
 
+def champion_by_hand(client, name: str, candidate: Path) -> str:
+    """Register a candidate without gating it and make it champion, as a user would in the MLflow UI."""
+    model = json.loads((candidate / "model.json").read_text())
+    version = str(registry.register(client, name, model["model_uri"], model["run_id"], {}).version)
+    client.set_registered_model_alias(name, "champion", version)
+    return version
+
+
 def test_candidate_is_compared_with_a_champion_set_by_hand(smoke_evaluated: SmokeRun, candidates):
     run = smoke_evaluated
     params = settings(run, "hand", floors={"sentiment": 0.0})
     first = promote.run(params, "sentiment", candidates["a"], run.raw, run.validation)
     client = registry.client()
-    # Register B without gating it, then make it champion by hand, as a user would in the MLflow UI.
-    model_b = json.loads((candidates["b"] / "model.json").read_text())
-    version_b = str(registry.register(client, "hand-sentiment", model_b["model_uri"], model_b["run_id"], {}).version)
-    client.set_registered_model_alias("hand-sentiment", "champion", version_b)
+    version_b = champion_by_hand(client, "hand-sentiment", candidates["b"])
     report = promote.gate_version(params, "sentiment", version_of(first), run.raw, run.validation)
     assert report["champion_before"] == version_b
     assert any("vs champion" in reason for reason in report["reasons"])
@@ -81,9 +86,7 @@ def test_rollback_returns_champion_to_the_one_before(smoke_evaluated: SmokeRun, 
     params = settings(run, "roll", floors={"sentiment": 0.0})
     first = promote.run(params, "sentiment", candidates["a"], run.raw, run.validation)
     client = registry.client()
-    model_b = json.loads((candidates["b"] / "model.json").read_text())
-    version_b = str(registry.register(client, "roll-sentiment", model_b["model_uri"], model_b["run_id"], {}).version)
-    client.set_registered_model_alias("roll-sentiment", "champion", version_b)  # by hand, in the UI
+    version_b = champion_by_hand(client, "roll-sentiment", candidates["b"])
     result = subprocess.run([sys.executable, "-m", "lmforge.cli", "rollback", "--task", "sentiment", "--params",
                              str(write_params(params, run.root / "roll.yaml"))], cwd=REPO, capture_output=True,
                             text=True)  # fmt: skip
