@@ -109,7 +109,7 @@ def ensure_gpu_limit(limit: int) -> None:
         client.create_concurrency_limit(tag="gpu", concurrency_limit=limit)
 
 
-def summary_markdown(results: list[dict[str, Any]], parent_run_id: str, reports: Path) -> str:
+def summary_markdown(results: list[dict[str, Any]], experiment_id: str, parent_run_id: str, reports: Path) -> str:
     lines = ["# lmforge pipeline", "", "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
     lines += [
@@ -128,12 +128,20 @@ def summary_markdown(results: list[dict[str, Any]], parent_run_id: str, reports:
     lines += ["", "## Promotion"]
     for path in sorted((reports / "promotion").glob("*.json")):
         report = json.loads(path.read_text())
-        lines += ["", f"**{report['registered_model']} v{report['version']}: {report['decision'].upper()}**", ""]
+        name, version = report["registered_model"], report["version"]
+        version_link = mlflow_link(f"models/{name}/versions/{version}", f"models:/{name}/{version}")
+        lines += ["", f"**{name} v{version}: {report['decision'].upper()}** ({version_link})", ""]
         lines += [f"- {reason}" for reason in report["reasons"]]
-    uri = tracking.tracking_uri()
-    link = f"{uri.rstrip('/')}/#/experiments/0/runs/{parent_run_id}" if uri.startswith("http") else parent_run_id
-    lines += ["", f"MLflow pipeline run: {link} (`mlflow ui --backend-store-uri {uri}` for a local store)"]
+    run_link = mlflow_link(f"experiments/{experiment_id}/runs/{parent_run_id}", f"run {parent_run_id}")
+    lines += ["", f"MLflow pipeline run: {run_link} (`mlflow ui --backend-store-uri {tracking.tracking_uri()}` "
+              "for a local store)"]  # fmt: skip
     return "\n".join(lines)
+
+
+def mlflow_link(ui_path: str, otherwise: str) -> str:
+    """A link into the MLflow UI when the tracking store is a server; the plain reference otherwise."""
+    uri = tracking.tracking_uri()
+    return f"[{otherwise}]({uri.rstrip('/')}/#/{ui_path})" if uri.startswith("http") else f"`{otherwise}`"
 
 
 @flow(name="lmforge-pipeline", log_prints=True)
@@ -159,7 +167,7 @@ def pipeline(params_path: str = "params.yaml", reports_dir: str = "reports",
     finally:
         failed = len(results) < len(dag_stages())
         client.set_terminated(parent.info.run_id, status="FAILED" if failed else "FINISHED")
-        create_markdown_artifact(summary_markdown(results, parent.info.run_id, Path(reports_dir)),
+        create_markdown_artifact(summary_markdown(results, experiment_id, parent.info.run_id, Path(reports_dir)),
                                  key="lmforge-pipeline-summary", description="stages, metrics, promotion")  # fmt: skip
     return results
 

@@ -82,7 +82,8 @@ def run_pipeline(
         fail(LmforgeError(f"--engine: {engine!r} is neither prefect nor dvc"))
     status(Path("reports"))
     typer.echo(
-        "Prefect UI: prefect server start (then http://127.0.0.1:4200; set PREFECT_API_URL to record runs there)"
+        "Prefect UI: prefect server start, then http://127.0.0.1:4200 (it serves the database these runs went to, "
+        "$PREFECT_HOME/prefect.db, unless PREFECT_API_URL named another server)"
     )
 
 
