@@ -33,14 +33,14 @@ def wait_until_healthy(api_url: str, process: subprocess.Popen, log: Path, timeo
     while time.monotonic() < deadline:
         if process.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-            raise LmforgeError(f"prefect server exited with {process.returncode}: {tail[0]} (log: {log})")
+            raise LmforgeError(f"the server for {api_url} exited with {process.returncode}: {tail[0]} (log: {log})")
         try:
             if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise LmforgeError(f"prefect server did not answer at {api_url} within {timeout_s:.0f}s (log: {log})")
+    raise LmforgeError(f"the server for {api_url} did not answer within {timeout_s:.0f}s (log: {log})")
 
 
 @contextmanager

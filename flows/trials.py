@@ -42,9 +42,11 @@ def trial_worker(task: str, study_run_id: str, params_path: str = "params.yaml",
     return len(trained)
 
 
-def run_trial_workers(deployment: str, count: int, parameters: dict[str, Any], poll_s: float = 2.0,
-                      timeout_s: float | None = None) -> dict[str, str]:  # fmt: skip
-    """Create `count` runs of the trial-worker deployment, wait for all; return flow-run id -> final state."""
+def run_trial_workers(deployment: str, count: int, parameters: dict[str, Any], poll_s: float = 2.0) -> dict[str, str]:
+    """Create `count` runs of the trial-worker deployment, wait for all; return flow-run id -> final state.
+
+    No deadline of its own: the flow's per-stage timeout (orchestrate.timeouts_s.optimize) bounds it.
+    """
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
@@ -57,15 +59,12 @@ def run_trial_workers(deployment: str, count: int, parameters: dict[str, Any], p
         raise LmforgeError(f"optimize.worker_deployment: no deployment {deployment!r} on the Prefect API at "
                            f"{api_url}; `prefect deploy` it first") from None  # fmt: skip
     states: dict[str, str] = {}
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     with get_client(sync_client=True) as client:
-        while len(states) < len(runs):
+        while True:
             for run in runs:
                 state = client.read_flow_run(run.id).state
                 if state is not None and state.type.value in FINAL_STATES:
                     states[str(run.id)] = state.type.value
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            if len(states) < len(runs):
-                time.sleep(poll_s)
-    return states
+            if len(states) == len(runs):
+                return states
+            time.sleep(poll_s)

@@ -9,6 +9,7 @@ study's run. With `optimize.n_trials.<task>: 0` the fine-tuned model is the cand
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ import optuna
 
 from lmforge import tracking
 from lmforge.errors import LmforgeError, run_main
-from lmforge.io import atomic_output_dir, fingerprint, read_json, write_json, write_json_atomic
+from lmforge.io import atomic_output_dir, fingerprint, read_json, sha256_file, write_json, write_json_atomic
 from lmforge.optimization import FINISHED, finished_trials, open_study, pruning_hook, storage_url, suggest
 from lmforge.params import Params, load_params
 
@@ -94,6 +95,7 @@ def work_on_study(study: optuna.Study, params: Params, task: str, paths: TrialPa
                 mlflow.set_tag("optuna.state", "failed")
                 raise
             mlflow.set_tag("optuna.state", "complete")
+            trial.set_user_attr("model_sha256", sha256_file(trial_dir / "model" / "model.safetensors"))
             if log_models:
                 mlflow.log_artifacts(str(trial_dir / "model"), TRIAL_MODEL_ARTIFACT)
             trained.append(trial.number)
@@ -162,14 +164,28 @@ def worker_main(params: Params, task: str, paths: TrialPaths, log_models: bool =
 
 
 def trial_model(trial: optuna.trial.FrozenTrial, work_dir: Path) -> Path:
-    """The trial's model folder: where it was trained, or, for a worker elsewhere, from its MLflow run."""
+    """The trial's model folder: where it was trained, or, for a worker elsewhere, from its MLflow run.
+
+    A local folder counts only if its weights are the trial's own (by sha256): trial folders are
+    named by number, so one here may hold another study's trial of the same number.
+    """
+
+    def holds_the_trial(folder: Path) -> bool:
+        weights, expected = folder / "model.safetensors", trial.user_attrs.get("model_sha256")
+        return weights.is_file() and expected in (None, sha256_file(weights))  # None: a trial from before the hash
+
     trained_at = Path(trial.user_attrs["model_dir"])
-    if (trained_at / "model.safetensors").is_file():
+    if holds_the_trial(trained_at):
         return trained_at
     target = work_dir / f"trial-{trial.number:03d}-from-mlflow"
-    if not (target / TRIAL_MODEL_ARTIFACT / "model.safetensors").is_file():
+    shutil.rmtree(target, ignore_errors=True)
+    with contextlib.suppress(Exception):  # not logged (a local worker's trial): reported below
         mlflow.artifacts.download_artifacts(run_id=trial.user_attrs["mlflow_run_id"],
                                             artifact_path=TRIAL_MODEL_ARTIFACT, dst_path=str(target))  # fmt: skip
+    if not holds_the_trial(target / TRIAL_MODEL_ARTIFACT):
+        run_id = trial.user_attrs["mlflow_run_id"]
+        raise LmforgeError(f"optimize: the model of trial {trial.number} is neither in {trained_at} nor in its "
+                           f"MLflow run {run_id} (only flow-run workers log their models)")  # fmt: skip
     return target / TRIAL_MODEL_ARTIFACT
 
 

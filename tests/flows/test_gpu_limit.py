@@ -17,7 +17,7 @@ import pytest
 
 from tests.conftest import REPO, sh
 
-STAGE_SECONDS = 6
+STAGE_SECONDS = 10  # long enough that two workers started together overlap
 RECORD_SPAN = (
     f"import json, time; s = time.time(); time.sleep({STAGE_SECONDS}); "
     "json.dump([s, time.time()], open('span.json', 'w'))"
