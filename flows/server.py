@@ -76,3 +76,24 @@ def prefect_api(port: int = 4200, host: str = "127.0.0.1", startup_timeout_s: fl
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@contextmanager
+def ephemeral_api_settings() -> Iterator[None]:
+    """Settings under which Prefect's ephemeral API (no PREFECT_API_URL) also starts on a new machine.
+
+    Its first start migrates a new $PREFECT_HOME/prefect.db, which takes longer than Prefect's 20 s
+    startup timeout on 2 cores ("Timed out while attempting to connect to ephemeral Prefect API
+    server"); its telemetry, which cannot reach the internet here, fights the migration for the
+    SQLite lock. A setting the user made in the environment wins.
+    """
+    from prefect.settings import (
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        temporary_settings,
+    )
+
+    defaults = {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 300, PREFECT_SERVER_ANALYTICS_ENABLED: False}
+    with temporary_settings(updates={setting: value for setting, value in defaults.items()
+                                     if setting.name not in os.environ}):  # fmt: skip
+        yield

@@ -67,8 +67,10 @@ def run_pipeline(
     """
     if engine == "prefect":
         from flows.pipeline import dag_stages, pipeline
+        from flows.server import ephemeral_api_settings
 
-        state = pipeline(force_stages=dag_stages() if force else [], return_state=True)
+        with ephemeral_api_settings():
+            state = pipeline(force_stages=dag_stages() if force else [], return_state=True)
         if not state.is_completed():
             typer.echo(f"error: the pipeline flow failed: {state.message}", err=True)
             raise typer.Exit(1)
