@@ -172,7 +172,9 @@ def trial_model(trial: optuna.trial.FrozenTrial, work_dir: Path) -> Path:
 
     def holds_the_trial(folder: Path) -> bool:
         weights, expected = folder / "model.safetensors", trial.user_attrs.get("model_sha256")
-        return weights.is_file() and expected in (None, sha256_file(weights))  # None: a trial from before the hash
+        if not weights.is_file():
+            return False
+        return expected is None or sha256_file(weights) == expected  # None: a trial from before the hash
 
     trained_at = Path(trial.user_attrs["model_dir"])
     if holds_the_trial(trained_at):

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from tests.conftest import clone_working_tree, sh
+from tests.flows.conftest import api, env_of_a_new_prefect_home, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -103,22 +104,6 @@ def test_retrain_runs_only_when_a_source_moved(clone: Path, harness, monkeypatch
     assert raw_data_md5(clone) == raw_data_md5_before  # reports/ingest.json (timings) is all that changed
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def api(port: int, method: str, path: str, body: dict | None = None):
-    import httpx
-
-    response = httpx.request(method, f"http://127.0.0.1:{port}/api{path}", json=body, timeout=10)
-    response.raise_for_status()
-    return response.json()
-
-
 def wait_for(condition, timeout_s: float, what: str):
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -134,16 +119,16 @@ def wait_for(condition, timeout_s: float, what: str):
 def test_serve_keeps_the_schedule_on_a_server_of_its_own(clone: Path, tmp_path: Path):
     """No PREFECT_API_URL: `--serve` starts a Prefect server (with a scheduler), registers the cron
     deployment, the scheduler books its runs, and a run triggered now is executed by the served process."""
-    import os
     import signal
     import subprocess
     import sys
 
+    from flows.server import port_is_free
+
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_RUNNER_POLL_FREQUENCY="2",
-               PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false")  # fmt: skip
+    env = env_of_a_new_prefect_home(tmp_path / "prefect", PREFECT_RUNNER_POLL_FREQUENCY="2",
+                                    PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS="2",
+                                    PREFECT_SERVER_ANALYTICS_ENABLED="false")  # fmt: skip
     server = subprocess.Popen([sys.executable, "-m", "flows.retrain", "--serve", "--port", str(port)], cwd=clone,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
@@ -167,13 +152,7 @@ def test_serve_keeps_the_schedule_on_a_server_of_its_own(clone: Path, tmp_path: 
         server.send_signal(signal.SIGINT)
         output = server.communicate(timeout=60)[0]
     assert f"serving lmforge-retrain on http://127.0.0.1:{port}/api" in output
-    assert wait_for(lambda: port_closed(port), 30, "the server to stop")
-
-
-def port_closed(port: int) -> bool:
-    from flows.server import port_is_free
-
-    return port_is_free("127.0.0.1", port)
+    assert wait_for(lambda: port_is_free("127.0.0.1", port), 30, "the server to stop")
 
 
 def raw_data_md5(clone: Path) -> str:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.conftest import REPO
+from tests.flows.conftest import env_of_a_new_prefect_home
 
 FIRST_FLOW_RUN = """
 from prefect import flow
@@ -25,8 +25,7 @@ with ephemeral_api_settings():
 def test_a_flow_runs_on_a_new_prefect_home(tmp_path: Path):
     """`make run` on a machine that never ran Prefect: the new database's migrations take longer than
     Prefect's 20 s default startup timeout on 2 cores; under ephemeral_api_settings the run completes."""
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "new-prefect-home"), PYTHONPATH=str(REPO))
+    env = env_of_a_new_prefect_home(tmp_path / "new-prefect-home", PYTHONPATH=str(REPO))
     result = subprocess.run([sys.executable, "-c", FIRST_FLOW_RUN], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]

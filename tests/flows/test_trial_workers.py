@@ -23,7 +23,7 @@ import yaml
 from lmforge.optimization import FINISHED, open_study
 from lmforge.params import params_to_dict
 from tests.conftest import SmokeRun, clone_working_tree
-from tests.flows.test_pipeline_flow import api, free_port
+from tests.flows.conftest import api, env_of_a_new_prefect_home, free_port
 from tests.stages.test_optimize import tuning
 
 pytestmark = pytest.mark.slow
@@ -63,13 +63,14 @@ def test_trial_workers_run_as_flow_runs_on_a_work_pool(smoke_evaluated: SmokeRun
 
     port, mlflow_port = free_port(), free_port()
     python = [sys.executable, "-m"]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
-               PREFECT_API_DATABASE_CONNECTION_URL=prefect_db.replace("postgresql://", "postgresql+asyncpg://"),
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2",
-               LMFORGE_OPTUNA_STORAGE=optuna_db, LMFORGE_HOME=str(worker_home),
-               MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
+    env = env_of_a_new_prefect_home(
+        tmp_path / "prefect", PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
+        PREFECT_API_DATABASE_CONNECTION_URL=prefect_db.replace("postgresql://", "postgresql+asyncpg://"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2",
+        LMFORGE_OPTUNA_STORAGE=optuna_db, LMFORGE_HOME=str(worker_home),
+        MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    )  # fmt: skip
     server = start([*python, "prefect", "server", "start", "--port", str(port)], tmp_path, env, tmp_path / "server.log")
     tracking = start([*python, "mlflow", "server", "--backend-store-uri", mlflow_db, "--port", str(mlflow_port),
                       "--artifacts-destination", (tmp_path / "artifacts").as_uri()], tmp_path, env,
