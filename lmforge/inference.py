@@ -6,11 +6,9 @@ lmforge_task.json, which says what kind of task it is and what its labels are.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +22,7 @@ from transformers import (
 )
 
 import lmforge.models  # noqa: F401  registers the LSTM with the Auto classes
+from lmforge.artifacts import TaskMeta
 
 AUTO_BY_KIND = {
     "classification": AutoModelForSequenceClassification,
@@ -40,25 +39,25 @@ CJK_GAP = re.compile(r"(?<=[\u3000-\u9fff\uf900-\ufaff\uff00-\uffef]) (?=[\u3000
 class TaskModel:
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    meta: dict[str, Any]
+    meta: TaskMeta
 
     @property
     def kind(self) -> str:
-        return self.meta["kind"]
+        return self.meta.kind
 
     @property
     def labels(self) -> list[str]:
-        return self.meta["labels"]
+        return self.meta.labels
 
     @property
     def max_length(self) -> int:
-        return int(self.meta["max_length"])
+        return self.meta.max_length
 
 
 def load_task_model(folder: Path) -> TaskModel:
     """Load weights from safetensors only (never a pickle) and put the model in eval mode."""
-    meta = json.loads((Path(folder) / "lmforge_task.json").read_text())
-    model = AUTO_BY_KIND[meta["kind"]].from_pretrained(str(folder), use_safetensors=True)
+    meta = TaskMeta.read(Path(folder) / "lmforge_task.json")
+    model = AUTO_BY_KIND[meta.kind].from_pretrained(str(folder), use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model.eval()
     return TaskModel(model, tokenizer, meta)

@@ -26,7 +26,7 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutput
 
 from lmforge.errors import LmforgeError
-from lmforge.params import ModelArchitecture
+from lmforge.schema import ModelArchitecture
 
 
 class LSTMConfig(PretrainedConfig):

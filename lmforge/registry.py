@@ -8,19 +8,18 @@ champion in order, so `lmforge rollback` can step back more than once.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from lmforge import tracking
+from lmforge.artifacts import EvalReport, PerExample, VersionRef
 from lmforge.errors import LmforgeError
 from lmforge.gate import Evidence
 
@@ -67,8 +66,7 @@ def evidence_of(mlflow_client: mlflow.MlflowClient, version: ModelVersion) -> Ev
         )
     with tempfile.TemporaryDirectory() as folder:
         local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="eval", dst_path=folder))
-        return Evidence(json.loads((local / "metrics.json").read_text()),
-                        json.loads((local / "per_example.json").read_text()))  # fmt: skip
+        return Evidence(EvalReport.read(local / "metrics.json"), PerExample.read(local / "per_example.json"))
 
 
 def champion_history(mlflow_client: mlflow.MlflowClient, name: str) -> list[str]:
@@ -161,7 +159,7 @@ def promotion_lock(name: str) -> Iterator[None]:
         yield
 
 
-def describe(version: ModelVersion | None) -> dict[str, Any] | None:
+def describe(version: ModelVersion | None) -> VersionRef | None:
     if version is None:
         return None
-    return {"version": str(version.version), "decision": version.tags.get("gate.decision"), "run_id": version.run_id}
+    return VersionRef(version=str(version.version), decision=version.tags.get("gate.decision"), run_id=version.run_id)

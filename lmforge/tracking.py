@@ -3,8 +3,9 @@
 Default store: a SQLite file in the repository (mlflow.db) with artifacts beside it (mlartifacts/);
 `MLFLOW_TRACKING_URI` points everything at a real server instead. Every stage run is a child of one
 pipeline run: the one named by `LMFORGE_PARENT_RUN_ID` (set by `lmforge run` and the Prefect flow),
-or else the latest pipeline run for this git commit and params.yaml, created when missing, so that
-the stages of one `dvc repro` sit together in the UI.
+or else the latest pipeline run for this git commit and params file (the `--params` the stage was
+given), created when missing, so that the stages of one `dvc repro` sit together in the UI. A stage
+run is named like its DVC stage and Prefect task: `finetune@sentiment`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import yaml
 
 EXPERIMENT = "lmforge"
 PARENT_ENV = "LMFORGE_PARENT_RUN_ID"
+PARAMS_ENV = "LMFORGE_PARAMS_FILE"  # set by the stage command line (lmforge/stage.py) to its --params
 SECRET_WORDS = ("password", "secret", "token", "key")  # never logged as params
 # MLflow's INFO lines would bury a stage's one-line error on stderr.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -98,7 +100,7 @@ def pipeline_parent(experiment_id: str) -> str:
 
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]
-    params_file = Path("params.yaml")
+    params_file = Path(os.environ.get(PARAMS_ENV, "params.yaml"))
     key = hashlib.sha256((git_commit() + (params_file.read_text() if params_file.exists() else "")).encode())
     key_hex = key.hexdigest()[:16]
     found = mlflow.search_runs(
@@ -122,17 +124,18 @@ def pipeline_parent(experiment_id: str) -> str:
 
 @contextmanager
 def stage_run(
-    stage: str, params: dict[str, Any], task: str | None = None, system_metrics: bool = True
+    stage: str, params: dict[str, Any], item: str | None = None, system_metrics: bool = True
 ) -> Iterator[Any]:
-    """A child run of the pipeline run, tagged stage / task / git commit / dvc lineage, with params."""
+    """A child run of the pipeline run named `stage@item`, tagged stage / item / git commit / dvc lineage."""
     import mlflow
 
     experiment_id = setup()
     parent = pipeline_parent(experiment_id)
-    tags = {"stage": stage, "git_commit": git_commit(), "params_digest": params_digest(params), **dvc_lineage(stage)}
-    if task:
-        tags["task"] = task
-    name = f"{stage}:{task}" if task else stage
+    name = f"{stage}@{item}" if item else stage
+    tags = {"stage": stage, "git_commit": git_commit(), "params_digest": params_digest(params), **dvc_lineage(name)}
+    if item:
+        tags["item"] = item
+        tags["task" if stage != "pretrain" else "model"] = item
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=name, parent_run_id=parent, tags=tags, log_system_metrics=system_metrics
     ) as run:

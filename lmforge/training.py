@@ -24,7 +24,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from lmforge.params import TrainingParams
+from lmforge.schema import TrainingParams
 
 BatchFn = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
 EvalFn = Callable[[nn.Module], float]

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from lmforge.params import Params, profile_params
+from lmforge.stage import dvc_commands, parse_command, roles, stage_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,6 +55,29 @@ def tree_digest(root: Path) -> dict[str, str]:
     }
 
 
+@functools.cache
+def _commands() -> dict[str, str]:
+    return dvc_commands(REPO)
+
+
+def paths_for(address: str, root: Path) -> Any:
+    """The paths dvc.yaml gives stage `address` (e.g. `finetune@sentiment`), moved under `root`."""
+    _, _, paths = parse_command(address, _commands()[address])
+    moved = {name: REPO if role == "base" else root / getattr(paths, name) for name, role in roles(type(paths)).items()}
+    return dataclasses.replace(paths, **moved)
+
+
+def run_in(address: str, params: Params, root: Path, **paths_overrides: Path) -> Any:
+    """Run a stage's core in this process as its command would, on dvc.yaml's layout under `root`."""
+    name, _, item = address.partition("@")
+    stage = stage_of(name)
+    paths = dataclasses.replace(paths_for(address, root), **paths_overrides)
+    report = stage.run(stage.section(params, item or None), paths)
+    if stage.write_report:
+        report.write(stage.report_file(paths))
+    return report
+
+
 @dataclass(frozen=True)
 class SmokeRun:
     root: Path
@@ -63,39 +90,27 @@ class SmokeRun:
 @pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory: pytest.TempPathFactory, smoke_params: Params) -> SmokeRun:
     """ingest -> validate -> preprocess on the bundled corpora with the smoke profile, in-process."""
-    from stages import ingest, preprocess, validate
-
     root = tmp_path_factory.mktemp("smoke")
-    raw, validation, processed = root / "data/raw", root / "reports/validation", root / "data/processed"
-    ingest.run(smoke_params.ingest, REPO, raw)
-    validate.run(smoke_params.validate_, raw, validation, root / "reports/validate.json")
-    preprocess.run(smoke_params.preprocess, raw, validation, processed)
-    return SmokeRun(root, raw, validation, processed, smoke_params)
+    for stage in ("ingest", "validate", "preprocess"):
+        run_in(stage, smoke_params, root)
+    return SmokeRun(root, root / "data/raw", root / "reports/validation", root / "data/processed", smoke_params)
 
 
 @pytest.fixture(scope="session")
 def smoke_models(smoke_run: SmokeRun) -> SmokeRun:
     """The smoke run, plus its pretrained encoder and decoder and its three fine-tuned task models."""
-    from stages import finetune, pretrain
-
-    root, params = smoke_run.root, smoke_run.params
-    for name in params.pretrain.models:
-        pretrain.run(params.pretrain, name, smoke_run.processed, root / "models/pretrained" / name,
-                     root / "checkpoints/pretrain" / name)  # fmt: skip
-    for task in params.finetune.tasks:
-        finetune.run(params.finetune, task, smoke_run.raw, smoke_run.processed, root / "models/pretrained",
-                     root / "models/finetuned" / task, root / "checkpoints/finetune" / task)  # fmt: skip
+    for name in smoke_run.params.pretrain.models:
+        run_in(f"pretrain@{name}", smoke_run.params, smoke_run.root)
+    for task in smoke_run.params.finetune.tasks:
+        run_in(f"finetune@{task}", smoke_run.params, smoke_run.root)
     return smoke_run
 
 
 @pytest.fixture(scope="session")
 def smoke_evaluated(smoke_models: SmokeRun) -> SmokeRun:
-    """The smoke models, each scored on its test split (reports/eval/<task>) and logged to MLflow."""
-    from stages import evaluate
-
+    """The smoke models, each scored on its test split (reports/evaluate/<task>) and logged to MLflow."""
     for task in smoke_models.params.finetune.tasks:
-        evaluate.run(smoke_models.params.evaluate, task, smoke_models.root / "models/finetuned" / task,
-                     smoke_models.raw, smoke_models.root / "reports/eval" / task)  # fmt: skip
+        run_in(f"evaluate@{task}", smoke_models.params, smoke_models.root)
     return smoke_models
 
 

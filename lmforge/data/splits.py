@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmforge.io import sha256_file, sha256_text
-from lmforge.params import DatasetSpec, SplitFractions
+from lmforge.schema import DatasetSpec, SplitFractions
 
 SPLITS = ("train", "val", "test")
 

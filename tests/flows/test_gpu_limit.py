@@ -34,7 +34,7 @@ WORKER = """
 import os
 from prefect import flow
 from flows.pipeline import stage_task
-from lmforge.params import OrchestrateParams
+from lmforge.schema import OrchestrateParams
 
 @flow(name="gpu-limit-worker")
 def one_training_stage():

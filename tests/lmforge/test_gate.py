@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import f1_score
 
 from lmforge.gate import Evidence, decide, paired_bootstrap
-from lmforge.params import PromoteParams
+from lmforge.schema import PromoteParams
 
 N = 400
 Y_TRUE = np.arange(N) % 2

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from lmforge.params import TokenizerParams
+from lmforge.schema import TokenizerParams
 from lmforge.tokenization import (
     CLS,
     IGNORE_INDEX,

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from lmforge.params import TrainingParams
+from lmforge.schema import TrainingParams
 from lmforge.training import make_scheduler, train
 
 

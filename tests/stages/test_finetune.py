@@ -10,8 +10,7 @@ from safetensors import safe_open
 
 from lmforge.errors import LmforgeError
 from lmforge.params import params_to_dict
-from stages import finetune
-from tests.conftest import SmokeRun, run_stage
+from tests.conftest import SmokeRun, run_in, run_stage
 
 
 def tensor_names(folder: Path) -> set[str]:
@@ -36,14 +35,21 @@ def smoke_task(smoke_models: SmokeRun, **changes) -> object:
     data["finetune"]["tasks"]["sentiment"].update(changes)
     from lmforge.params import parse_params
 
-    return parse_params(data).finetune
+    return parse_params(data)
+
+
+def finetune(smoke_models: SmokeRun, params: object, task: str, out: Path, checkpoints: Path,
+             pretrained: Path | None = None) -> object:  # fmt: skip
+    """finetune@task on the smoke run's data, writing to out and checkpoints."""
+    return run_in(f"finetune@{task}", params, smoke_models.root, out=out, checkpoints=checkpoints,  # type: ignore[arg-type]
+                  metrics=out.parent / f"{out.name}.json",
+                  pretrained=pretrained or smoke_models.root / "models/pretrained")  # fmt: skip
 
 
 def test_lora_trains_adapters_and_merges_them_into_a_plain_model(smoke_models: SmokeRun, tmp_path: Path):
     params = smoke_task(smoke_models, method="lora")
-    metrics = finetune.run(params, "sentiment", smoke_models.raw, smoke_models.processed,
-                           smoke_models.root / "models/pretrained", tmp_path / "lora", tmp_path / "ck")  # fmt: skip
-    assert metrics["steps"] == 10
+    report = finetune(smoke_models, params, "sentiment", tmp_path / "lora", tmp_path / "ck")
+    assert report.steps == 10
     names = tensor_names(tmp_path / "lora")
     assert not any("lora_" in name for name in names)  # merged: no peft needed to serve it
     assert names == tensor_names(smoke_models.root / "models/finetuned/sentiment")
@@ -53,8 +59,7 @@ def test_local_model_folder_as_base_retokenizes_with_its_tokenizer(smoke_models:
     local = tmp_path / "my-bert"
     shutil.copytree(smoke_models.root / "models/pretrained/encoder", local)
     params = smoke_task(smoke_models, base=str(local))
-    finetune.run(params, "sentiment", smoke_models.raw, smoke_models.processed, tmp_path / "nowhere",
-                 tmp_path / "out", tmp_path / "ck")  # fmt: skip
+    finetune(smoke_models, params, "sentiment", tmp_path / "out", tmp_path / "ck", pretrained=tmp_path / "nowhere")
     assert json.loads((tmp_path / "out/lmforge_task.json").read_text())["base_resolved"] == str(local)
     assert (tmp_path / "ck/tokenized/train.parquet").is_file()
 
@@ -67,11 +72,10 @@ def test_a_checkpoint_of_another_base_is_never_resumed(smoke_models: SmokeRun, t
     pretrained = tmp_path / "pretrained"
     shutil.copytree(smoke_models.root / "models/pretrained", pretrained)
     params = smoke_task(smoke_models)
-    run = lambda out: finetune.run(params, "sentiment", smoke_models.raw, smoke_models.processed,  # noqa: E731
-                                   pretrained, tmp_path / out, tmp_path / "ck")  # fmt: skip
+    run = lambda out: finetune(smoke_models, params, "sentiment", tmp_path / out, tmp_path / "ck", pretrained)  # noqa: E731
     run("first")
     again = run("again")  # same base, same data: the finished checkpoint is reused, nothing retrains
-    assert again["steps"] == 10
+    assert again.steps == 10
     assert (tmp_path / "again/model.safetensors").read_bytes() == (tmp_path / "first/model.safetensors").read_bytes()
 
     weights = pretrained / "encoder/model.safetensors"
@@ -87,8 +91,7 @@ def test_generation_from_an_encoder_fails_naming_the_key(smoke_models: SmokeRun,
     from lmforge.params import parse_params
 
     with pytest.raises(LmforgeError, match=r"finetune.tasks.continuation.base: generation needs a decoder"):
-        finetune.run(parse_params(data).finetune, "continuation", smoke_models.raw, smoke_models.processed,
-                     smoke_models.root / "models/pretrained", tmp_path / "out", tmp_path / "ck")  # fmt: skip
+        finetune(smoke_models, parse_params(data), "continuation", tmp_path / "out", tmp_path / "ck")
 
 
 def cli(smoke_models: SmokeRun, tmp_path: Path, task: str, base: str | None = None, env: dict | None = None):
@@ -96,8 +99,9 @@ def cli(smoke_models: SmokeRun, tmp_path: Path, task: str, base: str | None = No
     if base is not None:
         data["finetune"]["tasks"]["sentiment"]["base"] = base
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
-    return run_stage("finetune", "--params", tmp_path / "params.yaml", "--task", task, "--raw", smoke_models.raw,
-                     "--processed", smoke_models.processed, "--pretrained", smoke_models.root / "models/pretrained",
+    dataset = smoke_models.raw / smoke_models.params.finetune.tasks["sentiment"].dataset
+    return run_stage("finetune", "--params", tmp_path / "params.yaml", "--task", task, "--dataset", dataset,
+                     "--tasks", smoke_models.processed / "tasks", "--pretrained", smoke_models.root / "models/pretrained",
                      "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--metrics", tmp_path / "m.json",
                      env=env)  # fmt: skip
 

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from lmforge.params import Params, params_to_dict
-from stages import ingest
+from lmforge import ingest
+from lmforge.ingest import IngestPaths
 from tests.conftest import REPO, SmokeRun, run_stage, tree_digest
 
 
@@ -25,7 +26,7 @@ def test_smoke_ingest_writes_splits_and_manifests(smoke_run: SmokeRun):
 
 
 def test_reingest_is_byte_identical(smoke_run: SmokeRun, smoke_params: Params, tmp_path: Path):
-    ingest.run(smoke_params.ingest, REPO, tmp_path / "raw")
+    ingest.run(smoke_params.ingest, IngestPaths(REPO, tmp_path / "raw", tmp_path / "ingest.json"))
     assert tree_digest(tmp_path / "raw") == tree_digest(smoke_run.raw)
 
 
@@ -134,7 +135,8 @@ def test_unknown_params_key_fails_before_touching_outputs(good_ingest):
     root, before = good_ingest
     params = root / "params.yaml"
     params.write_text(params.read_text() + "\nunknown_section: {a: 1}\n")
-    result = run_stage("ingest", "--params", params, "--root", root, "--out", root / "raw")
+    result = run_stage("ingest", "--params", params, "--root", root, "--out", root / "raw",
+                       "--metrics", root / "ingest.json")  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {params}: unknown_section: unknown key"
     assert tree_digest(root / "raw") == before

@@ -11,8 +11,8 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-
 from lmforge.optimization import FINISHED, open_study
+
 from lmforge.params import Params, deep_merge, params_to_dict, parse_params
 from stages import optimize
 from tests.conftest import REPO, SmokeRun

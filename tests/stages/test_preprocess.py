@@ -8,7 +8,8 @@ import pytest
 
 from lmforge.errors import DataError
 from lmforge.tokenization import read_blocks
-from stages import preprocess
+from lmforge import preprocess
+from lmforge.preprocess import PreprocessPaths
 from tests.conftest import SmokeRun
 
 
@@ -39,5 +40,5 @@ def test_preprocess_refuses_a_validation_report_of_another_test_split(smoke_run:
     out.mkdir()
     (out / "keep.txt").write_text("earlier output")
     with pytest.raises(DataError, match="validated a different test split"):
-        preprocess.run(smoke_run.params.preprocess, smoke_run.raw, validation, out)
+        preprocess.run(smoke_run.params.preprocess, PreprocessPaths(smoke_run.raw, validation, out, tmp_path / "m.json"))
     assert (out / "keep.txt").read_text() == "earlier output"  # written aside, never swapped in

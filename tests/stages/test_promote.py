@@ -11,8 +11,10 @@ import yaml
 
 from lmforge import registry
 from lmforge.params import Params, deep_merge, params_to_dict, parse_params
-from stages import evaluate, finetune, promote
-from tests.conftest import REPO, SmokeRun
+from lmforge import promote
+from lmforge.artifacts import PromotionReport
+from lmforge.promote import PromotePaths
+from tests.conftest import REPO, SmokeRun, run_in
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +24,19 @@ def candidates(smoke_evaluated: SmokeRun, tmp_path_factory: pytest.TempPathFacto
     params = parse_params(deep_merge(params_to_dict(smoke_evaluated.params), {
         "finetune": {"seed": 7, "tasks": {"sentiment": {"training": {"max_steps": 20, "learning_rate": 0.003}}}},
     }))  # fmt: skip
-    finetune.run(params.finetune, "sentiment", smoke_evaluated.raw, smoke_evaluated.processed,
-                 smoke_evaluated.root / "models/pretrained", root / "model_b", root / "ck")  # fmt: skip
-    evaluate.run(params.evaluate, "sentiment", root / "model_b", smoke_evaluated.raw, root / "b" / "candidate")
-    return {"a": smoke_evaluated.root / "reports/eval/sentiment", "b": root / "b" / "candidate"}
+    run_in("finetune@sentiment", params, smoke_evaluated.root, out=root / "model_b", checkpoints=root / "ck",
+           metrics=root / "model_b.json")  # fmt: skip
+    run_in("evaluate@sentiment", params, smoke_evaluated.root, model=root / "model_b", out=root / "b" / "candidate")
+    # As the optimize stage leaves them: reports/optimize/<task>/candidate holds the candidate's scores.
+    (root / "a").mkdir()
+    (root / "a" / "candidate").symlink_to(smoke_evaluated.root / "reports/evaluate/sentiment")
+    return {"a": root / "a", "b": root / "b"}
+
+
+def gate(params: Params, run: SmokeRun, optimized: Path) -> PromotionReport:
+    """promote@sentiment of the candidate in `optimized` (reports/optimize/<task>-like)."""
+    return promote.run(promote.section(params, "sentiment"), PromotePaths(
+        optimized, run.raw / "sentiment", run.validation / "sentiment.json", optimized / "report.json"))  # fmt: skip
 
 
 def settings(smoke_run: SmokeRun, prefix: str, **promote_params) -> Params:
@@ -33,36 +44,34 @@ def settings(smoke_run: SmokeRun, prefix: str, **promote_params) -> Params:
                                                                                   **promote_params}}))  # fmt: skip
 
 
-def version_of(report: dict) -> str:
-    return str(report["version"])
+def version_of(report: dict | PromotionReport) -> str:
+    return str(report.version if isinstance(report, dict) else report.version)
 
 
 def test_first_model_needs_the_floor_then_becomes_champion(smoke_evaluated: SmokeRun, candidates, tmp_path: Path):
     run = smoke_evaluated
     strict = settings(run, "floor", floors={"sentiment": 1.01})
-    failed = promote.run(strict, "sentiment", candidates["a"], run.raw, run.validation)
-    assert failed["decision"] == "fail" and failed["champion_after"] is None
-    assert any("misses the floor 1.01" in reason for reason in failed["reasons"])
+    failed = gate(strict, run, candidates["a"])
+    assert failed.decision == "fail" and failed.champion_after is None
+    assert any("misses the floor 1.01" in reason for reason in failed.reasons)
     client = registry.client()
     assert str(registry.alias_version(client, "floor-sentiment", "challenger").version) == version_of(failed)
 
-    passed = promote.run(settings(run, "floor", floors={"sentiment": 0.0}), "sentiment", candidates["a"], run.raw,
-                         run.validation)  # fmt: skip
-    assert passed["decision"] == "pass" and version_of(passed) == version_of(failed)  # same evaluation, same version
+    passed = gate(settings(run, "floor", floors={"sentiment": 0.0}), run, candidates["a"])
+    assert passed.decision == "pass" and version_of(passed) == version_of(failed)  # same evaluation, same version
     champion = registry.alias_version(client, "floor-sentiment", "champion")
     assert str(champion.version) == version_of(passed)
     assert champion.tags["gate.decision"] == "pass" and "floor" in champion.tags["gate.reasons"]
     assert champion.tags["dataset.test_sha256"] == json.loads((run.raw / "sentiment/manifest.json").read_text())[
         "test_sha256"]  # fmt: skip
     assert len(champion.tags["git_commit"]) >= 7
-    again = promote.run(settings(run, "floor", floors={"sentiment": 0.0}), "sentiment", candidates["a"], run.raw,
-                        run.validation)  # fmt: skip
-    assert again["decision"] == "unchanged"
+    again = gate(settings(run, "floor", floors={"sentiment": 0.0}), run, candidates["a"])
+    assert again.decision == "unchanged"
 
 
 def champion_by_hand(client, name: str, candidate: Path) -> str:
     """Register a candidate without gating it and make it champion, as a user would in the MLflow UI."""
-    model = json.loads((candidate / "model.json").read_text())
+    model = json.loads((candidate / "candidate" / "model.json").read_text())
     version = str(registry.register(client, name, model["model_uri"], model["run_id"], {}).version)
     client.set_registered_model_alias(name, "champion", version)
     return version
@@ -71,20 +80,21 @@ def champion_by_hand(client, name: str, candidate: Path) -> str:
 def test_candidate_is_compared_with_a_champion_set_by_hand(smoke_evaluated: SmokeRun, candidates):
     run = smoke_evaluated
     params = settings(run, "hand", floors={"sentiment": 0.0})
-    first = promote.run(params, "sentiment", candidates["a"], run.raw, run.validation)
+    first = gate(params, run, candidates["a"])
     client = registry.client()
     version_b = champion_by_hand(client, "hand-sentiment", candidates["b"])
-    report = promote.gate_version(params, "sentiment", version_of(first), run.raw, run.validation)
-    assert report["champion_before"] == version_b
-    assert any("vs champion" in reason for reason in report["reasons"])
+    report = promote.gate_version(promote.section(params, "sentiment"), version_of(first), run.raw / "sentiment",
+                                  run.validation / "sentiment.json")  # fmt: skip
+    assert report.champion_before == version_b
+    assert any("vs champion" in reason for reason in report.reasons)
     after = registry.alias_version(client, "hand-sentiment", "champion")
-    assert (str(after.version) == version_of(first)) == (report["decision"] == "pass")
+    assert (str(after.version) == version_of(first)) == (report.decision == "pass")
 
 
 def test_rollback_returns_champion_to_the_one_before(smoke_evaluated: SmokeRun, candidates):
     run = smoke_evaluated
     params = settings(run, "roll", floors={"sentiment": 0.0})
-    first = promote.run(params, "sentiment", candidates["a"], run.raw, run.validation)
+    first = gate(params, run, candidates["a"])
     client = registry.client()
     version_b = champion_by_hand(client, "roll-sentiment", candidates["b"])
     result = subprocess.run([sys.executable, "-m", "lmforge.cli", "rollback", "--task", "sentiment", "--params",
@@ -117,13 +127,13 @@ def test_two_promotions_at_once_never_crown_a_failed_version(smoke_evaluated: Sm
                 str(params_file),
                 "--task",
                 "sentiment",
-                "--candidate",
+                "--optimized",
                 str(candidates[label]),
-                "--raw",
-                str(run.raw),
+                "--dataset",
+                str(run.raw / "sentiment"),
                 "--validation",
-                str(run.validation),
-                "--out",
+                str(run.validation / "sentiment.json"),
+                "--report",
                 str(tmp_path / f"{label}.json"),
             ],
             cwd=REPO,

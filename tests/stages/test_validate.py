@@ -8,8 +8,10 @@ import pandas as pd
 import pytest
 
 from lmforge.errors import DataError, ValidationFailed
-from lmforge.params import ValidateParams
-from stages import preprocess, validate
+from lmforge.schema import ValidateParams
+from lmforge import preprocess, validate
+from lmforge.preprocess import PreprocessPaths
+from lmforge.validate import ValidatePaths
 from tests.conftest import SmokeRun, run_stage, tree_digest
 
 
@@ -42,7 +44,7 @@ def rewrite(raw: Path, dataset: str, split: str, change) -> None:
 def test_label_outside_declared_set_fails_naming_expectation_and_value(raw_copy: Path, tmp_path: Path):
     rewrite(raw_copy, "sentiment", "val", lambda f: f.assign(label=f["label"].where(f.index > 1, "neutral")))
     with pytest.raises(ValidationFailed) as caught:
-        validate.run(ValidateParams(), raw_copy, tmp_path / "validation", tmp_path / "validate.json")
+        validate.run(ValidateParams(), ValidatePaths(raw_copy, tmp_path / "validation", tmp_path / "validate.json"))
     message = str(caught.value)
     assert "dataset 'sentiment'" in message
     assert "expect_column_values_to_be_in_set(label)" in message and "'neutral'" in message
@@ -58,14 +60,14 @@ def test_leakage_between_splits_is_caught(raw_copy: Path, tmp_path: Path):
     leaked = pd.read_parquet(raw_copy / "sentiment" / "test.parquet")["text"].iloc[0]
     rewrite(raw_copy, "sentiment", "train", lambda f: f.assign(text=f["text"].where(f.index > 0, leaked)))
     with pytest.raises(ValidationFailed, match=r"expect_column_values_to_be_unique\(text\) in suite sentiment.leakage"):
-        validate.run(ValidateParams(), raw_copy, tmp_path / "validation", tmp_path / "validate.json")
+        validate.run(ValidateParams(), ValidatePaths(raw_copy, tmp_path / "validation", tmp_path / "validate.json"))
 
 
 def test_empty_text_and_class_imbalance_are_caught(raw_copy: Path, tmp_path: Path):
     rewrite(raw_copy, "sentiment", "test", lambda f: f.assign(text=f["text"].where(f.index > 0, "")))
     rewrite(raw_copy, "sentiment", "train", lambda f: f.assign(label="pos"))
     with pytest.raises(ValidationFailed):
-        validate.run(ValidateParams(), raw_copy, tmp_path / "validation", tmp_path / "validate.json")
+        validate.run(ValidateParams(), ValidatePaths(raw_copy, tmp_path / "validation", tmp_path / "validate.json"))
     report = json.loads((tmp_path / "validation" / "sentiment.json").read_text())
     failed = {(e["suite"], e["expectation"]) for e in report["expectations"] if not e["success"]}
     assert ("sentiment.rows", "expect_column_value_lengths_to_be_between") in failed
@@ -85,7 +87,7 @@ def test_tags_and_lengths_of_token_sequences(smoke_run: SmokeRun, tmp_path: Path
 
     rewrite(raw, "people_daily", "val", corrupt)
     with pytest.raises(ValidationFailed):
-        validate.run(ValidateParams(), raw, tmp_path / "validation", tmp_path / "validate.json")
+        validate.run(ValidateParams(), ValidatePaths(raw, tmp_path / "validation", tmp_path / "validate.json"))
     report = json.loads((tmp_path / "validation" / "people_daily.json").read_text())
     failed = {e["expectation"]: e for e in report["expectations"] if not e["success"]}
     assert failed["expect_column_values_to_be_in_set"]["examples"] == ["B-MISC"]
@@ -94,9 +96,9 @@ def test_tags_and_lengths_of_token_sequences(smoke_run: SmokeRun, tmp_path: Path
 
 def test_warn_mode_reports_and_goes_on(raw_copy: Path, tmp_path: Path):
     rewrite(raw_copy, "sentiment", "val", lambda f: f.assign(label=f["label"].where(f.index > 0, "neutral")))
-    reports = validate.run(ValidateParams(on_failure="warn"), raw_copy, tmp_path / "v", tmp_path / "validate.json")
-    assert not reports["sentiment"]["success"]
-    assert json.loads((tmp_path / "validate.json").read_text())["sentiment"]["failed"] == 1
+    reports = validate.run(ValidateParams(on_failure="warn"), ValidatePaths(raw_copy, tmp_path / "v", tmp_path / "validate.json"))
+    assert not reports.datasets["sentiment"].success
+    assert json.loads((tmp_path / "validate.json").read_text())["datasets"]["sentiment"]["failed"] == 1
 
 
 def test_stage_exit_code_and_one_line_on_failure(raw_copy: Path, tmp_path: Path):

@@ -15,7 +15,7 @@ from lmforge.data.sources import (
     words_to_bio,
 )
 from lmforge.errors import DataError
-from lmforge.params import DatasetSpec, HuggingFaceSource, LocalSource
+from lmforge.schema import DatasetSpec, HuggingFaceSource, LocalSource
 
 
 def local(task: str, path: str, **options) -> DatasetSpec:

@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 
 from lmforge.data.splits import in_corpus_val, split_indices
-from lmforge.params import SplitFractions
+from lmforge.schema import SplitFractions
 
 
 def test_stratified_split_is_complete_disjoint_seeded_and_keeps_class_shares():

@@ -1,4 +1,7 @@
-"""Great Expectations suites for an ingested dataset, and what their results mean for the pipeline.
+"""validate: data/raw/<dataset>/ -> reports/validation/<dataset>.json + Great Expectations Data Docs.
+
+With `validate.on_failure: fail` a broken expectation writes the reports, then exits 3 with one
+line naming the dataset, the expectation and a few offending values, so nothing downstream runs.
 
 Each dataset gets up to four suites, each run on a view of its splits:
 - `<dataset>.rows`     every row of every split: text present, length bounds, labels in the
@@ -20,8 +23,13 @@ from typing import Any
 
 import pandas as pd
 
+from lmforge.artifacts import ExpectationResult, Manifest, ValidateReport, ValidationReport, ValidationSummary
 from lmforge.data.splits import SPLITS
-from lmforge.params import ValidateParams
+from lmforge.errors import DataError, ValidationFailed
+from lmforge.io import atomic_output_dir
+from lmforge.params import Params
+from lmforge.schema import ValidateParams
+from lmforge.stage import Stage, dep, output
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no network here, and none wanted
 
@@ -55,18 +63,11 @@ class View:
     expectations: list[Any]
 
 
-def declared_labels(manifest: dict[str, Any], splits: dict[str, pd.DataFrame]) -> list[str]:
-    declared = manifest["labels"]["declared"]
-    if declared is not None:
-        return list(declared)
-    return sorted(manifest["labels"]["counts"]["train"])
-
-
-def build_views(manifest: dict[str, Any], splits: dict[str, pd.DataFrame], params: ValidateParams) -> list[View]:
+def build_views(manifest: Manifest, splits: dict[str, pd.DataFrame], params: ValidateParams) -> list[View]:
     """The views and expectations for one dataset (see the module docstring)."""
     import great_expectations.expectations as gxe
 
-    task = manifest["task"]
+    task = manifest.task
     rows = pd.concat([frame.assign(split=split) for split, frame in splits.items()], ignore_index=True)
     row_checks: list[Any] = [
         gxe.ExpectColumnValuesToNotBeNull(column="text"),
@@ -74,7 +75,7 @@ def build_views(manifest: dict[str, Any], splits: dict[str, pd.DataFrame], param
     ]
     views = []
     if task == "classification":
-        labels = declared_labels(manifest, splits)
+        labels = manifest.label_set()
         row_checks.append(gxe.ExpectColumnValuesToBeInSet(column="label", value_set=labels))
         train = splits["train"]["label"].value_counts(normalize=True)
         balance = pd.DataFrame({"label": train.index.astype(str), "train_fraction": train.to_numpy()})
@@ -103,7 +104,7 @@ def build_views(manifest: dict[str, Any], splits: dict[str, pd.DataFrame], param
             View(
                 "tags",
                 tags,
-                [gxe.ExpectColumnValuesToBeInSet(column="tag", value_set=declared_labels(manifest, splits))],
+                [gxe.ExpectColumnValuesToBeInSet(column="tag", value_set=manifest.label_set())],
             )
         )
     leakage = rows[["text", "split"]].drop_duplicates()
@@ -170,19 +171,17 @@ def load_splits(dataset_dir: Path) -> dict[str, pd.DataFrame]:
     return {split: pd.read_parquet(dataset_dir / f"{split}.parquet") for split in SPLITS}
 
 
-def summarize(
-    dataset: str, manifest: dict[str, Any], outcomes: list[Outcome], params: ValidateParams
-) -> dict[str, Any]:
+def summarize(dataset: str, manifest: Manifest, outcomes: list[Outcome], params: ValidateParams) -> ValidationReport:
     failed = [outcome for outcome in outcomes if not outcome.success]
-    return {
-        "dataset": dataset,
-        "success": not failed,
-        "on_failure": params.on_failure,
-        "test_sha256": manifest["test_sha256"],
-        "evaluated": len(outcomes),
-        "failed": len(failed),
-        "expectations": [asdict(outcome) for outcome in outcomes],
-    }
+    return ValidationReport(
+        dataset=dataset,
+        success=not failed,
+        on_failure=params.on_failure,
+        test_sha256=manifest.test_sha256,
+        evaluated=len(outcomes),
+        failed=len(failed),
+        expectations=[ExpectationResult(**asdict(outcome)) for outcome in outcomes],
+    )
 
 
 def failure_line(dataset: str, outcomes: list[Outcome]) -> str:
@@ -190,3 +189,61 @@ def failure_line(dataset: str, outcomes: list[Outcome]) -> str:
     failed = [outcome for outcome in outcomes if not outcome.success]
     more = f" (+{len(failed) - 1} more failed expectations)" if len(failed) > 1 else ""
     return f"validate: dataset {dataset!r}: {failed[0].describe()}{more}"
+
+
+@dataclass(frozen=True)
+class ValidatePaths:
+    raw: Path = dep("data/raw: the ingested datasets")
+    out: Path = output("reports/validation: a report and Data Docs per dataset")
+    metrics: Path = output("whether each dataset passed")
+
+
+def dataset_dirs(raw_dir: Path) -> list[Path]:
+    """Every ingested dataset: a folder of data/raw with a manifest (the corpus has no splits)."""
+    found = sorted(path.parent for path in raw_dir.glob("*/manifest.json") if path.parent.name != "corpus")
+    if not found:
+        raise DataError(f"{raw_dir}: no ingested datasets (run the ingest stage first)")
+    return found
+
+
+def run(params: ValidateParams, paths: ValidatePaths) -> ValidateReport:
+    """Validate every dataset; write reports; raise ValidationFailed when one fails and on_failure is fail.
+
+    The metrics file keeps, per dataset, whether it passed and how many expectations failed; it is
+    written before a failure is raised, so `dvc metrics show` says what failed.
+    """
+    reports: dict[str, ValidationReport] = {}
+    failures: list[str] = []
+    with atomic_output_dir(paths.out) as staging:
+        for dataset_dir in dataset_dirs(paths.raw):
+            dataset = dataset_dir.name
+            manifest = Manifest.of(dataset_dir)
+            views = build_views(manifest, load_splits(dataset_dir), params)
+            outcomes = run_suites(dataset, views, params, staging / "data_docs" / dataset)
+            report = summarize(dataset, manifest, outcomes, params)
+            report.write_into(staging / f"{dataset}.json")
+            reports[dataset] = report
+            if not report.success:
+                failures.append(failure_line(dataset, outcomes))
+    passed = ValidateReport(datasets={name: ValidationSummary(success=r.success, evaluated=r.evaluated, failed=r.failed)
+                                      for name, r in reports.items()})  # fmt: skip
+    passed.write(paths.metrics)
+    if failures and params.on_failure == "fail":
+        raise ValidationFailed(failures[0] + f"; see {paths.out}/")
+    for line in failures:
+        print(f"warning: {line} (validate.on_failure is warn)")
+    return passed
+
+
+def summary(report: ValidateReport, paths: ValidatePaths) -> str:
+    lines = [f"validate: {dataset}: {'passed' if r.success else 'FAILED'} {r.evaluated - r.failed}/{r.evaluated} "
+             "expectations" for dataset, r in report.datasets.items()]  # fmt: skip
+    return "\n".join([*lines, f"validate: reports and Data Docs in {paths.out}/"])
+
+
+def section(params: Params, item: str | None) -> ValidateParams:
+    return params.validate_
+
+
+STAGE = Stage("validate", ("validate",), section, ValidatePaths, run, summary, lambda paths: paths.metrics,
+              write_report=False)  # fmt: skip

@@ -1,4 +1,8 @@
-"""Fine-tuning data and models: sequence classification, token classification, generation.
+"""finetune: a base model + a task dataset -> models/finetuned/<task>/ (HF format, safetensors).
+
+Sequence classification, token classification or generation. The base is `pretrained:<name>`
+(models/pretrained/<name>), a local HF model folder, or a hub id. Full fine-tuning or LoRA (merged
+into the weights at the end, so the output is a plain model). Same checkpoints and resume as pretrain.
 
 Task examples are token-id lists. When the base model is one of ours (`pretrained:<name>`) they come
 straight from data/processed/tasks (same tokenizer); any other base brings its own tokenizer, so the
@@ -7,11 +11,13 @@ raw splits are tokenized again with it, by the same code preprocess uses.
 
 from __future__ import annotations
 
-import json
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import pyarrow.parquet as pq
 import torch
 from transformers import (
@@ -24,11 +30,30 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-import lmforge.models  # noqa: F401  registers the LSTM with the Auto classes
+from lmforge import tracking
+from lmforge.artifacts import FinetuneReport, Manifest, TaskLabels, TaskMeta
 from lmforge.errors import LmforgeError
-from lmforge.params import FinetuneTask
+from lmforge.io import atomic_output_dir, files_sha256, fingerprint, write_json
+from lmforge.models import count_parameters, resolve_base
+from lmforge.params import Params
+from lmforge.schema import FinetuneTask, Section
+from lmforge.stage import Stage, dep, item_of, output, scratch
 from lmforge.tokenization import IGNORE_INDEX, tokenize_split
-from lmforge.training import BatchFn
+from lmforge.training import BatchFn, pick_device, train
+
+
+@dataclass(frozen=True)
+class FinetunePaths:
+    dataset: Path = dep("data/raw/<dataset>: the task's splits and manifest")
+    tasks: Path = dep("data/processed/tasks: tokenized task datasets")
+    pretrained: Path = dep("models/pretrained: where pretrained:<name> bases are")
+    out: Path = output("models/finetuned/<task>: the model in HF format")
+    checkpoints: Path = scratch("checkpoints/finetune/<task>: resumable checkpoints")
+    metrics: Path = output("reports/finetune/<task>.json")
+
+
+# --- data and models ------------------------------------------------------------------------------
+
 
 ENCODER_ONLY = {"bert", "roberta", "albert", "distilbert", "electra", "ernie"}
 LORA_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "roberta": ["query", "value"]}
@@ -73,35 +98,34 @@ def generation_rows(raw_split: Path, tokenizer: PreTrainedTokenizerBase, prompt_
 
 
 def load_task_data(task: FinetuneTask, name: str, base_is_ours: bool, tokenizer: PreTrainedTokenizerBase,
-                   raw: Path, processed: Path, work_dir: Path, max_length: int) -> TaskData:  # fmt: skip
+                   dataset_dir: Path, tasks_dir: Path, work_dir: Path, max_length: int) -> TaskData:  # fmt: skip
     """Training and validation examples for the task, tokenized for this base model."""
     limits = {"train": task.training.max_train_samples, "val": task.training.max_eval_samples}
     if task.kind == "generation":
         return TaskData(
-            **{split: generation_rows(raw / task.dataset / f"{split}.parquet", tokenizer, task.prompt_chars,
+            **{split: generation_rows(dataset_dir / f"{split}.parquet", tokenizer, task.prompt_chars,
                                       max_length, limits[split]) for split in ("train", "val")},
             labels=[],
         )  # fmt: skip
-    task_dir = processed / "tasks" / task.dataset
+    task_dir = tasks_dir / task.dataset
     if not (task_dir / "labels.json").is_file():
         raise LmforgeError(f"finetune.tasks.{name}.dataset: {task_dir} holds no tokenized {task.dataset!r} data")
-    meta = json.loads((task_dir / "labels.json").read_text())
-    expected = {"classification": "classification", "token_classification": "token_classification"}[task.kind]
-    if meta["task"] != expected:
-        raise LmforgeError(f"finetune.tasks.{name}.kind: {task.kind} needs a {expected} dataset; "
-                           f"{task.dataset!r} is {meta['task']}")  # fmt: skip
+    meta = TaskLabels.read(task_dir / "labels.json")
+    if meta.task != task.kind:
+        raise LmforgeError(f"finetune.tasks.{name}.kind: {task.kind} needs a {task.kind} dataset; "
+                           f"{task.dataset!r} is {meta.task}")  # fmt: skip
     if not base_is_ours:  # another vocabulary: tokenize the raw splits with the base's own tokenizer
         backend = tokenizer.backend_tokenizer
         backend.enable_truncation(max_length=max_length)
         task_dir = work_dir / "tokenized"
         task_dir.mkdir(parents=True, exist_ok=True)
         for split in ("train", "val"):
-            tokenize_split(backend, meta["task"], raw / task.dataset / f"{split}.parquet",
-                           task_dir / f"{split}.parquet", meta["labels"], batch_size=1000)  # fmt: skip
+            tokenize_split(backend, meta.task, dataset_dir / f"{split}.parquet",
+                           task_dir / f"{split}.parquet", meta.labels, batch_size=1000)  # fmt: skip
     return TaskData(
         train=read_rows(task_dir / "train.parquet", limits["train"]),
         val=read_rows(task_dir / "val.parquet", limits["val"]),
-        labels=meta["labels"],
+        labels=meta.labels,
     )
 
 
@@ -197,3 +221,102 @@ def wrap_lora(model: PreTrainedModel, task: FinetuneTask, name: str) -> PreTrain
 
 def trainable_parameters(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[[float], None] | None = None,
+               dropout: float | None = None) -> FinetuneReport:  # fmt: skip
+    """Fine-tune the task and write the model to paths.out, logging to the active MLflow run.
+
+    `on_eval` sees every validation loss (the optimize stage prunes trials with it); `dropout`
+    overrides the base model's dropout (a tuned hyperparameter).
+    """
+    task, name, seed = params.task, params.name, params.seed
+    base = resolve_base(task.base, paths.pretrained, f"finetune.tasks.{name}.base")
+    tokenizer = load_tokenizer(base, f"finetune.tasks.{name}.base")
+    max_length = min(tokenizer.model_max_length, 4096)
+    base_is_ours = task.base.startswith("pretrained:")
+    data = load_task_data(task, name, base_is_ours, tokenizer, paths.dataset, paths.tasks, paths.checkpoints,
+                          max_length)  # fmt: skip
+    model = build_task_model(task, name, base, data.labels, tokenizer, seed, dropout)
+    manifest = Manifest.of(paths.dataset)
+    training = task.training
+    pad = tokenizer.pad_token_id
+    resolved = {"task": name, **task.model_dump(), "base_resolved": base, "seed": seed, "dropout": dropout,
+                "labels": data.labels, "max_length": max_length}  # fmt: skip
+    # The base's weights and tokenizer too: after new data re-trains the base (or its vocabulary), a
+    # checkpoint fine-tuned from the old one must not be resumed.
+    base_files = files_sha256(Path(base), "*.safetensors", "tokenizer.json") if Path(base).is_dir() else {}
+    run_fingerprint = fingerprint(resolved, manifest.files, base_files)
+
+    def validation_loss(m: torch.nn.Module) -> float:
+        loss = mean_loss(m, data.val, pad, training.batch_size)
+        if on_eval is not None:
+            on_eval(loss)
+        return loss
+
+    mlflow.log_params({"n_parameters": count_parameters(model), "trainable_parameters": trainable_parameters(model)})
+    result = train(
+        model, len(data.train), batch_maker(data.train, pad), validation_loss,
+        training, seed, paths.checkpoints, run_fingerprint,
+        log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
+        description=f"finetune {name} ({task.kind}, {task.method})", device=pick_device(),
+    )  # fmt: skip
+    if task.method == "lora":
+        model = model.merge_and_unload()  # a plain model: evaluate and serving need no peft
+    run = mlflow.active_run()
+    report = FinetuneReport(
+        val_loss=result.best_eval_loss,
+        val_perplexity=math.exp(min(result.best_eval_loss, 50)) if task.kind == "generation" else None,
+        steps=result.steps,
+        train_examples=len(data.train),
+        tokens_per_second=round(result.tokens / max(result.seconds, 1e-9)),
+        seconds=result.seconds,
+        stopped_early=result.stopped_early,
+        resumed_from_step=result.resumed_from_step,
+        mlflow_run_id=run.info.run_id if run else None,
+    )
+    mlflow.log_metrics({k: float(v) for k, v in report.data().items() if isinstance(v, int | float)})
+    with atomic_output_dir(paths.out) as staging:
+        model.to("cpu").save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        TaskMeta(**resolved, test_sha256=manifest.test_sha256,
+                 finetune_run_id=run.info.run_id if run else None).write_into(
+            staging / "lmforge_task.json"
+        )
+        write_json(staging / "history.json", result.history)
+    return report
+
+
+def run(params: FinetuneSection, paths: FinetunePaths) -> FinetuneReport:
+    """Fine-tune one task of finetune.tasks from its base, in its own MLflow stage run."""
+    task, name = params.task, params.name
+    # Fail on a bad base before an MLflow run opens, so the error stays one line on stderr.
+    key = f"finetune.tasks.{name}.base"
+    load_tokenizer(resolve_base(task.base, paths.pretrained, key), key)
+    with tracking.stage_run("finetune", {"task": name, **task.model_dump(), "seed": params.seed}, item=name):
+        return train_task(params, paths)
+
+
+def summary(report: FinetuneReport, paths: FinetunePaths) -> str:
+    return (f"finetune: val loss {report.val_loss:.3f} after {report.steps} steps ({report.tokens_per_second} "
+            f"tokens/s); wrote {paths.out}")  # fmt: skip
+
+
+class FinetuneSection(Section):
+    """What one finetune@<task> stage reads of params.yaml."""
+
+    name: str
+    seed: int
+    task: FinetuneTask
+
+
+def section(params: Params, item: str | None) -> FinetuneSection:
+    task = item_of(params.finetune.tasks, item, "finetune.tasks")
+    return FinetuneSection(name=str(item), seed=params.finetune.seed, task=task)
+
+
+STAGE = Stage("finetune", ("finetune.seed", "finetune.tasks.{item}"), section, FinetunePaths, run, summary,
+              lambda paths: paths.metrics, item="task")  # fmt: skip

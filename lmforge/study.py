@@ -17,7 +17,7 @@ import optuna
 from optuna.trial import TrialState
 
 from lmforge.errors import LmforgeError
-from lmforge.params import FinetuneTask, OptimizeParams
+from lmforge.schema import FinetuneTask, OptimizeParams
 
 STORAGE_ENV = "LMFORGE_OPTUNA_STORAGE"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

@@ -1,0 +1,350 @@
+"""The files stages pass to each other, as typed models: written and read through the same class.
+
+A stage never reads another stage's JSON by key: it reads `Manifest.read(path)`, `EvalReport.read(path)`
+and so on, so a renamed or missing field fails at once, naming the file, instead of as a KeyError
+three stages later. Each model writes exactly the JSON it reads (indented, key-sorted).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Self
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from lmforge.errors import DataError
+from lmforge.io import write_json, write_json_atomic
+from lmforge.schema import LoraParams, TrainingParams
+
+
+class Artifact(BaseModel):
+    """A JSON file one stage writes and another reads."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def read(cls, path: Path) -> Self:
+        """Read and check the file; a missing or malformed one is a one-line DataError naming it."""
+        try:
+            return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise DataError(f"{path}: not found (run the stage that writes it)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataError(f"{path}: not valid JSON ({error})") from None
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise DataError(f"{path}: {where}: {first['msg']} (written by another lmforge version?)") from None
+
+    def data(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def write(self, path: Path) -> None:
+        """Write through a temporary file and a rename."""
+        write_json_atomic(path, self.data())
+
+    def write_into(self, path: Path) -> None:
+        """Write into a folder that is itself being built atomically."""
+        write_json(path, self.data())
+
+
+# --- ingest ---------------------------------------------------------------------------------------
+
+
+class SourceInfo(Artifact):
+    kind: str
+    description: str
+    sha256: str  # of the source itself: flows/retrain.py compares it to see new data
+
+
+class LabelInfo(Artifact):
+    declared: list[str] | None
+    counts: dict[str, dict[str, int]]  # split -> label -> rows
+
+
+class Manifest(Artifact):
+    """data/raw/<dataset>/manifest.json: what ingest wrote, and the frozen test split's sha256."""
+
+    dataset: str
+    task: str  # the dataset's kind: classification, token_classification or corpus (ingest.datasets.<d>.task)
+    source: SourceInfo
+    seed: int
+    split_fractions: dict[str, float]
+    rows: dict[str, int]
+    labels: LabelInfo
+    files: dict[str, str]  # file name -> sha256
+    test_sha256: str
+
+    @classmethod
+    def of(cls, dataset_dir: Path) -> Manifest:
+        return cls.read(Path(dataset_dir) / "manifest.json")
+
+    def label_set(self) -> list[str]:
+        """The declared labels (or tags), or train's own when none were declared."""
+        if self.labels.declared is not None:
+            return list(self.labels.declared)
+        return sorted(self.labels.counts["train"])
+
+
+class CorpusManifest(Artifact):
+    """data/raw/corpus/manifest.json: the pretraining corpus, train splits only."""
+
+    documents: dict[str, dict[str, int]]  # side -> dataset -> documents
+    characters: dict[str, int]
+    val_fraction: float
+    files: dict[str, str]
+
+
+class IngestedDataset(Artifact):
+    rows: dict[str, int]
+    seconds: float
+
+
+class IngestReport(Artifact):
+    """reports/ingest.json."""
+
+    datasets: dict[str, IngestedDataset]
+    corpus: dict[str, dict[str, int]]
+
+
+# --- validate -------------------------------------------------------------------------------------
+
+
+class ExpectationResult(Artifact):
+    suite: str
+    expectation: str
+    column: str
+    success: bool
+    unexpected_count: int
+    element_count: int
+    examples: list[Any]
+
+
+class ValidationReport(Artifact):
+    """reports/validation/<dataset>.json: every expectation's result for one dataset."""
+
+    dataset: str
+    success: bool
+    on_failure: str
+    test_sha256: str  # the split it validated: preprocess and promote check it is still the frozen one
+    evaluated: int
+    failed: int
+    expectations: list[ExpectationResult]
+
+    def covers(self, manifest: Manifest) -> bool:
+        return self.test_sha256 == manifest.test_sha256
+
+
+class ValidationSummary(Artifact):
+    success: bool
+    evaluated: int
+    failed: int
+
+
+class ValidateReport(Artifact):
+    """reports/validate.json: per dataset, whether it passed."""
+
+    datasets: dict[str, ValidationSummary]
+
+
+# --- preprocess -----------------------------------------------------------------------------------
+
+
+class TaskLabels(Artifact):
+    """data/processed/tasks/<dataset>/labels.json: the label set the task data was tokenized with."""
+
+    task: str
+    labels: list[str]
+    test_sha256: str
+
+
+class PreprocessReport(Artifact):
+    """reports/preprocess.json and data/processed/stats.json."""
+
+    tokenizer: dict[str, Any]
+    pretrain: dict[str, dict[str, Any]]  # side -> packing stats (data/processed/pretrain/meta.json)
+    tasks: dict[str, dict[str, dict[str, Any]]]  # dataset -> split -> rows, tokens
+    seconds_tokenizer: float
+    seconds_pack: float
+    seconds: float
+    peak_rss_mb: float
+
+
+# --- pretrain and finetune ------------------------------------------------------------------------
+
+
+class PretrainReport(Artifact):
+    """reports/pretrain/<model>.json."""
+
+    val_loss: float
+    val_perplexity: float
+    steps: int
+    tokens: int
+    seconds: float
+    tokens_per_second: int
+    n_parameters: int
+    stopped_early: bool
+    resumed_from_step: int | None
+    mlflow_run_id: str
+
+
+class FinetuneReport(Artifact):
+    """reports/finetune/<task>.json."""
+
+    val_loss: float
+    val_perplexity: float | None = None  # generation only
+    steps: int
+    train_examples: int
+    tokens_per_second: int
+    seconds: float
+    stopped_early: bool
+    resumed_from_step: int | None
+    mlflow_run_id: str | None = None
+
+
+class TaskMeta(Artifact):
+    """models/finetuned/<task>/lmforge_task.json: the resolved config that travels with a task model."""
+
+    task: str
+    dataset: str
+    kind: str
+    base: str
+    method: str
+    lora: LoraParams
+    prompt_chars: int
+    training: TrainingParams
+    base_resolved: str
+    seed: int
+    dropout: float | None
+    labels: list[str]
+    max_length: int
+    test_sha256: str  # the frozen split when it was fine-tuned: evaluate refuses another
+    finetune_run_id: str | None
+    optuna_study: str | None = None
+    optuna_trial: int | None = None
+
+
+# --- evaluate -------------------------------------------------------------------------------------
+
+
+class Baseline(Artifact):
+    """A simple model scored on the same test split (its primary metric under the same name)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)  # the baseline's metric names depend on the kind
+
+    name: str
+    ci_low: float | None = None
+    ci_high: float | None = None
+
+    def value(self, metric: str) -> float | None:
+        found = (self.model_extra or {}).get(metric)
+        return None if found is None else float(found)
+
+
+class EvalReport(Artifact):
+    """reports/evaluate/<task>/metrics.json: the task's metrics on the frozen test split.
+
+    The common fields are typed; the kind's own scores (accuracy, per_class, entity_f1, bleu_char,
+    ...) ride along as extra fields under their metric names.
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    task: str
+    kind: str
+    test_examples: int
+    test_sha256: str
+    primary_metric: str
+    primary: float
+    primary_ci_low: float
+    primary_ci_high: float
+    higher_is_better: bool
+    baseline: Baseline
+    latency_ms_p50: float
+    latency_ms_p95: float
+    throughput_per_s: float
+    worst_class_recall: float | None = None
+    per_class: dict[str, dict[str, Any]] | None = None
+
+    def score(self, metric: str) -> float | None:
+        """A numeric metric by name, typed or extra."""
+        typed = metric in type(self).model_fields
+        value = getattr(self, metric) if typed else (self.model_extra or {}).get(metric)
+        return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    def numbers(self) -> dict[str, float]:
+        """Every numeric metric (bools and nested tables left out): what goes to MLflow."""
+        return {key: float(value) for key, value in self.data().items()
+                if isinstance(value, int | float) and not isinstance(value, bool)}  # fmt: skip
+
+
+class PerExample(Artifact):
+    """reports/evaluate/<task>/per_example.json: what the gate's paired bootstrap resamples, by kind."""
+
+    y_true: list[int] | None = None  # classification
+    y_pred: list[int] | None = None
+    entity_counts: list[list[int]] | None = None  # token classification: (true, predicted, correct) per sentence
+    loss: list[float] | None = None  # generation: summed loss and token count per example
+    tokens: list[int] | None = None
+
+    @property
+    def examples(self) -> int:
+        present = [values for values in (self.y_true, self.entity_counts, self.loss) if values is not None]
+        return len(present[0]) if present else 0
+
+
+class ModelRef(Artifact):
+    """reports/evaluate/<task>/model.json: where the evaluated model was logged in MLflow."""
+
+    model_uri: str
+    run_id: str  # the evaluate@<task> MLflow run: its artifacts hold the evidence
+    finetune_run_id: str | None
+
+
+# --- optimize -------------------------------------------------------------------------------------
+
+
+class OptimizeReport(Artifact):
+    """reports/optimize/<task>.json and reports/optimize/<task>/best_params.json."""
+
+    task: str
+    tuned: bool
+    n_trials: int
+    best_params: dict[str, Any]
+    study: str | None = None
+    finished_trials: int | None = None
+    best_trial: int | None = None
+    best_val_loss: float | None = None
+    mlflow_run_id: str | None = None
+    trial_mlflow_run_id: str | None = None
+    finetuned_val_loss: float | None = None
+    candidate_source: str | None = None  # trial | finetune
+
+
+# --- promote --------------------------------------------------------------------------------------
+
+
+class VersionRef(Artifact):
+    version: str
+    decision: str | None
+    run_id: str | None
+
+
+class PromotionReport(Artifact):
+    """reports/promote/<task>.json: the gate's decision and every reason."""
+
+    task: str
+    registered_model: str
+    version: str
+    decision: str  # pass | fail | unchanged
+    reasons: list[str]
+    checks: dict[str, bool]
+    champion_before: str | None
+    champion_after: VersionRef | None
+    improvement: float | None = None
+    improvement_lower_bound: float | None = None
+    candidate_primary: float | None = None
+    primary_metric: str | None = None
+    champion_primary: float | None = None
+    mlflow_run_id: str

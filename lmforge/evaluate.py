@@ -1,0 +1,276 @@
+"""evaluate: models/finetuned/<task> + the frozen test split -> reports/evaluate/<task>/ + an MLflow model.
+
+Writes metrics.json (DVC metrics: the task's metrics, a bootstrap interval for its primary metric,
+latency and throughput, and a baseline on the same split), per_example.json (what the promotion
+gate's paired bootstrap resamples), plots (confusion.json, curve.json) and model.json (where the
+logged pyfunc model is). The same metrics go to MLflow with the model, which
+`mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"text": [...]}))` serves on raw text.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from lmforge import tracking
+from lmforge.artifacts import EvalReport, Manifest, ModelRef, PerExample
+from lmforge.errors import LmforgeError
+from lmforge.inference import (
+    TaskModel,
+    class_probabilities,
+    continuation_losses,
+    generate,
+    generation_pairs,
+    load_task_model,
+    word_tags,
+)
+from lmforge.io import atomic_output_dir, read_json, sha256_file, write_json
+from lmforge.metrics import (
+    bootstrap_ci,
+    char_bleu,
+    char_rouge_l,
+    classification_scores,
+    entity_counts,
+    f1_from_counts,
+    macro_f1_statistic,
+    majority_tag_baseline,
+    tfidf_baseline,
+    token_scores,
+)
+from lmforge.params import Params
+from lmforge.schema import EvaluateParams, Section
+from lmforge.stage import Stage, dep, item_of, output
+
+SERVING_CODE = Path(__file__).resolve().parent / "serving.py"
+
+
+@dataclass(frozen=True)
+class EvaluatePaths:
+    model: Path = dep("models/finetuned/<task> (or a candidate): the model to score")
+    dataset: Path = dep("data/raw/<dataset>: the frozen test split, and train for the baseline")
+    out: Path = output("reports/evaluate/<task>: metrics, per-example records, plots, the MLflow model")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What scoring one model gives: the metrics, and the records behind them."""
+
+    metrics: dict[str, Any]  # the kind's metrics, under the names EvalReport and MLflow use
+    per_example: PerExample  # what the gate's paired bootstrap resamples
+    confusion: list[dict[str, str]]  # (actual, predicted) pairs: the DVC confusion plot
+    samples: list[dict[str, str]] | None = None  # generation: prompts, references, generations
+
+
+def frozen_test_split(dataset_dir: Path, tm: TaskModel) -> pd.DataFrame:
+    """The test split, after checking it is the very one the manifest froze and the model was tuned against."""
+    manifest = Manifest.of(dataset_dir)
+    if manifest.dataset != tm.meta.dataset:
+        raise LmforgeError(f"{dataset_dir}: holds dataset {manifest.dataset!r}; the model was fine-tuned on "
+                           f"{tm.meta.dataset!r}")  # fmt: skip
+    path = dataset_dir / "test.parquet"
+    if sha256_file(path) != manifest.test_sha256:
+        raise LmforgeError(f"{path}: does not match the sha256 frozen in its manifest; re-run ingest")
+    if tm.meta.test_sha256 != manifest.test_sha256:
+        raise LmforgeError(f"{path}: the model was fine-tuned when another test split was frozen; re-run finetune")
+    return pd.read_parquet(path)
+
+
+def latency_ms(predict_one: Any, examples: list[Any], samples: int) -> tuple[float, float]:
+    timings = []
+    for example in examples[:samples]:
+        started = time.perf_counter()
+        predict_one([example])
+        timings.append((time.perf_counter() - started) * 1000)
+    return float(np.percentile(timings, 50)), float(np.percentile(timings, 95))
+
+
+def interval(params: EvaluateParams, statistic: Any, n: int) -> tuple[float, float]:
+    return bootstrap_ci(statistic, n, params.bootstrap_samples, params.confidence)
+
+
+def evaluate_classification(tm: TaskModel, test: pd.DataFrame, train: pd.DataFrame,
+                            params: EvaluateParams) -> Evaluation:  # fmt: skip
+    index = {label: i for i, label in enumerate(tm.labels)}
+    texts, y_true = test["text"].tolist(), test["label"].map(index).to_numpy()
+    started = time.perf_counter()
+    probs = class_probabilities(tm, texts, params.batch_size)
+    seconds = time.perf_counter() - started
+    y_pred = probs.argmax(axis=1)
+    scores = classification_scores(y_true, probs, tm.labels)
+    low, high = interval(params, macro_f1_statistic(y_true, y_pred, len(tm.labels)), len(texts))
+    base_probs = tfidf_baseline(train["text"].tolist(), train["label"].map(index).tolist(), texts)
+    base_pred = base_probs.argmax(axis=1)
+    base = classification_scores(y_true, base_probs, tm.labels)
+    base_low, base_high = interval(params, macro_f1_statistic(y_true, base_pred, len(tm.labels)), len(texts))
+    p50, p95 = latency_ms(lambda batch: class_probabilities(tm, batch), texts, params.latency_samples)
+    confusion = [{"actual": tm.labels[a], "predicted": tm.labels[p]} for a, p in zip(y_true, y_pred, strict=True)]
+    scores.pop("confusion_matrix")
+    metrics = {
+        "primary_metric": "macro_f1", "primary": scores["macro_f1"], "primary_ci_low": low, "primary_ci_high": high,
+        "higher_is_better": True, **scores,
+        "baseline": {"name": "tfidf_char12_logreg", "macro_f1": base["macro_f1"], "accuracy": base["accuracy"],
+                     "ci_low": base_low, "ci_high": base_high},
+        "latency_ms_p50": p50, "latency_ms_p95": p95, "throughput_per_s": len(texts) / seconds,
+    }  # fmt: skip
+    return Evaluation(metrics, PerExample(y_true=y_true.tolist(), y_pred=y_pred.tolist()), confusion)
+
+
+def evaluate_tokens(tm: TaskModel, test: pd.DataFrame, train: pd.DataFrame, params: EvaluateParams) -> Evaluation:
+    sentences = [list(words) for words in test["tokens"]]
+    true_tags = [list(tags) for tags in test["tags"]]
+    started = time.perf_counter()
+    pred_tags = word_tags(tm, sentences, params.batch_size)
+    seconds = time.perf_counter() - started
+    scores = token_scores(true_tags, pred_tags)
+    counts = entity_counts(true_tags, pred_tags)
+    low, high = interval(params, lambda idx: f1_from_counts(counts[idx]), len(sentences))
+    base_pred = majority_tag_baseline([list(w) for w in train["tokens"]], [list(t) for t in train["tags"]], sentences)
+    base_counts = entity_counts(true_tags, base_pred)
+    base_low, base_high = interval(params, lambda idx: f1_from_counts(base_counts[idx]), len(sentences))
+    p50, p95 = latency_ms(lambda batch: word_tags(tm, batch), sentences, params.latency_samples)
+    confusion = [
+        {"actual": t, "predicted": p}
+        for trues, preds in zip(true_tags, pred_tags, strict=True)
+        for t, p in zip(trues, preds, strict=True) if t != "O" or p != "O"
+    ]  # fmt: skip
+    metrics = {
+        "primary_metric": "entity_f1", "primary": scores["entity_f1"], "primary_ci_low": low, "primary_ci_high": high,
+        "higher_is_better": True, **scores,
+        "baseline": {"name": "majority_tag_per_word", "entity_f1": f1_from_counts(base_counts),
+                     "ci_low": base_low, "ci_high": base_high},
+        "latency_ms_p50": p50, "latency_ms_p95": p95, "throughput_per_s": len(sentences) / seconds,
+    }  # fmt: skip
+    return Evaluation(metrics, PerExample(entity_counts=counts.tolist()), confusion)
+
+
+def evaluate_generation(tm: TaskModel, test: pd.DataFrame, params: EvaluateParams) -> Evaluation:
+    pairs = generation_pairs(test["text"].tolist(), tm.meta.prompt_chars)
+    started = time.perf_counter()
+    losses, counts = continuation_losses(tm, pairs)
+    seconds = time.perf_counter() - started
+    perplexity = float(np.exp(losses.sum() / counts.sum()))
+    low, high = interval(params, lambda idx: float(np.exp(losses[idx].sum() / counts[idx].sum())), len(pairs))
+    sample = pairs[: params.generated_samples]  # greedy decoding is the slow part
+    hypotheses = generate(tm, [prompt for prompt, _ in sample], params.max_new_tokens)
+    references = [continuation[: max(len(h), 1) * 2] for (_, continuation), h in zip(sample, hypotheses, strict=True)]
+    rouge = [char_rouge_l(ref, hyp) for ref, hyp in zip(references, hypotheses, strict=True)]
+    p50, p95 = latency_ms(lambda batch: generate(tm, batch, params.max_new_tokens), [p for p, _ in sample],
+                          params.latency_samples)  # fmt: skip
+    metrics = {
+        "primary_metric": "perplexity", "primary": perplexity, "primary_ci_low": low, "primary_ci_high": high,
+        "higher_is_better": False, "perplexity": perplexity,
+        "bleu_char": char_bleu(references, hypotheses), "rouge_l_char": float(np.mean(rouge)),
+        "generated_examples": len(sample),
+        "baseline": {"name": "none"},
+        "latency_ms_p50": p50, "latency_ms_p95": p95, "throughput_per_s": len(pairs) / seconds,
+    }  # fmt: skip
+    samples = [{"prompt": p, "reference": r, "generated": h}
+               for (p, _), r, h in list(zip(sample, references, hypotheses, strict=True))[:20]]  # fmt: skip
+    return Evaluation(metrics, PerExample(loss=losses.tolist(), tokens=counts.tolist()), [], samples)
+
+
+def log_pyfunc(model_dir: Path, tm: TaskModel, example: str) -> str:
+    """Log the model as an MLflow pyfunc (code + safetensors artifacts) and return its URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from lmforge.serving import LmforgeTextModel
+
+    served = LmforgeTextModel()
+    served.task_model = tm
+    input_example = pd.DataFrame({"text": [example]})
+    signature = infer_signature(input_example, served.predict(None, input_example))
+    requirements = [f"{name}=={metadata.version(name)}" for name in
+                    ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy")]  # fmt: skip
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(SERVING_CODE),
+        artifacts={"model_dir": str(model_dir)},
+        code_paths=[str(SERVING_CODE.parent)],
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=requirements,
+    )
+    return info.model_uri
+
+
+def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path) -> tuple[EvalReport, Evaluation,
+                                                                                          TaskModel, pd.DataFrame]:
+    """Score the model on the frozen test split (and a baseline on the same split); nothing is written."""
+    if not (model_dir / "lmforge_task.json").is_file():
+        raise LmforgeError(f"{model_dir}: no fine-tuned model for task {task!r} (run the finetune stage)")
+    tm = load_task_model(model_dir)
+    test = frozen_test_split(dataset_dir, tm)
+    if params.max_test_samples:
+        test = test.head(params.max_test_samples)
+    train = pd.read_parquet(dataset_dir / "train.parquet")
+    if tm.kind == "classification":
+        result = evaluate_classification(tm, test, train, params)
+    elif tm.kind == "token_classification":
+        result = evaluate_tokens(tm, test, train, params)
+    else:
+        result = evaluate_generation(tm, test, params)
+    report = EvalReport.model_validate({"task": task, "kind": tm.kind, "test_examples": len(test),
+                                        "test_sha256": tm.meta.test_sha256, **result.metrics})  # fmt: skip
+    return report, result, tm, test
+
+
+def evaluate_model(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path, out_dir: Path) -> EvalReport:
+    """Score a task model, log it to MLflow as a pyfunc with its metrics, write out_dir; also used by optimize."""
+    import mlflow
+
+    report, result, tm, test = score(params, task, model_dir, dataset_dir)
+    history = read_json(model_dir / "history.json")
+    with tracking.stage_run("evaluate", {"evaluate": params.model_dump(), "task": task}, item=task) as mlflow_run:
+        numeric = report.numbers()
+        numeric.update({f"baseline_{k}": float(v) for k, v in report.baseline.data().items() if isinstance(v, float)})
+        mlflow.log_metrics(numeric)
+        model_uri = log_pyfunc(model_dir, tm, str(test["text"].iloc[0]))
+        with atomic_output_dir(out_dir) as staging:
+            report.write_into(staging / "metrics.json")
+            result.per_example.write_into(staging / "per_example.json")
+            write_json(staging / "confusion.json", result.confusion)
+            write_json(staging / "curve.json", history)
+            if result.samples:
+                write_json(staging / "samples.json", result.samples)
+            ModelRef(model_uri=model_uri, run_id=mlflow_run.info.run_id,
+                     finetune_run_id=tm.meta.finetune_run_id).write_into(staging / "model.json")  # fmt: skip
+            mlflow.log_artifacts(str(staging), artifact_path="eval")
+    return report
+
+
+def run(params: EvaluateSection, paths: EvaluatePaths) -> EvalReport:
+    """Score one task's fine-tuned model on its frozen test split; log it to MLflow as a pyfunc."""
+    return evaluate_model(params.evaluate, params.name, paths.model, paths.dataset, paths.out)
+
+
+def summary(report: EvalReport, paths: EvaluatePaths) -> str:
+    base_value = report.baseline.value(report.primary_metric)
+    return (
+        f"evaluate: {report.task}: {report.primary_metric} {report.primary:.4f} "
+        f"[{report.primary_ci_low:.4f}, {report.primary_ci_high:.4f}]"
+        + (f"; baseline {report.baseline.name} {base_value:.4f}" if base_value is not None else "")
+        + f"; latency p50 {report.latency_ms_p50:.1f} ms, p95 {report.latency_ms_p95:.1f} ms"
+    )
+
+
+class EvaluateSection(Section):
+    """What one evaluate@<task> stage reads of params.yaml."""
+
+    name: str
+    evaluate: EvaluateParams
+
+
+def section(params: Params, item: str | None) -> EvaluateSection:
+    item_of(params.finetune.tasks, item, "finetune.tasks")
+    return EvaluateSection(name=str(item), evaluate=params.evaluate)
+
+
+STAGE = Stage("evaluate", ("evaluate",), section, EvaluatePaths, run, summary,
+              lambda paths: paths.out / "metrics.json", item="task", write_report=False)  # fmt: skip

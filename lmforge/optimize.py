@@ -1,0 +1,346 @@
+"""optimize: an Optuna study over a fine-tuning task's hyperparameters -> the candidate for promotion.
+
+Writes reports/optimize/<task>/best_params.json and trials.json, the best trial's model to
+models/candidates/<task>/, and that model scored on the frozen test split by the evaluate stage's
+own code into reports/optimize/<task>/candidate/. Each trial is a nested MLflow run under the
+study's run. With `optimize.n_trials.<task>: 0` the fine-tuned model is the candidate as it is.
+
+Trials run in this process (`optimize.workers: 1`), in N local worker processes on one study, or
+as N flow runs of a Prefect deployment on a work pool (`optimize.worker_deployment`, flows/trials.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import optuna
+
+from lmforge import tracking
+from lmforge.artifacts import Manifest, OptimizeReport, TaskMeta
+from lmforge.errors import LmforgeError
+from lmforge.io import atomic_output_dir, fingerprint, read_json, sha256_file, write_json
+from lmforge.params import Params
+from lmforge.schema import EvaluateParams, FinetuneTask, OptimizeParams, Section
+from lmforge.stage import Stage, dep, item_of, output, scratch
+from lmforge.study import FINISHED, finished_trials, open_study, pruning_hook, storage_url, suggest
+
+ACTIVE = (*FINISHED, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
+TRIAL_MODEL_ARTIFACT = "model"  # where a remote worker logs a completed trial's model in the trial's run
+FINAL_FLOW_RUN_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@dataclass(frozen=True)
+class OptimizePaths:
+    dataset: Path = dep("data/raw/<dataset>: the task's splits and manifest")
+    tasks: Path = dep("data/processed/tasks: tokenized task datasets")
+    pretrained: Path = dep("models/pretrained: where pretrained:<name> bases are")
+    finetuned: Path = dep("models/finetuned/<task>: the candidate when no trial beats it")
+    evaluated: Path = dep("reports/evaluate/<task>: its scores on the frozen test split")
+    out: Path = output("reports/optimize/<task>: best_params.json, trials.json, candidate/ (the candidate's scores)")
+    candidate: Path = output("models/candidates/<task>: the candidate model")
+    work: Path = scratch("checkpoints/optimize/<task>: a folder per trial")
+    metrics: Path = output("reports/optimize/<task>.json")
+
+
+class OptimizeSection(Section):
+    """What one optimize@<task> stage reads of params.yaml."""
+
+    name: str
+    seed: int  # finetune.seed
+    task: FinetuneTask
+    optimize: OptimizeParams
+    evaluate: EvaluateParams
+
+    @property
+    def n_trials(self) -> int:
+        return self.optimize.n_trials.get(self.name, 0)
+
+
+def section(params: Params, item: str | None) -> OptimizeSection:
+    task = item_of(params.finetune.tasks, item, "finetune.tasks")
+    return OptimizeSection(name=str(item), seed=params.finetune.seed, task=task, optimize=params.optimize,
+                           evaluate=params.evaluate)  # fmt: skip
+
+
+def study_name(params: OptimizeSection, dataset_dir: Path) -> str:
+    """Same task, search space and data -> same study, so a re-run continues it."""
+    space = params.optimize.model_dump(
+        exclude={"n_trials", "timeout_s", "storage", "heartbeat_s", "grace_s", "workers", "worker_deployment"}
+    )
+    files = Manifest.of(dataset_dir).files
+    return f"lmforge-{params.name}-{fingerprint(params.task.model_dump(), space, params.seed, files)}"
+
+
+class SlotTaken(Exception):
+    """Another worker started the last trial this study needed."""
+
+
+def work_on_study(study: optuna.Study, params: OptimizeSection, paths: OptimizePaths,
+                  log_models: bool = False) -> list[int]:  # fmt: skip
+    """Run trials of the task's study until n_trials have finished, in this process; return the trials run here.
+
+    Each trial is a nested MLflow run under the active run (the study's run). Any number of
+    processes may do this at once against one storage: each trial first checks that it is within
+    the first n_trials live trials, so the count is reached exactly. `log_models` also logs each
+    completed trial's model to its run, for workers whose disk the stage cannot read.
+    """
+    from lmforge.finetune import FinetunePaths, FinetuneSection, train_task  # torch: only where trials train
+
+    task, n_trials = params.name, params.n_trials
+    trained: list[int] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        ranked = sorted(t.number for t in study.get_trials(deepcopy=False, states=ACTIVE))
+        if ranked.index(trial.number) >= n_trials:
+            study.stop()
+            raise SlotTaken(f"trial {trial.number}: n_trials={n_trials} already taken by other workers")
+        updates, dropout = suggest(trial, params.optimize, params.task)
+        trial_dir = paths.work / f"trial-{trial.number:03d}"
+        tags = {"stage": "optimize", "task": task, "optuna.study": study.study_name, "optuna.trial": str(trial.number)}
+        with mlflow.start_run(run_name=f"trial {trial.number}", nested=True, tags=tags) as run:
+            mlflow.log_params({f"trial.{key}": value for key, value in trial.params.items()})
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            trial.set_user_attr("model_dir", str(trial_dir / "model"))
+            trial.set_user_attr("worker_pid", os.getpid())
+            try:
+                trial_task = params.task.model_copy(update=updates)
+                trial_section = FinetuneSection(name=task, seed=params.seed, task=trial_task)
+                trial_paths = FinetunePaths(paths.dataset, paths.tasks, paths.pretrained, out=trial_dir / "model",
+                                            checkpoints=trial_dir / "checkpoints",
+                                            metrics=trial_dir / "metrics.json")  # fmt: skip
+                report = train_task(trial_section, trial_paths, on_eval=pruning_hook(trial), dropout=dropout)
+            except optuna.TrialPruned:
+                mlflow.set_tag("optuna.state", "pruned")
+                raise
+            except Exception:
+                mlflow.set_tag("optuna.state", "failed")
+                raise
+            mlflow.set_tag("optuna.state", "complete")
+            trial.set_user_attr("model_sha256", sha256_file(trial_dir / "model" / "model.safetensors"))
+            if log_models:
+                mlflow.log_artifacts(str(trial_dir / "model"), TRIAL_MODEL_ARTIFACT)
+            trained.append(trial.number)
+            return report.val_loss
+
+    if finished_trials(study) < n_trials:
+        study.optimize(
+            objective,
+            timeout=params.optimize.timeout_s,
+            callbacks=[optuna.study.MaxTrialsCallback(n_trials, states=FINISHED)],
+            catch=(SlotTaken,),
+        )
+    return trained
+
+
+def worker_main(params: OptimizeSection, paths: OptimizePaths, study_run_id: str,
+                log_models: bool = False) -> list[int]:  # fmt: skip
+    """A trial worker: join the study and its MLflow run, and work until the study has n_trials."""
+    tracking.setup()
+    study = open_study(params.optimize, study_name(params, paths.dataset))
+    with mlflow.start_run(run_id=study_run_id):
+        return work_on_study(study, params, paths, log_models)
+
+
+def run_worker_processes(count: int, params: OptimizeSection, paths: OptimizePaths, study_run_id: str) -> None:
+    """`count` local processes working on the same study (their trial runs nest under the study's run)."""
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch or MLflow state
+    workers = [spawn.Process(target=worker_main, args=(params, paths, study_run_id)) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    codes = [worker.exitcode for worker in workers]
+    if any(codes):
+        raise LmforgeError(f"optimize: {sum(1 for c in codes if c)} trial worker(s) failed (exit codes {codes})")
+
+
+def run_trial_flow_runs(deployment: str, count: int, parameters: dict[str, Any],
+                        poll_s: float = 2.0) -> dict[str, str]:  # fmt: skip
+    """Create `count` runs of the trial-worker deployment, wait for all; return flow-run id -> final state.
+
+    No deadline of its own: the flow's per-stage timeout (orchestrate.timeouts_s.optimize) bounds it.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    try:
+        runs = [run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False) for _ in range(count)]
+    except ObjectNotFound:
+        api_url = PREFECT_API_URL.value() or "(none: set PREFECT_API_URL)"
+        raise LmforgeError(f"optimize.worker_deployment: no deployment {deployment!r} on the Prefect API at "
+                           f"{api_url}; `prefect deploy` it first") from None  # fmt: skip
+    states: dict[str, str] = {}
+    with get_client(sync_client=True) as client:
+        while True:
+            for flow_run in runs:
+                state = client.read_flow_run(flow_run.id).state  # type: ignore[union-attr]
+                if state is not None and state.type.value in FINAL_FLOW_RUN_STATES:
+                    states[str(flow_run.id)] = state.type.value  # type: ignore[union-attr]
+            if len(states) == len(runs):
+                return states
+            time.sleep(poll_s)
+
+
+def run_worker_flow_runs(deployment: str, count: int, params: OptimizeSection, paths: OptimizePaths,
+                         study_run_id: str) -> None:  # fmt: skip
+    """`count` runs of the trial-worker deployment on its Prefect work pool (flows/trials.py).
+
+    The worker gets this stage's section and (relative) paths, so it needs the inputs in its own
+    checkout, not the params file.
+    """
+    print(f"optimize: {count} runs of {deployment} wait for a worker on its pool (`prefect worker start --pool ...`)")
+    fields = {field.name: str(getattr(paths, field.name)) for field in dataclasses.fields(paths)}
+    parameters = {"section": params.model_dump(mode="json"), "paths": fields, "study_run_id": study_run_id}
+    states = run_trial_flow_runs(deployment, count, parameters)
+    failed = {run: state for run, state in states.items() if state != "COMPLETED"}
+    if failed:
+        raise LmforgeError(f"optimize: {len(failed)} trial worker flow run(s) of {deployment} failed: {failed}")
+
+
+def run_study(params: OptimizeSection, paths: OptimizePaths) -> tuple[optuna.Study, str]:
+    """The study under its own MLflow run, with `optimize.workers` processes; return it and the run id."""
+    settings = params.optimize
+    with tracking.stage_run("optimize", {"task": params.name, **settings.model_dump(exclude={"storage"})},
+                            item=params.name) as parent:  # fmt: skip
+        name = study_name(params, paths.dataset)
+        mlflow.set_tags({"optuna.study": name, "optuna.storage": storage_url(settings).split("://")[0]})
+        study = open_study(settings, name)  # created once, before workers race to create it
+        if settings.worker_deployment:
+            run_worker_flow_runs(settings.worker_deployment, settings.workers, params, paths, parent.info.run_id)
+        elif settings.workers == 1:
+            work_on_study(study, params, paths)
+        else:  # N worker processes that start together, so the trials spread over all of them
+            run_worker_processes(settings.workers, params, paths, parent.info.run_id)
+        log_study(study)
+    return study, parent.info.run_id
+
+
+def trial_model(trial: optuna.trial.FrozenTrial, work_dir: Path) -> Path:
+    """The trial's model folder: where it was trained, or, for a worker elsewhere, from its MLflow run.
+
+    A local folder counts only if its weights are the trial's own (by sha256): trial folders are
+    named by number, so one here may hold another study's trial of the same number.
+    """
+
+    def holds_the_trial(folder: Path) -> bool:
+        weights, expected = folder / "model.safetensors", trial.user_attrs.get("model_sha256")
+        if not weights.is_file():
+            return False
+        return expected is None or sha256_file(weights) == expected  # None: a trial from before the hash
+
+    trained_at = Path(trial.user_attrs["model_dir"])
+    if holds_the_trial(trained_at):
+        return trained_at
+    target = work_dir / f"trial-{trial.number:03d}-from-mlflow"
+    shutil.rmtree(target, ignore_errors=True)
+    with contextlib.suppress(Exception):  # not logged (a local worker's trial): reported below
+        mlflow.artifacts.download_artifacts(run_id=trial.user_attrs["mlflow_run_id"],
+                                            artifact_path=TRIAL_MODEL_ARTIFACT, dst_path=str(target))  # fmt: skip
+    if not holds_the_trial(target / TRIAL_MODEL_ARTIFACT):
+        run_id = trial.user_attrs["mlflow_run_id"]
+        raise LmforgeError(f"optimize: the model of trial {trial.number} is neither in {trained_at} nor in its "
+                           f"MLflow run {run_id} (only flow-run workers log their models)")  # fmt: skip
+    return target / TRIAL_MODEL_ARTIFACT
+
+
+def log_study(study: optuna.Study) -> None:
+    """Best params and value, trial counts, and the optimization-history and importance plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
+
+    states = [trial.state.name.lower() for trial in study.trials]
+    mlflow.log_metrics({f"trials_{state}": float(states.count(state)) for state in set(states)})
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not complete:
+        return
+    mlflow.log_params({f"best.{key}": value for key, value in study.best_params.items()})
+    mlflow.log_metric("best_val_loss", study.best_value)
+    mlflow.log_figure(plot_optimization_history(study).figure, "optimization_history.png")
+    if len(complete) >= 2:
+        mlflow.log_figure(plot_param_importances(study).figure, "param_importances.png")
+
+
+def trials_table(study: optuna.Study) -> list[dict[str, Any]]:
+    return [
+        {"number": t.number, "state": t.state.name.lower(), "value": t.value, "params": t.params,
+         "intermediate": {str(k): v for k, v in t.intermediate_values.items()},
+         "mlflow_run_id": t.user_attrs.get("mlflow_run_id")}
+        for t in study.trials
+    ]  # fmt: skip
+
+
+def pass_on_finetuned(paths: OptimizePaths, report: OptimizeReport, trials: list[dict[str, Any]]) -> None:
+    """The task's own fine-tuned model is the candidate, already scored and logged by the evaluate stage."""
+    with atomic_output_dir(paths.candidate) as staging:
+        shutil.copytree(paths.finetuned, staging, dirs_exist_ok=True)
+    with atomic_output_dir(paths.out) as staging:
+        shutil.copytree(paths.evaluated, staging / "candidate")
+        report.write_into(staging / "best_params.json")
+        write_json(staging / "trials.json", trials)
+
+
+def run(params: OptimizeSection, paths: OptimizePaths) -> OptimizeReport:
+    """Tune the task's hyperparameters; the best trial, or the fine-tuned model, is the candidate."""
+    from lmforge.evaluate import evaluate_model
+
+    task, n_trials = params.name, params.n_trials
+    if n_trials == 0:
+        report = OptimizeReport(task=task, tuned=False, n_trials=0, best_params={})
+        pass_on_finetuned(paths, report, [])
+        return report
+
+    study, run_id = run_study(params, paths)
+    if not [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]:
+        raise LmforgeError(f"optimize: study {study.study_name} has no completed trial (all pruned or failed)")
+    best = study.best_trial
+    finetuned_loss = min(point["val_loss"] for point in read_json(paths.finetuned / "history.json"))
+    assert best.value is not None  # a complete trial has a value
+    report = OptimizeReport(
+        task=task, tuned=True, study=study.study_name, n_trials=n_trials, finished_trials=finished_trials(study),
+        best_trial=best.number, best_val_loss=best.value, best_params=best.params, mlflow_run_id=run_id,
+        trial_mlflow_run_id=best.user_attrs["mlflow_run_id"], finetuned_val_loss=finetuned_loss,
+        candidate_source="trial" if best.value < finetuned_loss else "finetune",
+    )  # fmt: skip
+    if report.candidate_source == "finetune":
+        # Trials train on a smaller budget; when none beats the task's own fine-tune on validation
+        # loss, the fine-tuned model stays the candidate (already scored by the evaluate stage).
+        pass_on_finetuned(paths, report, trials_table(study))
+        return report
+    with atomic_output_dir(paths.candidate) as staging:
+        shutil.copytree(trial_model(best, paths.work), staging, dirs_exist_ok=True)
+        meta = TaskMeta.read(staging / "lmforge_task.json")
+        meta.model_copy(update={"optuna_study": study.study_name, "optuna_trial": best.number}).write_into(
+            staging / "lmforge_task.json"
+        )
+    with atomic_output_dir(paths.out) as staging:
+        evaluate_model(params.evaluate, task, paths.candidate, paths.dataset, staging / "candidate")
+        report.write_into(staging / "best_params.json")
+        write_json(staging / "trials.json", trials_table(study))
+    return report
+
+
+def summary(report: OptimizeReport, paths: OptimizePaths) -> str:
+    if not report.tuned:
+        return (f"optimize: {report.task}: not tuned (optimize.n_trials.{report.task} is 0); the fine-tuned model "
+                "is the candidate")  # fmt: skip
+    source = "best trial" if report.candidate_source == "trial" else "fine-tuned model"
+    return (f"optimize: {report.task}: best trial {report.best_trial} of {report.finished_trials} "
+            f"(val loss {report.best_val_loss:.4f}) {report.best_params}; the candidate is the {source} "
+            f"(fine-tune val loss {report.finetuned_val_loss:.4f})")  # fmt: skip
+
+
+STAGE = Stage("optimize", ("optimize", "finetune.seed", "finetune.tasks.{item}", "evaluate"), section, OptimizePaths,
+              run, summary, lambda paths: paths.metrics, item="task")  # fmt: skip

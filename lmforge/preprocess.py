@@ -1,0 +1,144 @@
+"""preprocess: data/raw + reports/validation -> data/processed/.
+
+- tokenizer/             the tokenizer trained on the pretraining corpus (PreTrainedTokenizerFast)
+- pretrain/{train,val}.bin + meta.json   packed token blocks, memory-mappable
+- tasks/<dataset>/{train,val,test}.parquet + labels.json   tokenized task datasets
+A dataset is only processed if its validation report says it passed (or on_failure is warn).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmforge.artifacts import Manifest, PreprocessReport, TaskLabels, ValidationReport
+from lmforge.data.splits import SPLITS
+from lmforge.errors import DataError
+from lmforge.io import atomic_output_dir, write_json
+from lmforge.params import Params
+from lmforge.schema import PreprocessParams
+from lmforge.stage import Stage, dep, output
+from lmforge.tokenization import pack_corpus, save_hf_tokenizer, tokenize_split, train_tokenizer
+
+
+@dataclass(frozen=True)
+class PreprocessPaths:
+    raw: Path = dep("data/raw: the ingested datasets and the pretraining corpus")
+    validation: Path = dep("reports/validation: only datasets that passed are processed")
+    out: Path = output("data/processed: tokenizer/, pretrain/, tasks/")
+    metrics: Path = output("tokenizer, token counts, time and peak memory")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB.
+
+    /proc's VmHWM starts afresh at exec; ru_maxrss does not (Linux carries the parent's peak
+    across fork and exec), so a stage started by a big parent would report the parent's peak.
+    """
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def validated_manifest(raw_dir: Path, validation_dir: Path, dataset: str) -> Manifest:
+    """The dataset's manifest, if its validation report covers this very test split and allows going on."""
+    manifest = Manifest.of(raw_dir / dataset)
+    report_path = validation_dir / f"{dataset}.json"
+    if not report_path.is_file():
+        raise DataError(f"{report_path}: no validation report for dataset {dataset!r} (run the validate stage)")
+    report = ValidationReport.read(report_path)
+    if not report.covers(manifest):
+        raise DataError(
+            f"{report_path}: validated a different test split than {raw_dir / dataset} holds; re-run validate"
+        )
+    if not report.success and report.on_failure != "warn":
+        raise DataError(
+            f"{report_path}: dataset {dataset!r} failed validation; fix the data or set validate.on_failure"
+        )
+    return manifest
+
+
+def run(params: PreprocessParams, paths: PreprocessPaths) -> PreprocessReport:
+    """Train the tokenizer, pack the pretraining corpus, tokenize every validated task dataset."""
+    raw_dir, validation_dir = paths.raw, paths.validation
+    started = time.perf_counter()
+    stats: dict[str, Any] = {"tasks": {}}
+    with atomic_output_dir(paths.out) as staging:
+        corpus = raw_dir / "corpus"
+        tokenizer = train_tokenizer(params.tokenizer, corpus / "train.txt", params.batch_size, params.max_length)
+        save_hf_tokenizer(tokenizer, staging / "tokenizer", params.max_length)
+        stats["tokenizer"] = {"kind": params.tokenizer.kind, "vocab_size": tokenizer.get_vocab_size()}
+        stats["seconds_tokenizer"] = round(time.perf_counter() - started, 2)
+
+        (staging / "pretrain").mkdir()
+        packed = {
+            side: pack_corpus(
+                tokenizer,
+                corpus / f"{side}.txt",
+                staging / "pretrain" / f"{side}.bin",
+                params.block_size,
+                params.batch_size,
+            )
+            for side in ("train", "val")
+        }
+        write_json(staging / "pretrain" / "meta.json", packed)
+        stats["pretrain"] = packed
+        stats["seconds_pack"] = round(time.perf_counter() - started - stats["seconds_tokenizer"], 2)
+
+        for manifest_path in sorted(raw_dir.glob("*/manifest.json")):
+            dataset = manifest_path.parent.name
+            if dataset == "corpus":
+                continue
+            manifest = validated_manifest(raw_dir, validation_dir, dataset)
+            if manifest.task == "corpus":
+                continue
+            task_dir = staging / "tasks" / dataset
+            task_dir.mkdir(parents=True)
+            labels = manifest.label_set()
+            TaskLabels(task=manifest.task, labels=labels, test_sha256=manifest.test_sha256).write_into(
+                task_dir / "labels.json"
+            )
+            stats["tasks"][dataset] = {
+                split: tokenize_split(
+                    tokenizer,
+                    manifest.task,
+                    raw_dir / dataset / f"{split}.parquet",
+                    task_dir / f"{split}.parquet",
+                    labels,
+                    params.batch_size,
+                )
+                for split in SPLITS
+            }
+        stats["seconds"] = round(time.perf_counter() - started, 2)
+        stats["peak_rss_mb"] = peak_rss_mb()
+        report = PreprocessReport(**stats)
+        report.write_into(staging / "stats.json")
+    return report
+
+
+def summary(report: PreprocessReport, paths: PreprocessPaths) -> str:
+    train = report.pretrain["train"]
+    lines = [
+        f"preprocess: tokenizer {report.tokenizer}; pretrain train: {train['tokens']} tokens in "
+        f"{train['blocks']} blocks of {train['block_size']} (padding {train['padding_fraction']:.2%}, "
+        f"unknown {train['unknown_fraction']:.2%})"
+    ]
+    for dataset, splits in report.tasks.items():
+        counts = ", ".join(f"{split} {v['rows']} rows/{v['tokens']} tokens" for split, v in splits.items())
+        lines.append(f"preprocess: {dataset}: {counts}")
+    lines.append(f"preprocess: wrote {paths.out} in {report.seconds}s, peak RSS {report.peak_rss_mb} MB")
+    return "\n".join(lines)
+
+
+def section(params: Params, item: str | None) -> PreprocessParams:
+    return params.preprocess
+
+
+STAGE = Stage("preprocess", ("preprocess",), section, PreprocessPaths, run, summary, lambda paths: paths.metrics)
+

@@ -1,0 +1,255 @@
+"""pretrain: data/processed -> models/pretrained/<model>/ (HF format, safetensors) + checkpoints/.
+
+Builds one model of `pretrain.models` (a BERT encoder with masked LM or masked LM + next-sentence
+prediction, a GPT decoder or an LSTM with causal LM) and trains it on the packed blocks. Killed and
+started again, it resumes from its last complete checkpoint. The batches of each objective are made
+below; every random choice draws from the generator passed in, so the loop can checkpoint it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+
+from lmforge import tracking
+from lmforge.artifacts import PretrainReport
+from lmforge.errors import LmforgeError
+from lmforge.io import atomic_output_dir, files_sha256, fingerprint, read_json, write_json
+from lmforge.models import build_pretrain_model, count_parameters
+from lmforge.params import Params
+from lmforge.schema import ModelArchitecture, Section, TrainingParams
+from lmforge.stage import Stage, dep, item_of, output, scratch
+from lmforge.tokenization import read_blocks
+from lmforge.training import BatchFn, pick_device, train
+
+
+@dataclass(frozen=True)
+class PretrainPaths:
+    blocks: Path = dep("data/processed/pretrain: packed token blocks")
+    tokenizer: Path = dep("data/processed/tokenizer: the tokenizer trained on the corpus")
+    out: Path = output("models/pretrained/<model>: the model in HF format")
+    checkpoints: Path = scratch("checkpoints/pretrain/<model>: resumable checkpoints")
+    metrics: Path = output("reports/pretrain/<model>.json")
+
+
+# --- batches of each objective --------------------------------------------------------------------
+
+
+class SpecialIds:
+    def __init__(self, pad: int, unk: int, cls: int, sep: int, mask: int, vocab_size: int) -> None:
+        self.pad, self.unk, self.cls, self.sep, self.mask, self.vocab_size = pad, unk, cls, sep, mask, vocab_size
+
+    @property
+    def never_masked(self) -> list[int]:
+        return [self.pad, self.cls, self.sep]
+
+
+def mask_tokens(
+    input_ids: torch.Tensor, ids: SpecialIds, probability: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's dynamic masking: choose `probability` of the ordinary tokens; of those 80% -> [MASK],
+    10% -> a random token, 10% kept. Labels are -100 everywhere else."""
+    labels = input_ids.clone()
+    maskable = ~torch.isin(input_ids, torch.tensor(ids.never_masked))
+    chosen = (torch.rand(input_ids.shape, generator=generator) < probability) & maskable
+    labels[~chosen] = -100
+    inputs = input_ids.clone()
+    to_mask = chosen & (torch.rand(input_ids.shape, generator=generator) < 0.8)
+    inputs[to_mask] = ids.mask
+    to_random = chosen & ~to_mask & (torch.rand(input_ids.shape, generator=generator) < 0.5)
+    inputs[to_random] = torch.randint(ids.vocab_size, input_ids.shape, generator=generator)[to_random]
+    return inputs, labels
+
+
+def _blocks(blocks: np.ndarray, indices: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(blocks[indices.numpy()], dtype=np.int64))
+
+
+def mlm_batches(blocks: np.ndarray, ids: SpecialIds, probability: float) -> BatchFn:
+    def make(indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        input_ids = _blocks(blocks, indices)
+        inputs, labels = mask_tokens(input_ids, ids, probability, generator)
+        return {"input_ids": inputs, "attention_mask": (input_ids != ids.pad).long(), "labels": labels}
+
+    return make
+
+
+def nsp_pairs(
+    input_ids: torch.Tensor, all_blocks: np.ndarray, ids: SpecialIds, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`[CLS] A [SEP] B [SEP]` from each block: B continues A (label 0) or, half the time, is the
+    second half of a random other block (label 1). Returns input_ids, token_type_ids, labels."""
+    batch, length = input_ids.shape
+    a_len = (length - 3) // 2
+    b_len = length - 3 - a_len
+    body = input_ids[:, 1:]  # drop the block's own [CLS]
+    first, second = body[:, :a_len], body[:, a_len : a_len + b_len]
+    is_random = torch.rand(batch, generator=generator) < 0.5
+    others = torch.randint(len(all_blocks), (batch,), generator=generator)
+    other_halves = torch.from_numpy(np.asarray(all_blocks[others.numpy()], dtype=np.int64))[
+        :, 1 + a_len : 1 + a_len + b_len
+    ]
+    second = torch.where(is_random[:, None], other_halves, second)
+    cls = torch.full((batch, 1), ids.cls)
+    sep = torch.full((batch, 1), ids.sep)
+    pairs = torch.cat([cls, first, sep, second, sep], dim=1)
+    token_types = torch.cat(
+        [torch.zeros(batch, a_len + 2, dtype=torch.long), torch.ones(batch, b_len + 1, dtype=torch.long)], dim=1
+    )
+    return pairs, token_types, is_random.long()
+
+
+def mlm_nsp_batches(blocks: np.ndarray, ids: SpecialIds, probability: float) -> BatchFn:
+    def make(indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        pairs, token_types, next_sentence = nsp_pairs(_blocks(blocks, indices), blocks, ids, generator)
+        inputs, labels = mask_tokens(pairs, ids, probability, generator)
+        return {
+            "input_ids": inputs,
+            "token_type_ids": token_types,
+            "attention_mask": (pairs != ids.pad).long(),
+            "labels": labels,
+            "next_sentence_label": next_sentence,
+        }
+
+    return make
+
+
+def causal_batches(blocks: np.ndarray, ids: SpecialIds) -> BatchFn:
+    def make(indices: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        input_ids = _blocks(blocks, indices)
+        labels = input_ids.masked_fill(input_ids == ids.pad, -100)
+        return {"input_ids": input_ids, "attention_mask": (input_ids != ids.pad).long(), "labels": labels}
+
+    return make
+
+
+def batch_maker(objective: str, blocks: np.ndarray, ids: SpecialIds, probability: float) -> BatchFn:
+    if objective == "mlm":
+        return mlm_batches(blocks, ids, probability)
+    if objective == "mlm_nsp":
+        return mlm_nsp_batches(blocks, ids, probability)
+    return causal_batches(blocks, ids)
+
+
+def validation_loss(model: torch.nn.Module, make_batch: BatchFn, n_blocks: int, batch_size: int, seed: int) -> float:
+    """Mean loss over the validation blocks, with masks drawn from a fresh generator each time so
+    every evaluation scores the same masked positions (and the training RNGs are left untouched)."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, n_blocks, batch_size):
+        indices = torch.arange(start, min(start + batch_size, n_blocks))
+        batch = {k: v.to(device) for k, v in make_batch(indices, generator).items()}
+        total += float(model(**batch).loss) * len(indices)
+        count += len(indices)
+    return total / max(count, 1)
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def special_ids(tokenizer: Any) -> SpecialIds:
+    return SpecialIds(
+        pad=tokenizer.pad_token_id, unk=tokenizer.unk_token_id, cls=tokenizer.cls_token_id,
+        sep=tokenizer.sep_token_id, mask=tokenizer.mask_token_id, vocab_size=len(tokenizer),
+    )  # fmt: skip
+
+
+def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
+    """Pretrain one model of pretrain.models on the packed blocks; write it in HF format (safetensors)."""
+    from transformers import AutoTokenizer
+
+    name, arch = params.name, params.model
+    meta = read_json(paths.blocks / "meta.json")
+    block_size = meta["train"]["block_size"]
+    if arch.max_length < block_size:
+        raise LmforgeError(
+            f"pretrain.models.{name}.max_length ({arch.max_length}) is shorter than the packed blocks "
+            f"(preprocess.block_size = {block_size})"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(paths.tokenizer))
+    ids = special_ids(tokenizer)
+    train_blocks = read_blocks(paths.blocks / meta["train"]["file"], meta["train"]["dtype"], block_size)
+    val_blocks = read_blocks(paths.blocks / meta["val"]["file"], meta["val"]["dtype"], block_size)
+    training = params.training
+    n_val = min(len(val_blocks), training.max_eval_samples or len(val_blocks))
+
+    model = build_pretrain_model(arch, len(tokenizer), ids.pad, ids.cls, ids.sep, params.seed)
+    make_batch = batch_maker(arch.objective, train_blocks, ids, params.mlm_probability)
+    make_val_batch = batch_maker(arch.objective, val_blocks, ids, params.mlm_probability)
+    # The token files and tokenizer themselves, not only their counts: a checkpoint trained on other
+    # tokens (a retrained tokenizer, new data of the same size) is never resumed.
+    inputs = files_sha256(paths.blocks, "*.bin") | files_sha256(paths.tokenizer, "tokenizer.json")
+    run_fingerprint = fingerprint(arch.model_dump(), training.model_dump(), params.seed, params.mlm_probability, meta,
+                                  inputs)  # fmt: skip
+    resolved = {
+        "model": name,
+        **arch.model_dump(),
+        "training": training.model_dump(),
+        "seed": params.seed,
+        "mlm_probability": params.mlm_probability,
+        "vocab_size": len(tokenizer),
+        "block_size": block_size,
+    }
+    device = pick_device()
+
+    with tracking.stage_run("pretrain", resolved, item=name) as mlflow_run:
+        mlflow.log_param("n_parameters", count_parameters(model))
+        result = train(
+            model, len(train_blocks), make_batch,
+            lambda m: validation_loss(m, make_val_batch, n_val, training.batch_size, params.seed),
+            training, params.seed, paths.checkpoints, run_fingerprint,
+            log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
+            description=f"pretrain {name} ({arch.architecture}, {arch.objective})", device=device,
+        )  # fmt: skip
+        report = PretrainReport(
+            val_loss=result.best_eval_loss,
+            val_perplexity=math.exp(min(result.best_eval_loss, 50)),
+            steps=result.steps,
+            tokens=result.tokens,
+            seconds=result.seconds,
+            tokens_per_second=round(result.tokens / max(result.seconds, 1e-9)),
+            n_parameters=count_parameters(model),
+            stopped_early=result.stopped_early,
+            resumed_from_step=result.resumed_from_step,
+            mlflow_run_id=mlflow_run.info.run_id,
+        )
+        mlflow.log_metrics({k: float(v) for k, v in report.data().items()
+                            if isinstance(v, int | float) and not isinstance(v, bool)})  # fmt: skip
+        with atomic_output_dir(paths.out) as staging:
+            model.to("cpu").save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+            write_json(staging / "lmforge_params.json", resolved)  # the resolved config travels with the model
+            write_json(staging / "history.json", result.history)
+    return report
+
+
+def summary(report: PretrainReport, paths: PretrainPaths) -> str:
+    return (f"pretrain: val loss {report.val_loss:.3f} (perplexity {report.val_perplexity:.1f}) after {report.steps} "
+            f"steps, {report.tokens_per_second} tokens/s; wrote {paths.out}")  # fmt: skip
+
+
+class PretrainSection(Section):
+    """What one pretrain@<model> stage reads of params.yaml."""
+
+    name: str
+    seed: int
+    mlm_probability: float
+    training: TrainingParams
+    model: ModelArchitecture
+
+
+def section(params: Params, item: str | None) -> PretrainSection:
+    model = item_of(params.pretrain.models, item, "pretrain.models")
+    return PretrainSection(name=str(item), seed=params.pretrain.seed, mlm_probability=params.pretrain.mlm_probability,
+                           training=params.pretrain.training, model=model)  # fmt: skip
+
+
+STAGE = Stage("pretrain", ("pretrain.seed", "pretrain.mlm_probability", "pretrain.training", "pretrain.models.{item}"),
+              section, PretrainPaths, run, summary, lambda paths: paths.metrics, item="model")  # fmt: skip

