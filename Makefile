@@ -20,6 +20,7 @@ run: setup
 
 test: setup
 	ruff check .
+	mypy
 	pytest
 
 lint: setup

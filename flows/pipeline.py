@@ -88,14 +88,13 @@ def _stage_exit_code(result: subprocess.CompletedProcess) -> int:
 def stage_task(stage: str, settings: OrchestrateParams) -> Any:
     base = stage.split("@")[0]
     return task(
-        run_stage,
         name=stage,
         retries=settings.retries,
         retry_delay_seconds=[settings.retry_delay_s * 2**i for i in range(max(settings.retries, 1))],
         retry_condition_fn=is_transient,
         timeout_seconds=settings.timeouts_s.get(base),
         tags=["gpu"] if base in settings.gpu_stages else [],
-    )
+    )(run_stage)
 
 
 def ensure_gpu_limit(limit: int) -> None:

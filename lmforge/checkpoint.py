@@ -73,8 +73,8 @@ def list_checkpoints(directory: Path) -> list[Path]:
     """Complete checkpoints, oldest first (a `.tmp` folder is an interrupted write and is ignored)."""
     if not directory.is_dir():
         return []
-    found = [path for path in directory.iterdir() if path.is_dir() and STEP_DIR.match(path.name)]
-    return sorted(found, key=lambda path: int(STEP_DIR.match(path.name).group(1)))
+    steps = {path: match for path in directory.iterdir() if path.is_dir() and (match := STEP_DIR.match(path.name))}
+    return sorted(steps, key=lambda path: int(steps[path].group(1)))
 
 
 def latest_checkpoint(directory: Path, fingerprint: str) -> Path | None:

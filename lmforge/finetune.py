@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlflow
 import pyarrow.parquet as pq
@@ -191,6 +191,7 @@ def build_task_model(task: FinetuneTask, name: str, base: str, labels: list[str]
     options: dict[str, Any] = {"use_safetensors": True}
     if dropout is not None:
         options.update({key: dropout for key in DROPOUT_KEYS.get(config.model_type, ())})
+    model: PreTrainedModel
     if task.kind == "generation":
         model = AutoModelForCausalLM.from_pretrained(base, **options)
     else:
@@ -216,7 +217,8 @@ def wrap_lora(model: PreTrainedModel, task: FinetuneTask, name: str) -> PreTrain
                  "generation": TaskType.CAUSAL_LM}[task.kind]  # fmt: skip
     config = LoraConfig(task_type=task_type, r=task.lora.r, lora_alpha=task.lora.alpha,
                         lora_dropout=task.lora.dropout, target_modules=targets)  # fmt: skip
-    return get_peft_model(model, config)
+    # A PeftModel wraps the model and forwards to it; training and saving treat it as the model.
+    return cast(PreTrainedModel, get_peft_model(model, config))
 
 
 def trainable_parameters(model: torch.nn.Module) -> int:
@@ -265,7 +267,7 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
         description=f"finetune {name} ({task.kind}, {task.method})", device=pick_device(),
     )  # fmt: skip
     if task.method == "lora":
-        model = model.merge_and_unload()  # a plain model: evaluate and serving need no peft
+        model = cast(Any, model).merge_and_unload()  # a plain model: evaluate and serving need no peft
     run = mlflow.active_run()
     report = FinetuneReport(
         val_loss=result.best_eval_loss,
@@ -280,7 +282,7 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
     )
     mlflow.log_metrics({k: float(v) for k, v in report.data().items() if isinstance(v, int | float)})
     with atomic_output_dir(paths.out) as staging:
-        model.to("cpu").save_pretrained(str(staging), safe_serialization=True)
+        model.cpu().save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
         TaskMeta(**resolved, test_sha256=manifest.test_sha256,
                  finetune_run_id=run.info.run_id if run else None).write_into(

@@ -142,5 +142,5 @@ def generate(tm: TaskModel, prompts: list[str], max_new_tokens: int) -> list[str
             if token == stop:
                 break
             generated.append(token)
-        outputs.append(CJK_GAP.sub("", tokenizer.decode(generated, skip_special_tokens=True)))
+        outputs.append(CJK_GAP.sub("", str(tokenizer.decode(generated, skip_special_tokens=True))))
     return outputs

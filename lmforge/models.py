@@ -8,7 +8,6 @@ classes here, in our own code, so loading it never needs `trust_remote_code`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 from torch import nn
@@ -47,7 +46,7 @@ class LSTMForCausalLM(PreTrainedModel):
 
     config_class = LSTMConfig
     base_model_prefix = "lstm"
-    _tied_weights_keys: ClassVar[dict[str, str]] = {"head.weight": "embed.weight"}
+    _tied_weights_keys = {"head.weight": "embed.weight"}  # noqa: RUF012  transformers reads it per instance
 
     def __init__(self, config: LSTMConfig) -> None:
         super().__init__(config)
@@ -114,7 +113,7 @@ def build_pretrain_model(
         )
         return BertForPreTraining(config) if arch.objective == "mlm_nsp" else BertForMaskedLM(config)
     if arch.architecture == "gpt":
-        config = GPT2Config(
+        gpt_config = GPT2Config(
             vocab_size=vocab_size,
             n_positions=arch.max_length,
             n_embd=arch.hidden_size,
@@ -128,8 +127,8 @@ def build_pretrain_model(
             eos_token_id=sep_id,
             pad_token_id=pad_id,
         )
-        return GPT2LMHeadModel(config)
-    config = LSTMConfig(
+        return GPT2LMHeadModel(gpt_config)
+    lstm_config = LSTMConfig(
         vocab_size=vocab_size,
         hidden_size=arch.hidden_size,
         num_layers=arch.layers,
@@ -139,7 +138,7 @@ def build_pretrain_model(
         eos_token_id=sep_id,
         tie_word_embeddings=True,
     )
-    return LSTMForCausalLM(config)
+    return LSTMForCausalLM(lstm_config)
 
 
 def count_parameters(model: nn.Module) -> int:

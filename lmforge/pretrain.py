@@ -223,7 +223,7 @@ def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
         mlflow.log_metrics({k: float(v) for k, v in report.data().items()
                             if isinstance(v, int | float) and not isinstance(v, bool)})  # fmt: skip
         with atomic_output_dir(paths.out) as staging:
-            model.to("cpu").save_pretrained(str(staging), safe_serialization=True)
+            model.cpu().save_pretrained(str(staging), safe_serialization=True)
             tokenizer.save_pretrained(str(staging))
             write_json(staging / "lmforge_params.json", resolved)  # the resolved config travels with the model
             write_json(staging / "history.json", result.history)

@@ -74,7 +74,9 @@ def log_test_dataset(dataset_dir: Path, dataset: str) -> str:
     """The frozen test split as an MLflow dataset input of this run; returns its digest."""
     test = pd.read_parquet(dataset_dir / "test.parquet")
     frame = test[["text"] + [c for c in ("label",) if c in test.columns]]
-    data = mlflow.data.from_pandas(frame, name=f"{dataset}-test", source=str(dataset_dir / "test.parquet"))
+    from mlflow.data.pandas_dataset import from_pandas
+
+    data = from_pandas(frame, name=f"{dataset}-test", source=str(dataset_dir / "test.parquet"))
     mlflow.log_input(data, context="test")
     return data.digest
 

@@ -99,6 +99,11 @@ class Stage(Generic[SectionT, PathsT, ReportT]):
                                 help=f"{field.metadata['help']} ({role})")  # fmt: skip
         return parser
 
+    def paths_from(self, args: argparse.Namespace) -> PathsT:
+        """The paths type filled from parsed command-line options."""
+        names = [field.name for field in dataclasses.fields(self.paths)]  # type: ignore[arg-type]
+        return self.paths(**{name: getattr(args, name) for name in names})
+
     def main(self, argv: list[str] | None = None) -> None:
         """`python -m stages.<name> ...`: parse, validate params, run, write the report, print a summary."""
         args = self.parser().parse_args(argv)
@@ -107,8 +112,7 @@ class Stage(Generic[SectionT, PathsT, ReportT]):
             params = load_params(args.params)
             os.environ[PARAMS_ENV] = str(args.params)
             section = self.section(params, getattr(args, self.item) if self.item else None)
-            paths = self.paths(**{field.name: getattr(args, field.name)  # type: ignore[call-arg]
-                                  for field in dataclasses.fields(self.paths)})  # type: ignore[arg-type]  # fmt: skip
+            paths = self.paths_from(args)
             report = self.run(section, paths)
             if self.write_report:
                 report.write(self.report_file(paths))
@@ -141,9 +145,7 @@ def parse_command(address: str, command: str) -> tuple[Stage[Any, Any, Any], arg
     if words[:3] != ["python", "-m", f"stages.{name}"]:
         raise LmforgeError(f"dvc.yaml: stage {address}: cmd must start with `python -m stages.{name}`")
     args = stage.parser().parse_args(words[3:])
-    paths = stage.paths(**{field.name: getattr(args, field.name)  # type: ignore[call-arg]
-                           for field in dataclasses.fields(stage.paths)})  # type: ignore[arg-type]  # fmt: skip
-    return stage, args, paths
+    return stage, args, stage.paths_from(args)
 
 
 def dvc_paths(address: str, repo_root: Path = Path(".")) -> Any:

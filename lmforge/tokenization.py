@@ -42,7 +42,7 @@ def iter_lines(path: Path, batch_size: int) -> Iterator[list[str]]:
 
 def new_tokenizer(params: TokenizerParams) -> tuple[Tokenizer, trainers.Trainer]:
     """An untrained tokenizer of the chosen kind and the trainer that fills its vocabulary."""
-    common = {
+    common: dict[str, Any] = {
         "vocab_size": params.vocab_size,
         "min_frequency": params.min_frequency,
         "special_tokens": SPECIAL_TOKENS,
@@ -106,6 +106,14 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> N
     wrapped.save_pretrained(str(out_dir))
 
 
+def special_id(tokenizer: Tokenizer, token: str) -> int:
+    """The id of a special token every lmforge tokenizer has."""
+    found = tokenizer.token_to_id(token)
+    if found is None:
+        raise ValueError(f"the tokenizer has no {token} token")
+    return found
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 halves the disk and page cache of packed blocks whenever the vocabulary fits."""
     return np.dtype(np.uint16) if vocab_size <= np.iinfo(np.uint16).max + 1 else np.dtype(np.uint32)
@@ -126,7 +134,7 @@ def pack_corpus(tokenizer: Tokenizer, corpus: Path, out_path: Path, block_size: 
     Read it back with `np.memmap(out_path, dtype, mode="r").reshape(-1, block_size)`. Only the
     last block is padded, so the padding fraction is at most one block's worth.
     """
-    cls_id, sep_id, pad_id, unk_id = (tokenizer.token_to_id(token) for token in (CLS, SEP, PAD, UNK))
+    cls_id, sep_id, pad_id, unk_id = (special_id(tokenizer, token) for token in (CLS, SEP, PAD, UNK))
     dtype = token_dtype(tokenizer.get_vocab_size())
     stats = PackStats()
     body = block_size - 1  # every block starts with [CLS]
@@ -174,7 +182,7 @@ def pack_corpus(tokenizer: Tokenizer, corpus: Path, out_path: Path, block_size: 
     }
 
 
-def read_blocks(path: Path, dtype: str, block_size: int) -> np.memmap:
+def read_blocks(path: Path, dtype: str, block_size: int) -> np.ndarray:
     """The packed blocks as a read-only (n_blocks, block_size) memory map."""
     flat = np.memmap(path, dtype=np.dtype(dtype), mode="r")
     return flat.reshape(-1, block_size)

@@ -48,7 +48,10 @@ def setup(experiment: str = EXPERIMENT) -> str:
     try:
         return mlflow.create_experiment(experiment, artifact_location=location)
     except Exception:  # created meanwhile by a concurrent stage
-        return mlflow.get_experiment_by_name(experiment).experiment_id
+        created = mlflow.get_experiment_by_name(experiment)
+        if created is None:
+            raise
+        return created.experiment_id
 
 
 def git_commit() -> str:

@@ -28,7 +28,7 @@ from lmforge.schema import TrainingParams
 
 BatchFn = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
 EvalFn = Callable[[nn.Module], float]
-LogFn = Callable[[dict[str, float], int], None]
+LogFn = Callable[[dict[str, float], int], object]  # e.g. mlflow.log_metrics(metrics, step=step)
 
 
 @dataclass
@@ -60,7 +60,8 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 def make_optimizer(model: nn.Module, params: TrainingParams) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only (not on biases, norms or 1-d parameters)."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)

@@ -89,7 +89,7 @@ def in_corpus_val(text: str, fraction: float) -> bool:
 def write_corpus(train_texts: list[tuple[str, str]], out_dir: Path, val_fraction: float) -> dict[str, Any]:
     """Write corpus/{train,val}.txt (one document a line) from (dataset, text) pairs of train splits."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    counts = {"train": Counter(), "val": Counter()}
+    counts: dict[str, Counter[str]] = {"train": Counter(), "val": Counter()}
     chars = {"train": 0, "val": 0}
     with (
         open(out_dir / "train.txt", "w", encoding="utf-8") as train,

@@ -194,7 +194,7 @@ def test_new_data_retrains_through_a_killed_worker_and_the_gate(clone: Path, har
     from flows.retrain import retrain
 
     monkeypatch.chdir(clone)
-    before = json.loads((clone / "reports/promotion/sentiment.json").read_text())
+    before = json.loads((clone / "reports/promote/sentiment.json").read_text())
     client = mlflow.MlflowClient()
     champion_before = client.get_model_version_by_alias(before["registered_model"], "champion").version
     edit_params(clone, lambda p: p["pretrain"]["training"].update(max_steps=14, checkpoint_every=3))
@@ -211,7 +211,7 @@ def test_new_data_retrains_through_a_killed_worker_and_the_gate(clone: Path, har
     assert runs["pretrain@encoder"].run_count == 2  # failed once (killed), retried, completed
     assert runs["ingest"].run_count == 1
 
-    after = json.loads((clone / "reports/promotion/sentiment.json").read_text())
+    after = json.loads((clone / "reports/promote/sentiment.json").read_text())
     assert int(after["version"]) > int(before["version"])  # a new candidate was registered and gated
     assert after["decision"] in {"pass", "fail"} and after["reasons"]
     champion = client.get_model_version_by_alias(after["registered_model"], "champion").version
@@ -234,7 +234,7 @@ def test_a_validation_failure_fails_the_run_without_retry(clone: Path, harness, 
     from flows.pipeline import pipeline
 
     monkeypatch.chdir(clone)
-    before = {path.name: path.stat().st_mtime for path in (clone / "reports/promotion").glob("*.json")}
+    before = {path.name: path.stat().st_mtime for path in (clone / "reports/promote").glob("*.json")}
     edit_params(clone, lambda p: p["validate"].update(max_chars=5))
     state = pipeline(return_state=True)
     assert state.is_failed()
@@ -244,4 +244,4 @@ def test_a_validation_failure_fails_the_run_without_retry(clone: Path, harness, 
     runs = task_runs(state)
     assert runs["validate"].run_count == 1  # deterministic: not retried
     assert "preprocess" not in runs and not any(name.startswith("promote@") for name in runs)
-    assert {path.name: path.stat().st_mtime for path in (clone / "reports/promotion").glob("*.json")} == before
+    assert {path.name: path.stat().st_mtime for path in (clone / "reports/promote").glob("*.json")} == before

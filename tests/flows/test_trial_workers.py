@@ -10,6 +10,7 @@ stage (`optimize.workers: 2`, `optimize.worker_deployment`) in another checkout.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -22,13 +23,13 @@ import yaml
 from lmforge.optimization import FINISHED, open_study
 
 from lmforge.params import params_to_dict
-from tests.conftest import SmokeRun, clone_working_tree
+from tests.conftest import REPO, SmokeRun, clone_working_tree
 from tests.flows.conftest import api, env_of_a_new_prefect_home, free_port
 from tests.stages.test_optimize import tuning
 
 pytestmark = pytest.mark.slow
 
-INPUTS = ("data/raw", "data/processed", "models/pretrained", "models/finetuned", "reports/eval")
+INPUTS = ("data/raw", "data/processed", "models/pretrained", "models/finetuned", "reports/evaluate")
 
 
 def start(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -46,7 +47,8 @@ def test_trial_workers_run_as_flow_runs_on_a_work_pool(smoke_evaluated: SmokeRun
                                                       postgres_databases, monkeypatch) -> None:  # fmt: skip
     from flows.server import wait_until_healthy
     from flows.trials import TRIAL_WORKER
-    from stages.optimize import trial_model
+    from lmforge.optimize import trial_model
+    from lmforge.stage import dvc_commands
 
     prefect_db, mlflow_db, optuna_db = postgres_databases(), postgres_databases(), postgres_databases()
     params = tuning(smoke_evaluated, tmp_path, n_trials=4, workers=2, pruner="none", storage=None,
@@ -84,8 +86,9 @@ def test_trial_workers_run_as_flow_runs_on_a_work_pool(smoke_evaluated: SmokeRun
         worker = start([*python, "prefect", "worker", "start", "--pool", "local"], worker_home, env,
                        tmp_path / "worker.log")  # fmt: skip
 
-        stage = subprocess.run([*python, "stages.optimize", "--params", "params.yaml", "--task", "sentiment"],
-                               cwd=stage_home, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        command = shlex.split(dvc_commands(REPO)["optimize@sentiment"])  # the stage exactly as dvc.yaml runs it
+        stage = subprocess.run([sys.executable, *command[1:]], cwd=stage_home, env=env, capture_output=True,
+                               text=True, timeout=600)  # fmt: skip
         assert stage.returncode == 0, stage.stderr[-3000:]
         runs = api(port, "POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["lmforge-trial-worker"]}}})
         assert sorted(run["state_type"] for run in runs) == ["COMPLETED", "COMPLETED"]

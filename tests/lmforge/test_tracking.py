@@ -42,6 +42,7 @@ def test_stage_runs_nest_under_one_pipeline_run_with_their_tags(smoke_models: Sm
     parent = mlflow.get_run(parents.pop())
     assert parent.data.tags["lmforge.kind"] == "pipeline"
     finetune = next(run for run in stages if run.data.tags.get("task") == "sentiment")
+    assert finetune.info.run_name == "finetune@sentiment"  # named like its DVC stage and Prefect task
     assert len(finetune.data.tags["git_commit"]) >= 7
     assert "train_loss" in finetune.data.metrics and "val_loss" in finetune.data.metrics
     assert float(finetune.data.params["training.learning_rate"]) > 0

@@ -7,8 +7,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lmforge import evaluate
 from lmforge.errors import LmforgeError
-from stages import evaluate
 from tests.conftest import SmokeRun
 
 
@@ -20,7 +20,7 @@ def evaluated(smoke_evaluated: SmokeRun) -> SmokeRun:
 @pytest.mark.parametrize(("task", "primary"), [("sentiment", "macro_f1"), ("ner", "entity_f1"),
                                                ("continuation", "perplexity")])  # fmt: skip
 def test_metrics_with_interval_baseline_latency_and_plots(evaluated: SmokeRun, task: str, primary: str):
-    out = evaluated.root / "reports/eval" / task
+    out = evaluated.root / "reports/evaluate" / task
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["primary_metric"] == primary
     assert metrics["primary_ci_low"] <= metrics["primary"] <= metrics["primary_ci_high"]
@@ -32,7 +32,11 @@ def test_metrics_with_interval_baseline_latency_and_plots(evaluated: SmokeRun, t
     curve = json.loads((out / "curve.json").read_text())
     assert [point["step"] for point in curve] == [5, 10]
     per_example = json.loads((out / "per_example.json").read_text())
-    assert all(len(values) == metrics["test_examples"] for values in per_example.values()) or task == "continuation"
+    records = {name: values for name, values in per_example.items() if values is not None}
+    if task == "continuation":  # texts no longer than the prompt have no continuation to score
+        assert 0 < len(records["loss"]) == len(records["tokens"]) <= metrics["test_examples"]
+    else:
+        assert records and all(len(values) == metrics["test_examples"] for values in records.values())
     if task == "sentiment":
         assert {"accuracy", "roc_auc", "per_class", "worst_class_recall"} <= metrics.keys()
         assert metrics["baseline"]["name"] == "tfidf_char12_logreg" and 0.5 < metrics["baseline"]["accuracy"] <= 1
@@ -50,7 +54,7 @@ def test_pyfunc_model_predicts_on_raw_text(evaluated: SmokeRun):
 
     texts = pd.DataFrame({"text": ["质量很好，非常满意", "太差了，不推荐"]})
     for task, column in (("sentiment", "label"), ("ner", "tags"), ("continuation", "continuation")):
-        uri = json.loads((evaluated.root / "reports/eval" / task / "model.json").read_text())["model_uri"]
+        uri = json.loads((evaluated.root / "reports/evaluate" / task / "model.json").read_text())["model_uri"]
         predictions = mlflow.pyfunc.load_model(uri).predict(texts)
         assert len(predictions) == 2 and column in predictions.columns
         if task == "sentiment":
@@ -65,6 +69,6 @@ def test_a_test_split_that_changed_since_it_was_frozen_is_refused(evaluated: Smo
     test = pd.read_parquet(raw / "sentiment/test.parquet")
     test.iloc[1:].to_parquet(raw / "sentiment/test.parquet", index=False)
     with pytest.raises(LmforgeError, match="does not match the sha256 frozen in its manifest"):
-        evaluate.run(evaluated.params.evaluate, "sentiment", evaluated.root / "models/finetuned/sentiment", raw,
-                     tmp_path / "eval")  # fmt: skip
+        evaluate.evaluate_model(evaluated.params.evaluate, "sentiment", evaluated.root / "models/finetuned/sentiment",
+                                raw / "sentiment", tmp_path / "eval")  # fmt: skip
     assert not (tmp_path / "eval").exists()

@@ -101,7 +101,8 @@ def cli(smoke_models: SmokeRun, tmp_path: Path, task: str, base: str | None = No
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     dataset = smoke_models.raw / smoke_models.params.finetune.tasks["sentiment"].dataset
     return run_stage("finetune", "--params", tmp_path / "params.yaml", "--task", task, "--dataset", dataset,
-                     "--tasks", smoke_models.processed / "tasks", "--pretrained", smoke_models.root / "models/pretrained",
+                     "--tasks", smoke_models.processed / "tasks",
+                     "--pretrained", smoke_models.root / "models/pretrained",
                      "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--metrics", tmp_path / "m.json",
                      env=env)  # fmt: skip
 

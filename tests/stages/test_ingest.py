@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from lmforge.params import Params, params_to_dict
 from lmforge import ingest
 from lmforge.ingest import IngestPaths
+from lmforge.params import Params, params_to_dict
 from tests.conftest import REPO, SmokeRun, run_stage, tree_digest
 
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,9 +14,10 @@ import pytest
 import yaml
 from lmforge.optimization import FINISHED, open_study
 
+from lmforge import optimize
+from lmforge.artifacts import OptimizeReport
 from lmforge.params import Params, deep_merge, params_to_dict, parse_params
-from stages import optimize
-from tests.conftest import REPO, SmokeRun
+from tests.conftest import REPO, SmokeRun, run_in
 
 
 def tuning(run: SmokeRun, tmp_path: Path, n_trials: int, **optimize_params) -> Params:
@@ -26,16 +28,16 @@ def tuning(run: SmokeRun, tmp_path: Path, n_trials: int, **optimize_params) -> P
     return parse_params(deep_merge(params_to_dict(run.params), {"optimize": overrides}))
 
 
-def run_optimize(params: Params, run: SmokeRun, tmp_path: Path) -> dict:
-    return optimize.run(params, "sentiment", run.raw, run.processed, run.root / "models/pretrained",
-                        run.root / "models/finetuned/sentiment", run.root / "reports/eval/sentiment",
-                        tmp_path / "out", tmp_path / "candidate", tmp_path / "work")  # fmt: skip
+def run_optimize(params: Params, run: SmokeRun, tmp_path: Path) -> OptimizeReport:
+    """optimize@sentiment on the smoke run's models, writing under tmp_path."""
+    return run_in("optimize@sentiment", params, run.root, out=tmp_path / "out", candidate=tmp_path / "candidate",
+                  work=tmp_path / "work", metrics=tmp_path / "out.json")  # fmt: skip
 
 
 def test_study_prunes_resumes_and_yields_a_scored_candidate(smoke_evaluated: SmokeRun, tmp_path: Path):
     params = tuning(smoke_evaluated, tmp_path, n_trials=6)
     summary = run_optimize(params, smoke_evaluated, tmp_path)
-    assert summary["tuned"] and summary["finished_trials"] == 6
+    assert summary.tuned and summary.finished_trials == 6
     trials = json.loads((tmp_path / "out/trials.json").read_text())
     states = [trial["state"] for trial in trials]
     assert "pruned" in states, states  # the median pruner stopped a trial that trailed the others
@@ -46,19 +48,32 @@ def test_study_prunes_resumes_and_yields_a_scored_candidate(smoke_evaluated: Smo
     metrics = json.loads((tmp_path / "out/candidate/metrics.json").read_text())
     assert metrics["test_sha256"] == json.loads((smoke_evaluated.raw / "sentiment/manifest.json").read_text())[
         "test_sha256"]  # fmt: skip
-    candidate_meta = json.loads((tmp_path / "candidate/lmforge_task.json").read_text())
-    if best["candidate_source"] == "trial":
-        assert (
-            candidate_meta["optuna_trial"] == best["best_trial"] and best["best_val_loss"] < best["finetuned_val_loss"]
-        )
-    else:  # no trial beat the task's own fine-tune: it stays the candidate
-        assert "optuna_trial" not in candidate_meta and best["best_val_loss"] >= best["finetuned_val_loss"]
+
+    # The candidate is the best trial only if it beats the task's own fine-tune on validation loss:
+    # the same (complete) study against a fine-tune made to look unbeatable, then hopeless.
+    for finetuned_loss, source in ((0.0, "finetune"), (1e9, "trial")):
+        finetuned = tmp_path / f"finetuned-{source}"
+        shutil.copytree(smoke_evaluated.root / "models/finetuned/sentiment", finetuned)
+        history = json.loads((finetuned / "history.json").read_text())
+        flattened = [{**point, "val_loss": finetuned_loss} for point in history]
+        (finetuned / "history.json").write_text(json.dumps(flattened))
+        report = run_in("optimize@sentiment", params, smoke_evaluated.root, finetuned=finetuned,
+                        out=tmp_path / f"out-{source}", candidate=tmp_path / f"candidate-{source}",
+                        work=tmp_path / "work", metrics=tmp_path / f"{source}.json")  # fmt: skip
+        assert report.candidate_source == source and report.best_trial == summary.best_trial
+        meta = json.loads((tmp_path / f"candidate-{source}/lmforge_task.json").read_text())
+        weights = (tmp_path / f"candidate-{source}/model.safetensors").read_bytes()
+        if source == "trial":
+            assert meta["optuna_trial"] == summary.best_trial
+            assert weights == (tmp_path / f"work/trial-{summary.best_trial:03d}/model/model.safetensors").read_bytes()
+        else:
+            assert meta["optuna_trial"] is None and weights == (finetuned / "model.safetensors").read_bytes()
 
     again = run_optimize(params, smoke_evaluated, tmp_path)  # the same study, already complete: no new trial
     assert len(json.loads((tmp_path / "out/trials.json").read_text())) == len(trials)
-    assert again["best_trial"] == summary["best_trial"]
+    assert again.best_trial == summary.best_trial
     more = run_optimize(tuning(smoke_evaluated, tmp_path, n_trials=7), smoke_evaluated, tmp_path)
-    assert more["study"] == summary["study"] and more["finished_trials"] == 7
+    assert more.study == summary.study and more.finished_trials == 7
 
 
 def test_a_killed_trial_is_failed_and_retried_never_left_running(smoke_evaluated: SmokeRun, tmp_path: Path):
@@ -69,9 +84,9 @@ def test_a_killed_trial_is_failed_and_retried_never_left_running(smoke_evaluated
     run = smoke_evaluated
     root = run.root
     command = [sys.executable, "-m", "stages.optimize", "--params", str(params_file), "--task", "sentiment",
-               "--raw", str(run.raw), "--processed", str(run.processed),
+               "--dataset", str(run.raw / "sentiment"), "--tasks", str(run.processed / "tasks"),
                "--pretrained", str(root / "models/pretrained"), "--finetuned", str(root / "models/finetuned/sentiment"),
-               "--evaluated", str(root / "reports/eval/sentiment"),
+               "--evaluated", str(root / "reports/evaluate/sentiment"),
                "--out", str(tmp_path / "out"), "--candidate", str(tmp_path / "candidate"),
                "--work", str(tmp_path / "work"), "--metrics", str(tmp_path / "m.json")]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -82,7 +97,7 @@ def test_a_killed_trial_is_failed_and_retried_never_left_running(smoke_evaluated
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    study_name = optimize.study_name(params, "sentiment", run.raw)
+    study_name = optimize.study_name(optimize.section(params, "sentiment"), run.raw / "sentiment")
     assert [t.state for t in open_study(params.optimize, study_name).trials] == [optuna.trial.TrialState.RUNNING]
     time.sleep(params.optimize.grace_s + 1)  # the dead trial's heartbeat goes stale
 
@@ -100,8 +115,8 @@ def test_a_killed_trial_is_failed_and_retried_never_left_running(smoke_evaluated
 @pytest.mark.parametrize("n_trials", [0])
 def test_an_untuned_task_passes_its_fine_tuned_model_on(smoke_evaluated: SmokeRun, tmp_path: Path, n_trials: int):
     summary = run_optimize(tuning(smoke_evaluated, tmp_path, n_trials=n_trials), smoke_evaluated, tmp_path)
-    assert summary == {"task": "sentiment", "tuned": False, "n_trials": 0, "best_params": {}}
-    source = smoke_evaluated.root / "reports/eval/sentiment"
+    assert summary == OptimizeReport(task="sentiment", tuned=False, n_trials=0, best_params={})
+    source = smoke_evaluated.root / "reports/evaluate/sentiment"
     assert (tmp_path / "out/candidate/model.json").read_text() == (source / "model.json").read_text()
 
 
@@ -113,10 +128,8 @@ def test_two_workers_share_one_postgresql_study_and_reach_n_trials_exactly(
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params_to_dict(params), allow_unicode=True, sort_keys=False))
     run = smoke_evaluated
-    summary = optimize.run(params, "sentiment", run.raw, run.processed, run.root / "models/pretrained",
-                           run.root / "models/finetuned/sentiment", run.root / "reports/eval/sentiment",
-                           tmp_path / "out", tmp_path / "candidate", tmp_path / "work", params_file)  # fmt: skip
-    trials = open_study(params.optimize, summary["study"]).trials
+    summary = run_optimize(params, run, tmp_path)
+    trials = open_study(params.optimize, summary.study).trials
     finished = [t for t in trials if t.state in FINISHED]
     assert len(finished) == 4 and len({t.number for t in finished}) == 4
     assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]

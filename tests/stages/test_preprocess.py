@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from lmforge.errors import DataError
-from lmforge.tokenization import read_blocks
 from lmforge import preprocess
+from lmforge.errors import DataError
 from lmforge.preprocess import PreprocessPaths
+from lmforge.tokenization import read_blocks
 from tests.conftest import SmokeRun
 
 
@@ -40,5 +40,6 @@ def test_preprocess_refuses_a_validation_report_of_another_test_split(smoke_run:
     out.mkdir()
     (out / "keep.txt").write_text("earlier output")
     with pytest.raises(DataError, match="validated a different test split"):
-        preprocess.run(smoke_run.params.preprocess, PreprocessPaths(smoke_run.raw, validation, out, tmp_path / "m.json"))
+        paths = PreprocessPaths(smoke_run.raw, validation, out, tmp_path / "m.json")
+        preprocess.run(smoke_run.params.preprocess, paths)
     assert (out / "keep.txt").read_text() == "earlier output"  # written aside, never swapped in

@@ -9,10 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmforge import registry
-from lmforge.params import Params, deep_merge, params_to_dict, parse_params
-from lmforge import promote
+from lmforge import promote, registry
 from lmforge.artifacts import PromotionReport
+from lmforge.params import Params, deep_merge, params_to_dict, parse_params
 from lmforge.promote import PromotePaths
 from tests.conftest import REPO, SmokeRun, run_in
 
@@ -45,7 +44,7 @@ def settings(smoke_run: SmokeRun, prefix: str, **promote_params) -> Params:
 
 
 def version_of(report: dict | PromotionReport) -> str:
-    return str(report.version if isinstance(report, dict) else report.version)
+    return str(report["version"] if isinstance(report, dict) else report.version)
 
 
 def test_first_model_needs_the_floor_then_becomes_champion(smoke_evaluated: SmokeRun, candidates, tmp_path: Path):

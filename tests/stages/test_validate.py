@@ -7,10 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from lmforge import preprocess, validate
 from lmforge.errors import DataError, ValidationFailed
 from lmforge.schema import ValidateParams
-from lmforge import preprocess, validate
-from lmforge.preprocess import PreprocessPaths
 from lmforge.validate import ValidatePaths
 from tests.conftest import SmokeRun, run_stage, tree_digest
 
@@ -96,7 +95,8 @@ def test_tags_and_lengths_of_token_sequences(smoke_run: SmokeRun, tmp_path: Path
 
 def test_warn_mode_reports_and_goes_on(raw_copy: Path, tmp_path: Path):
     rewrite(raw_copy, "sentiment", "val", lambda f: f.assign(label=f["label"].where(f.index > 0, "neutral")))
-    reports = validate.run(ValidateParams(on_failure="warn"), ValidatePaths(raw_copy, tmp_path / "v", tmp_path / "validate.json"))
+    paths = ValidatePaths(raw_copy, tmp_path / "v", tmp_path / "validate.json")
+    reports = validate.run(ValidateParams(on_failure="warn"), paths)
     assert not reports.datasets["sentiment"].success
     assert json.loads((tmp_path / "validate.json").read_text())["datasets"]["sentiment"]["failed"] == 1
 

@@ -1,0 +1,215 @@
+"""Model builders from params, where a fine-tuning task starts, and reloading a pretrained model (safetensors)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import get_args
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertForMaskedLM, BertForPreTraining, GPT2LMHeadModel, PreTrainedModel
+
+from lmforge.errors import LmforgeError
+from lmforge.models import LSTMForCausalLM, build_pretrain_model, count_parameters, load_pretrained, resolve_base
+from lmforge.schema import ModelArchitecture
+
+VOCAB, PAD, CLS, SEP = 50, 0, 2, 3
+ARCHITECTURES = {
+    "bert-mlm": (ModelArchitecture(architecture="bert", objective="mlm", layers=1, heads=2, hidden_size=16,
+                                   ffn_size=32, max_length=16), BertForMaskedLM),
+    "bert-mlm_nsp": (ModelArchitecture(architecture="bert", objective="mlm_nsp", layers=1, heads=2, hidden_size=16,
+                                       ffn_size=32, max_length=16), BertForPreTraining),
+    "gpt-causal": (ModelArchitecture(architecture="gpt", objective="causal", layers=1, heads=2, hidden_size=16,
+                                     ffn_size=32, max_length=16), GPT2LMHeadModel),
+    "lstm-causal": (ModelArchitecture(architecture="lstm", objective="causal", layers=1, hidden_size=16,
+                                      max_length=16), LSTMForCausalLM),
+}  # fmt: skip
+
+
+def build(name: str, seed: int = 0) -> PreTrainedModel:
+    return build_pretrain_model(ARCHITECTURES[name][0], VOCAB, PAD, CLS, SEP, seed)
+
+
+def logits_of(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        output = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    return output.prediction_logits if isinstance(model, BertForPreTraining) else output.logits
+
+
+def batch(seed: int = 0) -> torch.Tensor:
+    return torch.randint(4, VOCAB, (2, 8), generator=torch.Generator().manual_seed(seed))
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    left, right = a.state_dict(), b.state_dict()
+    return left.keys() == right.keys() and all(torch.equal(left[key], right[key]) for key in left)
+
+
+# --- build_pretrain_model -------------------------------------------------------------------------
+
+
+def test_the_cases_here_cover_every_architecture_and_objective() -> None:
+    fields = ModelArchitecture.model_fields
+    covered = {(arch.architecture, arch.objective) for arch, _ in ARCHITECTURES.values()}
+    assert {architecture for architecture, _ in covered} == set(get_args(fields["architecture"].annotation))
+    assert {objective for _, objective in covered} == set(get_args(fields["objective"].annotation))
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_each_architecture_gives_its_model_with_vocabulary_logits(name: str) -> None:
+    model = build(name)
+    assert type(model) is ARCHITECTURES[name][1]
+    assert model.config.vocab_size == VOCAB and model.config.pad_token_id == PAD
+    assert logits_of(model, batch()).shape == (2, 8, VOCAB)
+
+
+def test_bert_with_nsp_also_predicts_the_next_sentence() -> None:
+    model = build("bert-mlm_nsp").eval()
+    with torch.no_grad():
+        output = model(input_ids=batch(), token_type_ids=torch.zeros(2, 8, dtype=torch.long))
+    assert output.seq_relationship_logits.shape == (2, 2)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_the_size_in_params_is_the_size_built(name: str) -> None:
+    arch = ARCHITECTURES[name][0]
+    bigger = arch.model_copy(update={"layers": 2, "hidden_size": 32})
+    small, large = build(name), build_pretrain_model(bigger, VOCAB, PAD, CLS, SEP, 0)
+    assert small.get_input_embeddings().weight.shape == (VOCAB, 16)
+    assert large.get_input_embeddings().weight.shape == (VOCAB, 32)
+    assert count_parameters(large) > count_parameters(small)
+
+
+def test_transformer_layers_and_heads_follow_params() -> None:
+    bert = build_pretrain_model(ARCHITECTURES["bert-mlm"][0].model_copy(update={"layers": 3, "heads": 4}),
+                                VOCAB, PAD, CLS, SEP, 0)  # fmt: skip
+    assert len(bert.bert.encoder.layer) == 3 and bert.config.num_attention_heads == 4
+    assert bert.config.intermediate_size == 32 and bert.config.max_position_embeddings == 16
+    gpt = build_pretrain_model(ARCHITECTURES["gpt-causal"][0].model_copy(update={"layers": 3, "heads": 4}),
+                               VOCAB, PAD, CLS, SEP, 0)  # fmt: skip
+    assert len(gpt.transformer.h) == 3 and gpt.config.n_head == 4
+    assert gpt.config.n_inner == 32 and gpt.config.n_positions == 16
+    assert (gpt.config.bos_token_id, gpt.config.eos_token_id) == (CLS, SEP)
+
+
+def test_lstm_layers_follow_params_and_its_head_is_tied_to_the_embedding() -> None:
+    arch = ARCHITECTURES["lstm-causal"][0].model_copy(update={"layers": 2})
+    model = build_pretrain_model(arch, VOCAB, PAD, CLS, SEP, 0)
+    assert model.lstm.num_layers == 2
+    assert model.head.weight is model.embed.weight
+
+
+def test_lstm_loss_predicts_the_next_token() -> None:
+    model = build("lstm-causal").eval()
+    input_ids = batch()
+    labels = input_ids.clone()
+    labels[0, 5:] = -100  # ignored positions
+    with torch.no_grad():
+        output = model(input_ids=input_ids, labels=labels)
+    expected = nn.functional.cross_entropy(
+        output.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
+    assert torch.allclose(output.loss, expected)
+    unshifted = nn.functional.cross_entropy(output.logits.reshape(-1, VOCAB), labels.reshape(-1), ignore_index=-100)
+    assert not torch.allclose(output.loss, unshifted)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_the_seed_decides_the_initial_weights(name: str) -> None:
+    torch.manual_seed(123)  # whatever the global state was, the builder seeds it
+    first = build(name, seed=7)
+    torch.rand(1000)
+    assert same_weights(first, build(name, seed=7))
+    assert not same_weights(first, build(name, seed=8))
+
+
+# --- resolve_base ---------------------------------------------------------------------------------
+
+
+def model_folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    return path
+
+
+def test_resolve_base_maps_pretrained_names_under_the_root(tmp_path: Path) -> None:
+    model_folder(tmp_path / "pretrained" / "encoder")
+    assert resolve_base("pretrained:encoder", tmp_path / "pretrained", "k") == str(tmp_path / "pretrained/encoder")
+
+
+@pytest.mark.parametrize("config_json", [False, True])
+def test_resolve_base_missing_pretrained_model_names_the_key(config_json: bool, tmp_path: Path) -> None:
+    if config_json:  # another model is there, not this one
+        model_folder(tmp_path / "decoder")
+    else:  # the folder is there, but the pretrain stage never finished writing it
+        (tmp_path / "encoder").mkdir()
+    with pytest.raises(LmforgeError, match=r"^finetune\.tasks\.ner\.base: ") as raised:
+        resolve_base("pretrained:encoder", tmp_path, "finetune.tasks.ner.base")
+    assert str(tmp_path / "encoder") in str(raised.value) and "pretrain" in str(raised.value)
+
+
+def test_resolve_base_accepts_a_local_model_folder(tmp_path: Path) -> None:
+    folder = model_folder(tmp_path / "my" / "model" / "here")
+    assert resolve_base(str(folder), tmp_path / "pretrained", "k") == str(folder)
+
+
+def test_resolve_base_refuses_a_local_folder_without_config(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LmforgeError, match=r"^key: .*no config\.json"):
+        resolve_base(str(tmp_path / "empty"), tmp_path, "key")
+
+
+@pytest.mark.parametrize("base", ["./models/missing", "/no/such/model", "org/name/extra"])
+def test_resolve_base_refuses_a_local_path_that_does_not_exist(base: str, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LmforgeError, match=r"^key: local model folder .*does not exist"):
+        resolve_base(base, tmp_path, "key")
+
+
+@pytest.mark.parametrize("base", ["bert-base-chinese", "uer/gpt2-chinese-cluecorpussmall"])
+def test_resolve_base_passes_hub_ids_through(base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert resolve_base(base, tmp_path / "pretrained", "key") == base
+
+
+# --- load_pretrained ------------------------------------------------------------------------------
+
+
+def save(model: PreTrainedModel, folder: Path, objective: str) -> Path:
+    model.save_pretrained(str(folder), safe_serialization=True)
+    (folder / "lmforge_params.json").write_text(json.dumps({"objective": objective, "seed": 0}))
+    return folder
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_load_pretrained_round_trips_the_weights_from_safetensors(name: str, tmp_path: Path) -> None:
+    arch, model_class = ARCHITECTURES[name]
+    model = build(name, seed=3)
+    folder = save(model, tmp_path / "model", arch.objective)
+    assert (folder / "model.safetensors").is_file()
+    assert not list(folder.glob("*.bin"))
+    reloaded = load_pretrained(folder)
+    assert type(reloaded) is model_class
+    assert same_weights(model, reloaded)
+    assert torch.equal(logits_of(model, batch()), logits_of(reloaded, batch()))
+
+
+def test_load_pretrained_picks_the_head_from_the_objective(tmp_path: Path) -> None:
+    """The same BERT weights load with the head the objective names, not whatever the config says."""
+    folder = save(build("bert-mlm_nsp"), tmp_path / "model", "mlm")
+    assert type(load_pretrained(folder)) is BertForMaskedLM
+
+
+def test_load_pretrained_refuses_pickled_weights(tmp_path: Path) -> None:
+    model = build("gpt-causal")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    model.config.save_pretrained(str(folder))
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    (folder / "lmforge_params.json").write_text(json.dumps({"objective": "causal"}))
+    with pytest.raises(OSError, match="safetensors"):
+        load_pretrained(folder)
