@@ -1,7 +1,7 @@
 """The typed schema of params.yaml: one section class per stage, with defaults and help text.
 
 The schema is the single place where a knob, its default and its meaning are written down.
-params.yaml is rendered from it (`lmforge params use default`, see lmforge/params.py), so every
+params.yaml is rendered from it (`lmforge params use default`, by lmforge/params.py), so every
 key there carries its help text as a comment, and a stage validates the file against it before
 doing any work.
 """

@@ -97,18 +97,23 @@ def loggable_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def pipeline_key() -> str:
+    """What makes stage runs one pipeline when no parent is named: the git commit and the params file."""
+    params_file = Path(os.environ.get(PARAMS_ENV, "params.yaml"))
+    key = hashlib.sha256((git_commit() + (params_file.read_text() if params_file.exists() else "")).encode())
+    return key.hexdigest()[:16]
+
+
 def pipeline_parent(experiment_id: str) -> str:
     """The pipeline run that stage runs nest under (see the module docstring)."""
     import mlflow
 
     if os.environ.get(PARENT_ENV):
         return os.environ[PARENT_ENV]
-    params_file = Path(os.environ.get(PARAMS_ENV, "params.yaml"))
-    key = hashlib.sha256((git_commit() + (params_file.read_text() if params_file.exists() else "")).encode())
-    key_hex = key.hexdigest()[:16]
+    key_hex = pipeline_key()
     found = mlflow.search_runs(
         [experiment_id],
-        filter_string=f"tags.`lmforge.pipeline_key` = '{key_hex}'",
+        filter_string=f"tags.`lmforge.pipeline_key` = '{key_hex}' and tags.`lmforge.kind` = 'pipeline'",
         order_by=["attributes.start_time DESC"],
         max_results=1,
         output_format="list",
@@ -135,7 +140,8 @@ def stage_run(
     experiment_id = setup()
     parent = pipeline_parent(experiment_id)
     name = f"{stage}@{item}" if item else stage
-    tags = {"stage": stage, "git_commit": git_commit(), "params_digest": params_digest(params), **dvc_lineage(name)}
+    tags = {"stage": stage, "git_commit": git_commit(), "params_digest": params_digest(params), **dvc_lineage(name),
+            "lmforge.pipeline_key": pipeline_key()}  # fmt: skip
     if item:
         tags["item"] = item
         tags["task" if stage != "pretrain" else "model"] = item

@@ -20,9 +20,9 @@ import mlflow
 import optuna
 import pytest
 import yaml
-from lmforge.optimization import FINISHED, open_study
 
 from lmforge.params import params_to_dict
+from lmforge.study import FINISHED, open_study
 from tests.conftest import REPO, SmokeRun, clone_working_tree
 from tests.flows.conftest import api, env_of_a_new_prefect_home, free_port
 from tests.stages.test_optimize import tuning

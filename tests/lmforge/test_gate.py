@@ -6,12 +6,24 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
+from lmforge.artifacts import EvalReport, PerExample
 from lmforge.gate import Evidence, decide, paired_bootstrap
 from lmforge.schema import PromoteParams
 
 N = 400
 Y_TRUE = np.arange(N) % 2
 LOADS = (True, "loads")
+
+
+def evidence(metrics: dict, per_example: dict) -> Evidence:
+    """Evidence as the evaluate stage writes it; the fields the gate does not read are placeholders."""
+    filler = {"task": "t", "primary_ci_low": 0.0, "primary_ci_high": 1.0, "baseline": {"name": "none"},
+              "latency_ms_p50": 1.0, "latency_ms_p95": 5.0, "throughput_per_s": 1.0}  # fmt: skip
+    return Evidence(EvalReport.model_validate({**filler, **metrics}), PerExample.model_validate(per_example))
+
+
+def records(item: Evidence) -> dict:
+    return {name: values for name, values in item.per_example.data().items() if values is not None}
 
 
 def classifier(correct_fraction: float, seed: int, sha: str = "frozen", latency: float = 5.0) -> Evidence:
@@ -22,7 +34,7 @@ def classifier(correct_fraction: float, seed: int, sha: str = "frozen", latency:
     metrics = {"kind": "classification", "primary_metric": "macro_f1", "higher_is_better": True,
                "primary": float(f1_score(Y_TRUE, y_pred, average="macro")), "test_examples": N, "test_sha256": sha,
                "latency_ms_p95": latency, "worst_class_recall": min(recall)}  # fmt: skip
-    return Evidence(metrics, {"y_true": Y_TRUE.tolist(), "y_pred": y_pred.tolist()})
+    return evidence(metrics, {"y_true": Y_TRUE.tolist(), "y_pred": y_pred.tolist()})
 
 
 def gate(candidate: Evidence, champion: Evidence | None, floor: float | None = 0.6, **settings) -> object:
@@ -43,14 +55,14 @@ def test_a_worse_candidate_fails_margin_and_significance():
 
 def test_an_improvement_within_noise_fails_significance_but_not_margin():
     champion = classifier(0.8, 3)
-    nudged = list(champion.per_example["y_pred"])
+    nudged = list(champion.per_example.y_pred)
     # Fix four mistakes and make three new ones: a little better overall, but well within noise.
     for i in [i for i in range(N) if nudged[i] != Y_TRUE[i]][:4]:
         nudged[i] = int(Y_TRUE[i])
     for i in [i for i in range(N) if nudged[i] == Y_TRUE[i]][-3:]:
         nudged[i] = int(1 - Y_TRUE[i])
     primary = float(f1_score(Y_TRUE, nudged, average="macro"))
-    candidate = Evidence({**champion.metrics, "primary": primary}, {"y_true": Y_TRUE.tolist(), "y_pred": nudged})
+    candidate = evidence({**champion.metrics.data(), "primary": primary}, {"y_true": Y_TRUE.tolist(), "y_pred": nudged})
     decision = gate(candidate, champion)
     assert decision.checks["margin"] is True and decision.checks["significance"] is False
     assert not decision.passed
@@ -72,7 +84,7 @@ def test_guards_latency_test_split_validation_and_loading():
         is False
     )
     assert not decide(classifier(0.9, 1), champion, PromoteParams(), None, True, "frozen", (False, "no")).passed
-    other_split = Evidence({**champion.metrics, "test_sha256": "older"}, champion.per_example)
+    other_split = evidence({**champion.metrics.data(), "test_sha256": "older"}, records(champion))
     assert gate(classifier(0.9, 1), other_split).checks["same_test"] is False
 
 
@@ -85,7 +97,7 @@ def test_lower_perplexity_is_the_better_direction():
         ppl = float(np.exp(losses.sum() / tokens.sum()))
         metrics = {"kind": "generation", "primary_metric": "perplexity", "primary": ppl, "higher_is_better": False,
                    "test_examples": N, "test_sha256": "frozen", "latency_ms_p95": 5.0}  # fmt: skip
-        return Evidence(metrics, {"loss": losses.tolist(), "tokens": tokens.tolist()})
+        return evidence(metrics, {"loss": losses.tolist(), "tokens": tokens.tolist()})
 
     better, worse = lm(3.0), lm(3.5)
     assert gate(better, worse, floor=100.0).passed
@@ -107,6 +119,6 @@ def test_fast_macro_f1_agrees_with_sklearn():
 
 def test_records_of_different_test_examples_are_not_compared():
     champion = classifier(0.7, 2)
-    shorter = Evidence(champion.metrics, {k: v[:-3] for k, v in champion.per_example.items()})
+    shorter = evidence(champion.metrics.data(), {k: v[:-3] for k, v in records(champion).items()})
     decision = gate(classifier(0.9, 1), shorter)
     assert decision.checks["same_test"] is False and not decision.passed

@@ -75,6 +75,7 @@ def test_classification_scores_on_a_hand_worked_example() -> None:
     assert 0.0 <= scores["roc_auc"] <= 1.0
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
 def test_classification_scores_binary_roc_auc_and_one_class_split() -> None:
     y_true = np.array([0, 0, 1, 1])
     # (negative, positive) pairs ranked right: (0.1, 0.4) (0.1, 0.9) (0.6, 0.9); wrong: (0.6, 0.4)
@@ -101,6 +102,16 @@ def test_bootstrap_ci_brackets_the_point_estimate_and_narrows_with_more_data() -
         assert low < values.mean() < high
         widths.append(high - low)
     assert widths[1] < widths[0] / 4  # width ~ 1/sqrt(n): sqrt(100) = 10 times narrower in theory
+
+
+def test_bootstrap_ci_of_a_mean_matches_the_normal_approximation() -> None:
+    """The percentile interval of a mean of n coin flips is about p +- z * sqrt(p(1 - p) / n)."""
+    values = (np.random.default_rng(4).random(1000) < 0.3).astype(float)
+    p, n = values.mean(), len(values)
+    for confidence, z in ((0.95, 1.959964), (0.8, 1.281552)):
+        low, high = bootstrap_ci(mean_statistic(values), n, samples=2000, confidence=confidence, seed=5)
+        assert high - low == pytest.approx(2 * z * math.sqrt(p * (1 - p) / n), rel=0.06)
+        assert (low + high) / 2 == pytest.approx(p, abs=0.005)
 
 
 def test_bootstrap_ci_is_wider_at_higher_confidence_and_reproducible() -> None:

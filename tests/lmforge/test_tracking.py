@@ -30,12 +30,13 @@ def test_lineage_tags_are_the_dvc_lock_hashes_of_the_stage_inputs(tmp_path: Path
 def test_stage_runs_nest_under_one_pipeline_run_with_their_tags(smoke_models: SmokeRun):
     import mlflow
 
-    from lmforge.tracking import git_commit
+    from lmforge.tracking import pipeline_key
 
     runs = mlflow.search_runs(experiment_names=["lmforge"], output_format="list", max_results=1000)
-    # Only this checkout's runs: the flow and DVC tests run clones (other commits) in the same store.
+    # Only the runs of this commit and params.yaml: other tests run clones (other commits) and stages
+    # with params files of their own, which are other pipelines.
     stages = [run for run in runs if run.data.tags.get("stage") in {"pretrain", "finetune"}
-              and run.data.tags.get("git_commit") == git_commit()]  # fmt: skip
+              and run.data.tags.get("lmforge.pipeline_key") == pipeline_key()]  # fmt: skip
     assert {run.data.tags["stage"] for run in stages} == {"pretrain", "finetune"}
     parents = {run.data.tags["mlflow.parentRunId"] for run in stages}
     assert len(parents) == 1

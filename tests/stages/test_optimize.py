@@ -12,11 +12,11 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from lmforge.optimization import FINISHED, open_study
 
 from lmforge import optimize
 from lmforge.artifacts import OptimizeReport
 from lmforge.params import Params, deep_merge, params_to_dict, parse_params
+from lmforge.study import FINISHED, open_study
 from tests.conftest import REPO, SmokeRun, run_in
 
 

@@ -102,7 +102,7 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run: SmokeRun, tmp_path: P
     assert a.keys() == b.keys()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst <= 1e-5, worst
-    report = json.loads((killed / "m.json").read_text())
+    report = json.loads((killed / "reports" / "encoder.json").read_text())
     assert report["resumed_from_step"] >= 8 and report["steps"] == 16  # it went on from the checkpoint, to the end
 
 
