@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from lmforge import ingest, validate
+from lmforge.ingest import IngestPaths
 from lmforge.params import load_params
-from stages import ingest, validate
+from lmforge.validate import ValidatePaths
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,8 +74,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as tmp:
         root = Path(tmp)
-        ingest.run(params.ingest, REPO, root / "raw1")
-        validate.run(params.validate_, root / "raw1", root / "validation", root / "validate.json")
+        ingest.run(params.ingest, IngestPaths(REPO, root / "raw1", root / "ingest.json"))
+        validate.run(params.validate_, ValidatePaths(root / "raw1", root / "validation", root / "validate.json"))
         scale_raw(root / "raw1", root / "raw4", 4)
         for factor in (1, 4):
             stats = preprocess(root / f"raw{factor}", root / "validation", root / f"out{factor}")
