@@ -130,9 +130,9 @@ def promote_version(
     from lmforge import promote
 
     try:
+        section = promote.STAGE.section(load_params(params), task)  # an unknown task fails here, naming the key
         paths = dvc_paths(f"promote@{task}")
-        report = promote.gate_version(promote.STAGE.section(load_params(params), task), version, paths.dataset,
-                                      paths.validation)  # fmt: skip
+        report = promote.gate_version(section, version, paths.dataset, paths.validation)
     except LmforgeError as error:
         fail(error)
     typer.echo(f"{report.registered_model} version {version}: gate {report.decision.upper()}")
