@@ -188,25 +188,14 @@ def rollback_champion(task: str = TASK_OPTION, params: Path = PARAMS_OPTION) -> 
     typer.echo(f"{name}: @champion moved from version {before} back to version {after}")
 
 
-@app.command("status")
-def status() -> None:
-    """Say where the results of the last run are, with the key figures (read where dvc.yaml puts them)."""
-    from lmforge.artifacts import (
-        EvalReport,
-        OptimizeReport,
-        PreprocessReport,
-        PromotionReport,
-        ValidateReport,
-    )
+def _print_reports(reports: list[tuple[str, Path]]) -> None:
+    """The key figures of each stage report that exists, by stage."""
+    from lmforge.artifacts import EvalReport, OptimizeReport, PreprocessReport, PromotionReport, ValidateReport
 
-    try:
-        reports = {address: (stage.name, path) for address, (stage, path) in report_files().items() if path.is_file()}
-    except LmforgeError as error:
-        fail(error)
-    if not any(name == "validate" for name, _ in reports.values()):
+    if not any(name == "validate" for name, _ in reports):
         typer.echo("no results yet: run `make run` (or `dvc repro`)")
         raise typer.Exit(1)
-    for name, path in reports.values():
+    for name, path in reports:
         if name == "validate":
             for dataset, passed in ValidateReport.read(path).datasets.items():
                 state = "passed" if passed.success else "FAILED"
@@ -236,6 +225,16 @@ def status() -> None:
                        f"@champion is v{champion}")  # fmt: skip
             for reason in report.reasons:
                 typer.echo(f"              {reason}")
+
+
+@app.command("status")
+def status() -> None:
+    """Say where the results of the last run are, with the key figures (read where dvc.yaml puts them)."""
+    try:
+        reports = {address: (stage.name, path) for address, (stage, path) in report_files().items() if path.is_file()}
+        _print_reports(list(reports.values()))
+    except LmforgeError as error:
+        fail(error)
     typer.echo("results (where dvc.yaml puts them):")
     typer.echo("  data/raw/<dataset>/           train/val/test Parquet + manifest.json (frozen test sha256)")
     typer.echo("  reports/validation/           per-dataset expectation results (JSON)")

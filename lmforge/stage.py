@@ -130,11 +130,19 @@ def stage_of(name: str) -> Stage[Any, Any, Any]:
 def dvc_commands(repo_root: Path = Path(".")) -> dict[str, str]:
     """Every stage of dvc.yaml (foreach items resolved, `finetune@sentiment`) -> its command, in DAG order."""
     import networkx as nx
+    from dvc.exceptions import DvcException
     from dvc.repo import Repo
+    from scmrepo.exceptions import SCMError
 
-    with Repo(str(repo_root)) as repo:
-        graph = repo.index.graph  # edges point from a stage to the stages it depends on
-        return {stage.addressing: stage.cmd for stage in reversed(list(nx.topological_sort(graph)))}
+    try:
+        with Repo(str(repo_root)) as repo:
+            if Path(repo.root_dir).resolve() != Path(repo_root).resolve():  # dvc.yaml's paths are the root's
+                raise LmforgeError(f"{Path(repo_root).resolve()}: run lmforge in the repository root, {repo.root_dir}")
+            graph = repo.index.graph  # edges point from a stage to the stages it depends on
+            return {stage.name: stage.cmd for stage in reversed(list(nx.topological_sort(graph)))}
+    except (DvcException, SCMError) as error:
+        raise LmforgeError(f"{Path(repo_root).resolve()}: cannot read dvc.yaml's stages (run lmforge in the "
+                           f"repository root): {' '.join(str(error).split())[:200]}") from None  # fmt: skip
 
 
 def parse_command(address: str, command: str) -> tuple[Stage[Any, Any, Any], argparse.Namespace, Any]:
