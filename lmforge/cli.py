@@ -176,13 +176,20 @@ def compare(
 
 
 @app.command("rollback")
-def rollback_champion(task: str = TASK_OPTION, params: Path = PARAMS_OPTION) -> None:
-    """Give @champion back to the previous champion (repeat to go further back)."""
+def rollback_champion(
+    task: str = TASK_OPTION,
+    params: Path = PARAMS_OPTION,
+    force: bool = typer.Option(False, "--force", help="also to a version that never passed the gate"),
+    reason: str = typer.Option(None, "--reason", help="why (required with --force; recorded on the version)"),
+) -> None:
+    """Give @champion back to the previous champion (repeat to go further back); only to one that passed its gate."""
     from lmforge import registry
 
     try:
+        if force and not reason:
+            raise LmforgeError("--force needs --reason: say why a version that never passed the gate should serve")
         name = registry.model_name(load_params(params).promote.model_prefix, task)
-        before, after = registry.rollback(registry.client(), name)
+        before, after = registry.rollback(registry.client(), name, reason if force else None)
     except LmforgeError as error:
         fail(error)
     typer.echo(f"{name}: @champion moved from version {before} back to version {after}")

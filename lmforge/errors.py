@@ -24,6 +24,15 @@ class DataError(LmforgeError):
     """An input file or dataset is missing, unreadable or malformed."""
 
 
+class TransientError(LmforgeError):
+    """A server could not be reached or answered with an error (a 5xx, a 403, a timeout): try again later.
+
+    Orchestration retries exit 75 (EX_TEMPFAIL); nothing that depends on the answer is decided meanwhile.
+    """
+
+    exit_code = 75
+
+
 class ValidationFailed(LmforgeError):
     """A Great Expectations expectation failed and `validate.on_failure` is `fail`."""
 

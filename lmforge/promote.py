@@ -97,7 +97,7 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
     smoke_text = str(pd.read_parquet(dataset_dir / "test.parquet", columns=["text"])["text"].iloc[0])
     with registry.promotion_lock(name), tracking.stage_run("promote", {"task": task, **params.promote.model_dump()},
                                                             item=task, system_metrics=False) as run:  # fmt: skip
-        mv = client.get_model_version(name, str(version))
+        mv = registry.model_version(client, name, str(version))
         version = str(mv.version)
         candidate = registry.evidence_of(client, mv)
         champion_version = registry.alias_version(client, name, registry.CHAMPION)
@@ -116,10 +116,8 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
             registry.smoke_load(name, version, smoke_text),
         )  # fmt: skip
         verdict = "pass" if decision.passed else "fail"
-        if decision.passed:
-            registry.crown(client, name, version)
-        else:
-            client.set_registered_model_alias(name, registry.CHALLENGER, version)
+        # The decision goes on the version before any alias moves: a crash in between leaves a
+        # recorded decision and the old aliases, and a re-run gates again and finishes the move.
         reasons = "; ".join(decision.reasons)
         client.set_model_version_tag(name, version, "gate.decision", verdict)
         client.set_model_version_tag(name, version, "gate.reasons", reasons[:4900])
@@ -127,6 +125,10 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
         client.update_model_version(name, version, description=f"Gate {verdict.upper()} "
                                     f"(vs champion {champion_version.version if champion_version else 'none'}):\n- "
                                     + "\n- ".join(decision.reasons))  # fmt: skip
+        if decision.passed:
+            registry.crown(client, name, version)
+        else:
+            client.set_registered_model_alias(name, registry.CHALLENGER, version)
         report = PromotionReport(
             task=task, registered_model=name, version=version, decision=verdict,
             reasons=decision.reasons, checks=decision.checks,

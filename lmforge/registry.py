@@ -3,6 +3,11 @@
 Aliases: `@champion` serves; `@previous` is the champion it replaced; `@challenger` is the latest
 candidate that failed its gate. The registered model's tag `lmforge.champion_history` lists every
 champion in order, so `lmforge rollback` can step back more than once.
+
+Everything here fails closed: "no champion" is only ever the registry saying the model or alias does
+not exist; any other failure to read it (a 5xx, a 403, a timeout) is a TransientError (exit 75) that
+the flow retries, never a reason to promote. Evidence is read from the version's own source run, and
+a model is loaded only if its MLmodel says it is lmforge's models-from-code pyfunc (no pickle).
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import yaml
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from lmforge import tracking
 from lmforge.artifacts import EvalReport, PerExample, VersionRef
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, TransientError
 from lmforge.gate import Evidence
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
@@ -37,11 +43,37 @@ def client() -> mlflow.MlflowClient:
     return mlflow.MlflowClient()
 
 
+def unavailable(what: str, error: Exception) -> TransientError:
+    """The one-line error for a registry that did not answer what was asked."""
+    code = getattr(error, "error_code", type(error).__name__)
+    return TransientError(f"{tracking.tracking_uri()}: {what}: the registry answered {code}: "
+                          f"{' '.join(str(error).split())[:160]}")  # fmt: skip
+
+
 def alias_version(mlflow_client: mlflow.MlflowClient, name: str, alias: str) -> ModelVersion | None:
+    """The version holding `alias`; None only when the registry says the model or the alias does not exist."""
     try:
-        return mlflow_client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+        model = mlflow_client.get_registered_model(name)
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise unavailable(f"reading {name}", error) from None
+    except Exception as error:  # connection refused, timeouts, TLS: nothing known, nothing decided
+        raise unavailable(f"reading {name}", error) from None
+    version = model.aliases.get(alias)
+    return None if version is None else model_version(mlflow_client, name, str(version))
+
+
+def model_version(mlflow_client: mlflow.MlflowClient, name: str, version: str) -> ModelVersion:
+    """A registered version; a missing one is the user's error (exit 2), any other failure transient."""
+    try:
+        return mlflow_client.get_model_version(name, str(version))
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise LmforgeError(f"{name}: no version {version} in the registry") from None
+        raise unavailable(f"reading {name} version {version}", error) from None
+    except Exception as error:
+        raise unavailable(f"reading {name} version {version}", error) from None
 
 
 def register(mlflow_client: mlflow.MlflowClient, name: str, model_uri: str, eval_run_id: str,
@@ -57,15 +89,24 @@ def register(mlflow_client: mlflow.MlflowClient, name: str, model_uri: str, eval
 
 
 def evidence_of(mlflow_client: mlflow.MlflowClient, version: ModelVersion) -> Evidence:
-    """metrics.json and per_example.json that the evaluate run logged for this version."""
-    run_id = version.tags.get("lmforge.eval_run_id")
-    if not run_id:
-        raise LmforgeError(
-            f"{version.name} version {version.version} has no lmforge.eval_run_id tag: "
-            "it was not registered by lmforge, so there is no test-set evidence to compare with"
-        )
+    """metrics.json and per_example.json of the evaluate run that logged this very model.
+
+    The evidence is bound to the model: the run that scored it must be the version's own source run
+    (the registry's record, not a tag anyone can set).
+    """
+    where = f"{version.name} version {version.version}"
+    tagged = version.tags.get("lmforge.eval_run_id")
+    if not tagged:
+        raise LmforgeError(f"{where} has no lmforge.eval_run_id tag: it was not registered by lmforge, so there "
+                           "is no test-set evidence to compare with")  # fmt: skip
+    if tagged != version.run_id:
+        raise LmforgeError(f"{where}: its lmforge.eval_run_id {tagged} is not the run that logged the model "
+                           f"({version.run_id}): the evidence is not this model's")  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="eval", dst_path=folder))
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(run_id=tagged, artifact_path="eval", dst_path=folder))
+        except Exception as error:  # a missing run, a 5xx, a timeout: no evidence, no decision
+            raise unavailable(f"reading the evidence of {where} (evaluate run {tagged})", error) from None
         return Evidence(EvalReport.read(local / "metrics.json"), PerExample.read(local / "per_example.json"))
 
 
@@ -88,16 +129,34 @@ def crown(mlflow_client: mlflow.MlflowClient, name: str, version: str) -> None:
     mlflow_client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
 
 
-def rollback(mlflow_client: mlflow.MlflowClient, name: str) -> tuple[str, str]:
-    """Give @champion back to the champion before the current one; return (from, to) versions."""
-    current = alias_version(mlflow_client, name, CHAMPION)
-    if current is None:
-        raise LmforgeError(f"{name}: no @champion to roll back")
-    history = champion_history(mlflow_client, name)
-    while history and history[-1] == str(current.version):
-        history.pop()
-    if not history:
-        raise LmforgeError(f"{name}: version {current.version} is the first champion; nothing to roll back to")
+def rollback(mlflow_client: mlflow.MlflowClient, name: str, force_reason: str | None = None) -> tuple[str, str]:
+    """Give @champion back to the champion before the current one; return (from, to) versions.
+
+    Under the promotion lock, like a promotion. Only a version whose gate decision was pass serves
+    again; one set by hand (or that failed) needs `force_reason`, which is recorded on it.
+    """
+    with promotion_lock(name):
+        current = alias_version(mlflow_client, name, CHAMPION)
+        if current is None:
+            raise LmforgeError(f"{name}: no @champion to roll back")
+        history = champion_history(mlflow_client, name)
+        while history and history[-1] == str(current.version):
+            history.pop()
+        if not history:
+            raise LmforgeError(f"{name}: version {current.version} is the first champion; nothing to roll back to")
+        target = history[-1]
+        decision = mlflow_client.get_model_version(name, target).tags.get("gate.decision")
+        if decision != "pass" and not force_reason:
+            raise LmforgeError(f"{name}: version {target} never passed the gate (gate.decision: {decision or 'none'}, "
+                               "set by hand?); roll back to it with --force --reason '...'")  # fmt: skip
+        if decision != "pass":
+            mlflow_client.set_model_version_tag(name, target, "lmforge.forced_champion_reason", str(force_reason))
+        _step_back(mlflow_client, name, current, history)
+        return str(current.version), target
+
+
+def _step_back(mlflow_client: mlflow.MlflowClient, name: str, current: ModelVersion, history: list[str]) -> None:
+    """Move @champion to the last of `history` (and @previous to the one before); record it."""
     target = history[-1]
     mlflow_client.set_registered_model_alias(name, CHAMPION, target)
     if len(history) > 1:
@@ -106,14 +165,38 @@ def rollback(mlflow_client: mlflow.MlflowClient, name: str) -> tuple[str, str]:
         mlflow_client.delete_registered_model_alias(name, PREVIOUS)
     mlflow_client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history))
     mlflow_client.set_model_version_tag(name, str(current.version), "lmforge.rolled_back", "true")
-    return str(current.version), target
+
+
+SERVING_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader of a models-from-code pyfunc
+
+
+def lmforge_flavor(uri: str) -> tuple[bool, str]:
+    """Is the model at `uri` lmforge's models-from-code pyfunc? Read from its MLmodel file alone.
+
+    A pickled python_model (or any other flavor) is refused before anything of it is loaded:
+    unpickling runs whatever code the pickle names.
+    """
+    try:
+        mlmodel = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel")).read_text())
+    except Exception as error:
+        return False, f"{uri}: no readable MLmodel ({type(error).__name__}); not loaded"
+    pyfunc = (mlmodel.get("flavors") or {}).get("python_function") or {}
+    code = Path(str(pyfunc.get("model_code_path", ""))).name
+    if pyfunc.get("loader_module") != SERVING_LOADER or code != "serving.py" or "python_model" in pyfunc:
+        flavors = ", ".join(mlmodel.get("flavors") or {}) or "none"
+        return False, (f"{uri} is not lmforge's models-from-code pyfunc (flavors: {flavors}; loader "
+                       f"{pyfunc.get('loader_module')}); refused before loading")  # fmt: skip
+    return True, f"{uri} is lmforge's models-from-code pyfunc"
 
 
 def smoke_load(name: str, version: str, text: str) -> tuple[bool, str]:
-    """Does the registered artifact load from the registry and answer on a raw text?"""
+    """Is the registered artifact lmforge's pyfunc, and does it load from the registry and answer on a raw text?"""
     import pandas as pd
 
     uri = f"models:/{name}/{version}"
+    ours, why = lmforge_flavor(uri)
+    if not ours:
+        return False, why
     try:
         predictions = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"text": [text]}))
     except Exception as error:  # any failure here is the gate's reason, not a crash

@@ -156,3 +156,126 @@ def test_two_promotions_at_once_never_crown_a_failed_version(smoke_evaluated: Sm
     assert second["champion_before"] == version_of(reports[firsts[0]])
     expected = version_of(second) if second["decision"] == "pass" else version_of(reports[firsts[0]])
     assert str(champion.version) == expected
+
+
+# --- the gate fails closed ---------------------------------------------------------------------------
+
+
+def registered(client, name: str, candidate: Path) -> str:
+    """Register a candidate's evaluated model without gating it."""
+    model = json.loads((candidate / "candidate" / "model.json").read_text())
+    return str(registry.register(client, name, model["model_uri"], model["run_id"], {}).version)
+
+
+def test_a_registry_error_while_reading_the_champion_fails_closed(smoke_evaluated: SmokeRun, candidates):
+    """The store answering an internal error is not "no champion yet": the stage fails, nothing moves."""
+    import sqlite3
+
+    from lmforge.errors import TransientError
+
+    run = smoke_evaluated
+    params = settings(run, "closed", floors={"sentiment": 0.0})
+    first = gate(params, run, candidates["a"])
+    client = registry.client()
+    second = registered(client, "closed-sentiment", candidates["b"])
+    store = sqlite3.connect(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+    store.execute("ALTER TABLE registered_model_tags RENAME TO tags_away")  # the server's SQL now fails
+    store.commit()
+    try:
+        with pytest.raises(TransientError) as failed:
+            promote.gate_version(promote.section(params, "sentiment"), second, run.raw / "sentiment",
+                                 run.validation / "sentiment.json")  # fmt: skip
+    finally:
+        store.execute("ALTER TABLE tags_away RENAME TO registered_model_tags")
+        store.commit()
+        store.close()
+    assert failed.value.exit_code == 75 and "the registry answered" in str(failed.value)
+    assert str(registry.alias_version(client, "closed-sentiment", "champion").version) == version_of(first)
+    assert "gate.decision" not in client.get_model_version("closed-sentiment", second).tags
+
+
+def test_a_crash_between_the_decision_and_the_alias_move_is_finished_by_a_rerun(
+    smoke_evaluated: SmokeRun, candidates, monkeypatch: pytest.MonkeyPatch
+):
+    run = smoke_evaluated
+    params = settings(run, "crash", floors={"sentiment": 0.0})
+
+    def killed(*args: object) -> None:
+        raise SystemExit(137)
+
+    monkeypatch.setattr(registry, "crown", killed)
+    with pytest.raises(SystemExit):
+        gate(params, run, candidates["a"])
+    monkeypatch.undo()
+    client = registry.client()
+    version = registry.register(client, "crash-sentiment", "unused", json.loads(
+        (candidates["a"] / "candidate/model.json").read_text())["run_id"], {}).version  # the same, deduped  # fmt: skip
+    assert client.get_model_version("crash-sentiment", str(version)).tags["gate.decision"] == "pass"
+    assert registry.alias_version(client, "crash-sentiment", "champion") is None  # the crash came before the move
+
+    again = gate(params, run, candidates["a"])
+    assert again.decision == "pass" and version_of(again) == str(version)
+    assert str(registry.alias_version(client, "crash-sentiment", "champion").version) == str(version)
+
+
+def test_rollback_to_a_version_that_never_passed_needs_force_and_a_reason(smoke_evaluated: SmokeRun, candidates):
+    run = smoke_evaluated
+    params_file = write_params(settings(run, "force"), run.root / "force.yaml")
+    client = registry.client()
+    by_hand = registered(client, "force-sentiment", candidates["b"])
+    registry.crown(client, "force-sentiment", by_hand)  # set as champion without a gate decision
+    gated = registered(client, "force-sentiment", candidates["a"])
+    client.set_model_version_tag("force-sentiment", gated, "gate.decision", "pass")
+    registry.crown(client, "force-sentiment", gated)
+
+    def rollback(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "lmforge.cli", "rollback", "--task", "sentiment", "--params",
+                               str(params_file), *extra], cwd=REPO, capture_output=True, text=True)  # fmt: skip
+
+    refused = rollback()
+    assert refused.returncode == 2 and f"version {by_hand} never passed the gate" in refused.stderr
+    assert str(registry.alias_version(client, "force-sentiment", "champion").version) == gated
+    assert rollback("--force").returncode == 2  # a reason is required
+    forced = rollback("--force", "--reason", "incident 42: the new model mislabels refunds")
+    assert forced.returncode == 0, forced.stderr[-800:]
+    assert str(registry.alias_version(client, "force-sentiment", "champion").version) == by_hand
+    tags = client.get_model_version("force-sentiment", by_hand).tags
+    assert tags["lmforge.forced_champion_reason"] == "incident 42: the new model mislabels refunds"
+
+
+class Pickled:
+    """A python_model whose unpickling leaves a trace: what a pickled pyfunc can do when loaded."""
+
+    def __init__(self, sentinel: Path) -> None:
+        self.sentinel = sentinel
+
+    def __reduce__(self) -> tuple:
+        return (Path.touch, (self.sentinel,))
+
+
+def test_a_pickled_pyfunc_is_refused_before_it_is_loaded(smoke_evaluated: SmokeRun, candidates, tmp_path: Path):
+    """Registered by hand from the very run that holds valid evidence: only its flavor gives it away."""
+    import mlflow
+    from mlflow.pyfunc import PythonModel
+
+    class Model(PythonModel):
+        def __init__(self, payload: Pickled) -> None:
+            self.payload = payload
+
+        def predict(self, context, model_input, params=None):  # pragma: no cover - never loaded
+            return model_input
+
+    run = smoke_evaluated
+    eval_run = json.loads((candidates["a"] / "candidate/model.json").read_text())["run_id"]
+    sentinel = tmp_path / "unpickled"
+    with mlflow.start_run(run_id=eval_run):
+        info = mlflow.pyfunc.log_model(name="pickled", python_model=Model(Pickled(sentinel)))
+    sentinel.unlink(missing_ok=True)  # logging may have round-tripped it; from here on nothing may unpickle it
+    client = registry.client()
+    version = str(registry.register(client, "pickle-sentiment", info.model_uri, eval_run, {}).version)
+    report = promote.gate_version(promote.section(settings(run, "pickle", floors={"sentiment": 0.0}), "sentiment"),
+                                  version, run.raw / "sentiment", run.validation / "sentiment.json")  # fmt: skip
+    assert report.decision == "fail" and report.checks["loads"] is False
+    assert any("not lmforge's models-from-code pyfunc" in reason for reason in report.reasons)
+    assert registry.alias_version(client, "pickle-sentiment", "champion") is None
+    assert not sentinel.exists()
