@@ -169,6 +169,12 @@ def compare(
         typer.echo(f"{label:>9}  version {mv.version:>3}  {m.primary_metric} {m.primary:.4f} "
                    f"[{m.primary_ci_low:.4f}, {m.primary_ci_high:.4f}]  p95 {m.latency_ms_p95:.1f} ms  "
                    f"gate {mv.tags.get('gate.decision', '-')}")  # fmt: skip
+    scored = evidence[rows[-1][0]].metrics  # the baseline was scored on the same frozen split
+    base = scored.baseline.value(scored.primary_metric)
+    if base is not None:
+        interval = (f" [{scored.baseline.ci_low:.4f}, {scored.baseline.ci_high:.4f}]"
+                    if scored.baseline.ci_low is not None and scored.baseline.ci_high is not None else "")  # fmt: skip
+        typer.echo(f" baseline  {scored.baseline.name}  {scored.primary_metric} {base:.4f}{interval}")
     if len(evidence) == 2 and evidence["champion"].metrics.test_sha256 == evidence["candidate"].metrics.test_sha256:
         delta, lower = paired_bootstrap(evidence["candidate"], evidence["champion"], settings.bootstrap_samples,
                                         settings.confidence)  # fmt: skip

@@ -110,10 +110,15 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
             )  # fmt: skip
         champion = registry.evidence_of(client, champion_version) if champion_version is not None else None
         digest = log_test_dataset(dataset_dir, params.dataset)
+        loads = registry.smoke_load(name, version, smoke_text)
+        latency = None
+        if champion_version is not None and loads[0]:
+            texts = pd.read_parquet(dataset_dir / "test.parquet", columns=["text"])["text"].astype(str).tolist()
+            latency = registry.side_by_side_latency(name, version, str(champion_version.version),
+                                                    texts[: params.promote.latency_samples])  # fmt: skip
         decision = decide(
             candidate, champion, params.promote, params.promote.floors.get(task),
-            validation_passed(validation, manifest), manifest.test_sha256,
-            registry.smoke_load(name, version, smoke_text),
+            validation_passed(validation, manifest), manifest.test_sha256, loads, latency,
         )  # fmt: skip
         verdict = "pass" if decision.passed else "fail"
         # The decision goes on the version before any alias moves: a crash in between leaves a

@@ -206,6 +206,38 @@ def smoke_load(name: str, version: str, text: str) -> tuple[bool, str]:
     return True, f"{uri} loads from the registry and predicts on a smoke input"
 
 
+def side_by_side_latency(name: str, candidate: str, champion: str, texts: list[str]) -> tuple[float, float] | str:
+    """Median single-text latency in ms of (candidate, champion), timed in this process on the same texts.
+
+    The two are interleaved (and which goes first alternates), so a machine that slows down or speeds
+    up meanwhile slows both alike; figures taken at different times on a noisy machine are not
+    compared. Returns the reason instead when either cannot be timed.
+    """
+    import statistics
+    import time
+
+    import pandas as pd
+
+    models = {}
+    for version in (candidate, champion):
+        uri = f"models:/{name}/{version}"
+        ours, why = lmforge_flavor(uri)
+        if not ours:
+            return why
+        try:
+            models[version] = mlflow.pyfunc.load_model(uri)
+        except Exception as error:
+            return f"{uri} does not load: {type(error).__name__}"
+    timings: dict[str, list[float]] = {candidate: [], champion: []}
+    for index, text in enumerate(texts):
+        frame = pd.DataFrame({"text": [text]})
+        for version in (candidate, champion) if index % 2 else (champion, candidate):
+            started = time.perf_counter()
+            models[version].predict(frame)
+            timings[version].append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings[candidate]), statistics.median(timings[champion])
+
+
 @contextmanager
 def promotion_lock(name: str) -> Iterator[None]:
     """One promotion of a registered model at a time: check the champion and move it atomically.

@@ -426,7 +426,10 @@ class PromoteParams(Section):
     margin: float = Field(0.0, ge=0.0, description="the primary metric must beat the champion's by more than this")
     bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples of the shared test set")
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="the improvement's lower bound is at this level")
-    max_latency_ratio: float = Field(1.5, gt=0.0, description="guard: candidate p95 latency / champion's at most")
+    max_latency_ratio: float = Field(
+        1.5, gt=0.0, description="guard: candidate / champion median latency at most, timed side by side by the gate"
+    )
+    latency_samples: int = Field(30, ge=1, description="test texts the gate times on both models, interleaved")
     max_recall_drop: float = Field(0.05, ge=0.0, le=1.0, description="guard: worst-class recall may drop this much")
     floors: dict[str, float] = Field(
         default_factory=lambda: {"sentiment": 0.6, "ner": 0.2, "continuation": 2000.0},

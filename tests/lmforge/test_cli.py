@@ -211,7 +211,9 @@ def register_evaluated(name: str, report: EvalReport, y_pred: list[int]) -> str:
 def test_rollback_moves_champion_back_then_refuses_with_one_line(prefix: str):
     name, client = f"{prefix}-sentiment", registry.client()
     for predictions in ([0, 0, 0, 0], [0, 1, 0, 0]):
-        registry.crown(client, name, register_evaluated(name, eval_report("sentiment", 0.5), predictions))
+        version = register_evaluated(name, eval_report("sentiment", 0.5), predictions)
+        client.set_model_version_tag(name, version, "gate.decision", "pass")  # rollback returns only to a pass
+        registry.crown(client, name, version)
 
     result = invoke("rollback", "--task", "sentiment")
     assert (result.exit_code, result.stdout) == (0, f"{name}: @champion moved from version 2 back to version 1\n")
@@ -237,8 +239,9 @@ def test_compare_shows_champion_and_candidate_and_the_paired_improvement(prefix:
         " champion  version   1  macro_f1 0.3333 [0.0833, 0.5833]  p95 2.5 ms  gate -",
         "candidate  version   2  macro_f1 1.0000 [0.7500, 1.0000]  p95 2.5 ms  gate -",
     ]
-    assert lines[2].startswith("improvement +0.6667, 95% lower bound ")
-    assert len(lines) == 3
+    assert lines[2] == " baseline  majority  macro_f1 0.4000"  # scored on the same split, beside them
+    assert lines[3].startswith("improvement +0.6667, 95% lower bound ")
+    assert len(lines) == 4
 
 
 def test_compare_leaves_out_the_improvement_when_the_test_sets_differ(prefix: str):
@@ -247,7 +250,7 @@ def test_compare_leaves_out_the_improvement_when_the_test_sets_differ(prefix: st
     other = register_evaluated(name, eval_report("sentiment", 1.0, "new-split"), [0, 1, 0, 1])
     result = invoke("compare", "--task", "sentiment", "--candidate", other)
     assert result.exit_code == 0, result.stderr
-    assert [line.split()[0] for line in result.stdout.splitlines()] == ["champion", "candidate"]
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["champion", "candidate", "baseline"]
 
 
 def test_compare_with_nothing_registered_fails_naming_the_model(prefix: str):

@@ -37,8 +37,9 @@ def classifier(correct_fraction: float, seed: int, sha: str = "frozen", latency:
     return evidence(metrics, {"y_true": Y_TRUE.tolist(), "y_pred": y_pred.tolist()})
 
 
-def gate(candidate: Evidence, champion: Evidence | None, floor: float | None = 0.6, **settings) -> object:
-    return decide(candidate, champion, PromoteParams(**settings), floor, True, "frozen", LOADS)
+def gate(candidate: Evidence, champion: Evidence | None, floor: float | None = 0.6,
+         latency: tuple[float, float] | str | None = (5.0, 5.0), **settings) -> object:  # fmt: skip
+    return decide(candidate, champion, PromoteParams(**settings), floor, True, "frozen", LOADS, latency)
 
 
 def test_a_clearly_better_candidate_passes():
@@ -77,7 +78,11 @@ def test_first_model_must_clear_the_floor():
 
 def test_guards_latency_test_split_validation_and_loading():
     champion = classifier(0.7, 2)
-    assert gate(classifier(0.9, 1, latency=20.0), champion).checks["latency"] is False
+    # latency timed side by side in the gate: (candidate, champion) median ms, or why it could not be timed
+    assert gate(classifier(0.9, 1), champion, latency=(7.4, 5.0)).checks["latency"] is True  # 1.48 <= 1.5
+    assert gate(classifier(0.9, 1), champion, latency=(7.6, 5.0)).checks["latency"] is False
+    assert gate(classifier(0.9, 1), champion, latency="the champion is not lmforge's pyfunc").checks["latency"] is False
+    assert gate(classifier(0.9, 1), champion, latency=None).checks["latency"] is False  # no timing, no pass
     assert gate(classifier(0.9, 1, sha="other"), champion).checks["frozen_test"] is False
     assert (
         decide(classifier(0.9, 1), champion, PromoteParams(), None, False, "frozen", LOADS).checks["validation"]
