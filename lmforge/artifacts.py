@@ -348,3 +348,5 @@ class PromotionReport(Artifact):
     primary_metric: str | None = None
     champion_primary: float | None = None
     mlflow_run_id: str
+    baseline_version: str | None = None  # the task's baseline, registered as a contender
+    baseline_decision: str | None = None  # its gate as the first contender (skipped once a champion serves)

@@ -9,7 +9,9 @@ logged pyfunc model is). The same metrics go to MLflow with the model, which
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +22,7 @@ import pandas as pd
 
 from lmforge import tracking
 from lmforge.artifacts import EvalReport, Manifest, ModelRef, PerExample
+from lmforge.baselines import Baseline, MajorityTag, TfidfLogReg
 from lmforge.errors import LmforgeError
 from lmforge.inference import (
     TaskModel,
@@ -39,8 +42,6 @@ from lmforge.metrics import (
     entity_counts,
     f1_from_counts,
     macro_f1_statistic,
-    majority_tag_baseline,
-    tfidf_baseline,
     token_scores,
 )
 from lmforge.params import Params
@@ -94,46 +95,40 @@ def interval(params: EvaluateParams, statistic: Any, n: int) -> tuple[float, flo
     return bootstrap_ci(statistic, n, params.bootstrap_samples, params.confidence)
 
 
-def evaluate_classification(tm: TaskModel, test: pd.DataFrame, train: pd.DataFrame,
-                            params: EvaluateParams) -> Evaluation:  # fmt: skip
-    index = {label: i for i, label in enumerate(tm.labels)}
+def score_classification(probabilities: Callable[[list[str]], np.ndarray], labels: list[str], test: pd.DataFrame,
+                         params: EvaluateParams) -> Evaluation:  # fmt: skip
+    """A classifier (the model, or its baseline) on the test split: scores, an interval, latency."""
+    index = {label: i for i, label in enumerate(labels)}
     texts, y_true = test["text"].tolist(), test["label"].map(index).to_numpy()
     started = time.perf_counter()
-    probs = class_probabilities(tm, texts, params.batch_size)
+    probs = probabilities(texts)
     seconds = time.perf_counter() - started
     y_pred = probs.argmax(axis=1)
-    scores = classification_scores(y_true, probs, tm.labels)
-    low, high = interval(params, macro_f1_statistic(y_true, y_pred, len(tm.labels)), len(texts))
-    base_probs = tfidf_baseline(train["text"].tolist(), train["label"].map(index).tolist(), texts)
-    base_pred = base_probs.argmax(axis=1)
-    base = classification_scores(y_true, base_probs, tm.labels)
-    base_low, base_high = interval(params, macro_f1_statistic(y_true, base_pred, len(tm.labels)), len(texts))
-    p50, p95 = latency_ms(lambda batch: class_probabilities(tm, batch), texts, params.latency_samples)
-    confusion = [{"actual": tm.labels[a], "predicted": tm.labels[p]} for a, p in zip(y_true, y_pred, strict=True)]
+    scores = classification_scores(y_true, probs, labels)
+    low, high = interval(params, macro_f1_statistic(y_true, y_pred, len(labels)), len(texts))
+    p50, p95 = latency_ms(probabilities, texts, params.latency_samples)
+    confusion = [{"actual": labels[a], "predicted": labels[p]} for a, p in zip(y_true, y_pred, strict=True)]
     scores.pop("confusion_matrix")
     metrics = {
         "primary_metric": "macro_f1", "primary": scores["macro_f1"], "primary_ci_low": low, "primary_ci_high": high,
-        "higher_is_better": True, **scores,
-        "baseline": {"name": "tfidf_char12_logreg", "macro_f1": base["macro_f1"], "accuracy": base["accuracy"],
-                     "ci_low": base_low, "ci_high": base_high},
+        "higher_is_better": True, **scores, "baseline": {"name": "none"},
         "latency_ms_p50": p50, "latency_ms_p95": p95, "throughput_per_s": len(texts) / seconds,
     }  # fmt: skip
     return Evaluation(metrics, PerExample(y_true=y_true.tolist(), y_pred=y_pred.tolist()), confusion)
 
 
-def evaluate_tokens(tm: TaskModel, test: pd.DataFrame, train: pd.DataFrame, params: EvaluateParams) -> Evaluation:
+def score_tokens(tagger: Callable[[list[list[str]]], list[list[str]]], test: pd.DataFrame,
+                 params: EvaluateParams) -> Evaluation:  # fmt: skip
+    """A tagger (the model, or its baseline) on the test split: entity F1 with an interval, latency."""
     sentences = [list(words) for words in test["tokens"]]
     true_tags = [list(tags) for tags in test["tags"]]
     started = time.perf_counter()
-    pred_tags = word_tags(tm, sentences, params.batch_size)
+    pred_tags = tagger(sentences)
     seconds = time.perf_counter() - started
     scores = token_scores(true_tags, pred_tags)
     counts = entity_counts(true_tags, pred_tags)
     low, high = interval(params, lambda idx: f1_from_counts(counts[idx]), len(sentences))
-    base_pred = majority_tag_baseline([list(w) for w in train["tokens"]], [list(t) for t in train["tags"]], sentences)
-    base_counts = entity_counts(true_tags, base_pred)
-    base_low, base_high = interval(params, lambda idx: f1_from_counts(base_counts[idx]), len(sentences))
-    p50, p95 = latency_ms(lambda batch: word_tags(tm, batch), sentences, params.latency_samples)
+    p50, p95 = latency_ms(tagger, sentences, params.latency_samples)
     confusion = [
         {"actual": t, "predicted": p}
         for trues, preds in zip(true_tags, pred_tags, strict=True)
@@ -141,12 +136,28 @@ def evaluate_tokens(tm: TaskModel, test: pd.DataFrame, train: pd.DataFrame, para
     ]  # fmt: skip
     metrics = {
         "primary_metric": "entity_f1", "primary": scores["entity_f1"], "primary_ci_low": low, "primary_ci_high": high,
-        "higher_is_better": True, **scores,
-        "baseline": {"name": "majority_tag_per_word", "entity_f1": f1_from_counts(base_counts),
-                     "ci_low": base_low, "ci_high": base_high},
+        "higher_is_better": True, **scores, "baseline": {"name": "none"},
         "latency_ms_p50": p50, "latency_ms_p95": p95, "throughput_per_s": len(sentences) / seconds,
     }  # fmt: skip
     return Evaluation(metrics, PerExample(entity_counts=counts.tolist()), confusion)
+
+
+def fit_baseline(kind: str, labels: list[str], train: pd.DataFrame) -> Baseline | None:
+    """The task's baseline, trained on the same train split (generation has none yet)."""
+    if kind == "classification":
+        return TfidfLogReg.fit(train["text"].tolist(), train["label"].tolist(), labels)
+    if kind == "token_classification":
+        return MajorityTag.fit([list(w) for w in train["tokens"]], [list(t) for t in train["tags"]], labels)
+    return None
+
+
+def with_baseline(model: Evaluation, baseline: Evaluation, name: str) -> Evaluation:
+    """The model's metrics with the baseline's figures beside them (same split, same metric names)."""
+    metric = baseline.metrics["primary_metric"]
+    figures = {key: baseline.metrics[key] for key in (metric, "accuracy") if key in baseline.metrics}
+    summary = {"name": name, **figures, "ci_low": baseline.metrics["primary_ci_low"],
+               "ci_high": baseline.metrics["primary_ci_high"]}  # fmt: skip
+    return dataclasses.replace(model, metrics={**model.metrics, "baseline": summary})
 
 
 def evaluate_generation(tm: TaskModel, test: pd.DataFrame, params: EvaluateParams) -> Evaluation:
@@ -175,19 +186,20 @@ def evaluate_generation(tm: TaskModel, test: pd.DataFrame, params: EvaluateParam
     return Evaluation(metrics, PerExample(loss=losses.tolist(), tokens=counts.tolist()), [], samples)
 
 
-def log_pyfunc(model_dir: Path, tm: TaskModel, example: str) -> str:
-    """Log the model as an MLflow pyfunc (code + safetensors artifacts) and return its URI."""
+def log_pyfunc(model_dir: Path, served_model: TaskModel | Baseline, example: str) -> str:
+    """Log a task model or a baseline as an MLflow pyfunc (code + artifacts, no pickle); return its URI."""
     import mlflow
     from mlflow.models import infer_signature
 
     from lmforge.serving import LmforgeTextModel
 
     served = LmforgeTextModel()
-    served.task_model = tm
+    served.task_model = served_model
     input_example = pd.DataFrame({"text": [example]})
     signature = infer_signature(input_example, served.predict(None, input_example))
     requirements = [f"{name}=={metadata.version(name)}" for name in
-                    ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy")]  # fmt: skip
+                    ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy",
+                     "scikit-learn")]  # fmt: skip
     info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(SERVING_CODE),
@@ -200,9 +212,21 @@ def log_pyfunc(model_dir: Path, tm: TaskModel, example: str) -> str:
     return info.model_uri
 
 
-def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path) -> tuple[EvalReport, Evaluation,
-                                                                                          TaskModel, pd.DataFrame]:
-    """Score the model on the frozen test split (and a baseline on the same split); nothing is written."""
+@dataclass(frozen=True)
+class Scores:
+    """A task model and its baseline, scored on the same frozen test examples."""
+
+    report: EvalReport
+    evaluation: Evaluation
+    task_model: TaskModel
+    test: pd.DataFrame
+    baseline: Baseline | None = None
+    baseline_report: EvalReport | None = None
+    baseline_evaluation: Evaluation | None = None
+
+
+def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path) -> Scores:
+    """Score the model and its baseline on the frozen test split; nothing is written."""
     if not (model_dir / "lmforge_task.json").is_file():
         raise LmforgeError(f"{model_dir}: no fine-tuned model for task {task!r} (run the finetune stage)")
     tm = load_task_model(model_dir)
@@ -210,29 +234,59 @@ def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path)
     if params.max_test_samples:
         test = test.head(params.max_test_samples)
     train = pd.read_parquet(dataset_dir / "train.parquet")
-    if tm.kind == "classification":
-        result = evaluate_classification(tm, test, train, params)
-    elif tm.kind == "token_classification":
-        result = evaluate_tokens(tm, test, train, params)
+    baseline = fit_baseline(tm.kind, tm.labels, train)
+    base: Evaluation | None = None
+    if isinstance(baseline, TfidfLogReg):
+        result = score_classification(lambda texts: class_probabilities(tm, texts, params.batch_size), tm.labels,
+                                      test, params)  # fmt: skip
+        base = score_classification(baseline.probabilities, tm.labels, test, params)
+    elif isinstance(baseline, MajorityTag):
+        result = score_tokens(lambda sentences: word_tags(tm, sentences, params.batch_size), test, params)
+        base = score_tokens(baseline.predict, test, params)
     else:
         result = evaluate_generation(tm, test, params)
-    report = EvalReport.model_validate({"task": task, "kind": tm.kind, "test_examples": len(test),
-                                        "test_sha256": tm.meta.test_sha256, **result.metrics})  # fmt: skip
-    return report, result, tm, test
+    if base is not None and baseline is not None:
+        result = with_baseline(result, base, baseline.name)
+
+    def report_of(evaluation: Evaluation) -> EvalReport:
+        return EvalReport.model_validate({"task": task, "kind": tm.kind, "test_examples": len(test),
+                                          "test_sha256": tm.meta.test_sha256, **evaluation.metrics})  # fmt: skip
+
+    return Scores(report_of(result), result, tm, test, baseline, report_of(base) if base else None, base)
 
 
 def evaluate_model(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path, out_dir: Path) -> EvalReport:
-    """Score a task model, log it to MLflow as a pyfunc with its metrics, write out_dir; also used by optimize."""
+    """Score a task model and its baseline; log each to MLflow as a pyfunc with its evidence; write out_dir.
+
+    out_dir/baseline/ holds the baseline (model/, its metrics and per-example records, model.json):
+    promote registers it as the task's first contender. Also used by optimize for a tuned candidate.
+    """
     import mlflow
 
-    report, result, tm, test = score(params, task, model_dir, dataset_dir)
+    scores = score(params, task, model_dir, dataset_dir)
+    report, result, tm, test = scores.report, scores.evaluation, scores.task_model, scores.test
     history = read_json(model_dir / "history.json")
-    with tracking.stage_run("evaluate", {"evaluate": params.model_dump(), "task": task}, item=task) as mlflow_run:
-        numeric = report.numbers()
-        numeric.update({f"baseline_{k}": float(v) for k, v in report.baseline.data().items() if isinstance(v, float)})
-        mlflow.log_metrics(numeric)
-        model_uri = log_pyfunc(model_dir, tm, str(test["text"].iloc[0]))
-        with atomic_output_dir(out_dir) as staging:
+    example = str(test["text"].iloc[0])
+    with atomic_output_dir(out_dir) as staging:
+        if scores.baseline is not None and scores.baseline_report is not None and scores.baseline_evaluation:
+            folder = staging / "baseline"
+            scores.baseline.save(folder / "model")
+            scores.baseline_report.write_into(folder / "metrics.json")
+            scores.baseline_evaluation.per_example.write_into(folder / "per_example.json")
+            with tracking.stage_run("evaluate", {"evaluate": params.model_dump(), "task": task,
+                                                 "model_kind": "baseline"}, item=task) as baseline_run:  # fmt: skip
+                mlflow.set_tags({"mlflow.runName": f"evaluate@{task} (baseline)", "lmforge.model_kind": "baseline"})
+                mlflow.log_metrics(scores.baseline_report.numbers())
+                baseline_uri = log_pyfunc(folder / "model", scores.baseline, example)
+                mlflow.log_artifacts(str(folder), artifact_path="eval")
+            ModelRef(model_uri=baseline_uri, run_id=baseline_run.info.run_id,
+                     finetune_run_id=None).write_into(folder / "model.json")  # fmt: skip
+        with tracking.stage_run("evaluate", {"evaluate": params.model_dump(), "task": task}, item=task) as mlflow_run:
+            numeric = report.numbers()
+            numeric.update({f"baseline_{k}": float(v) for k, v in report.baseline.data().items()
+                            if isinstance(v, float)})  # fmt: skip
+            mlflow.log_metrics(numeric)
+            model_uri = log_pyfunc(model_dir, tm, example)
             report.write_into(staging / "metrics.json")
             result.per_example.write_into(staging / "per_example.json")
             write_json(staging / "confusion.json", result.confusion)

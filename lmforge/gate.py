@@ -22,6 +22,8 @@ from lmforge.schema import PromoteParams
 class Evidence:
     metrics: EvalReport
     per_example: PerExample
+    baseline: Evidence | None = None  # the task's baseline, scored on the same examples by the same evaluate
+    is_baseline: bool = False  # this is the baseline itself (registered as lmforge.model_kind=baseline)
 
     @property
     def primary(self) -> float:
@@ -83,6 +85,22 @@ def oriented(evidence: Evidence) -> float:
     return evidence.primary if evidence.higher_is_better else -evidence.primary
 
 
+def check_against_baseline(decision: Decision, candidate: Evidence, baseline: Evidence, params: PromoteParams) -> None:
+    """Nothing significantly worse than the task's baseline serves: the baseline's paired lower bound of
+    beating the candidate must not be above zero."""
+    metric, name = candidate.metrics.primary_metric, candidate.metrics.baseline.name
+    same = baseline.metrics.test_sha256 == candidate.metrics.test_sha256 and baseline.examples == candidate.examples
+    if not same:
+        decision.check("baseline", False, f"the baseline {name} was scored on other test examples")
+        return
+    delta, lower = paired_bootstrap(baseline, candidate, params.bootstrap_samples, params.confidence)
+    worse = lower > 0
+    decision.check("baseline", not worse,
+                   f"{metric} {candidate.primary:.4f} vs baseline {name} {baseline.primary:.4f}: the baseline "
+                   f"leads by {delta:+.4f}, {params.confidence:.0%} lower bound {lower:+.4f} "
+                   + ("> 0: significantly worse than the baseline" if worse else "<= 0: not significantly worse"))
+
+
 def decide(candidate: Evidence, champion: Evidence | None, params: PromoteParams, floor: float | None,
            validation_passed: bool, frozen_test_sha256: str, loads: tuple[bool, str],
            latency: tuple[float, float] | str | None = None) -> Decision:  # fmt: skip
@@ -99,9 +117,11 @@ def decide(candidate: Evidence, champion: Evidence | None, params: PromoteParams
     decision.check("frozen_test", frozen, "scored on the frozen test split" if frozen
                    else "scored on a test split other than the frozen one")  # fmt: skip
     if champion is None:
-        if floor is None:
-            decision.check("floor", False, "no champion yet and no floor configured (promote.floors)")
-        else:
+        if floor is None and candidate.is_baseline:
+            decision.check("first_contender", True, "no champion yet: the task's baseline is the first contender")
+        elif floor is None and candidate.baseline is None:
+            decision.check("floor", False, "no champion yet, no baseline to beat and no floor (promote.floors)")
+        elif floor is not None:
             ok = oriented(candidate) >= (floor if candidate.higher_is_better else -floor)
             relation = ">=" if candidate.higher_is_better else "<="
             value = f"first model: {metric} {candidate.primary:.4f}"
@@ -138,6 +158,8 @@ def decide(candidate: Evidence, champion: Evidence | None, params: PromoteParams
             drop = worst_champion - worst_candidate
             decision.check("worst_class_recall", drop <= params.max_recall_drop,
                            f"worst-class recall drop {drop:+.4f} (limit {params.max_recall_drop})")  # fmt: skip
+    if candidate.baseline is not None:
+        check_against_baseline(decision, candidate, candidate.baseline, params)
     ok, message = loads
     decision.check("loads", ok, message)
     return decision

@@ -139,28 +139,3 @@ def char_rouge_l(reference: str, hypothesis: str) -> float:
         return 0.0
     precision, recall = lcs / len(hypothesis), lcs / len(reference)
     return 2 * precision * recall / (precision + recall)
-
-
-# --- baselines ------------------------------------------------------------------------------------
-
-
-def tfidf_baseline(train_texts: list[str], train_labels: list[int], test_texts: list[str]) -> np.ndarray:
-    """TF-IDF over character 1-2-grams + logistic regression: what a model must beat to be worth it."""
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
-    vectorizer = TfidfVectorizer(analyzer="char", ngram_range=(1, 2), min_df=2, sublinear_tf=True)
-    features = vectorizer.fit_transform(train_texts)
-    classifier = LogisticRegression(max_iter=2000, C=4.0)
-    classifier.fit(features, train_labels)
-    return classifier.predict_proba(vectorizer.transform(test_texts))
-
-
-def majority_tag_baseline(train_words: list[list[str]], train_tags: list[list[str]],
-                          test_words: list[list[str]]) -> list[list[str]]:  # fmt: skip
-    """Each word gets the tag it carried most often in train ("O" if never seen)."""
-    seen: dict[str, Counter] = {}
-    for words, tags in zip(train_words, train_tags, strict=True):
-        for word, tag in zip(words, tags, strict=True):
-            seen.setdefault(word, Counter())[tag] += 1
-    return [[seen[w].most_common(1)[0][0] if w in seen else "O" for w in words] for words in test_words]

@@ -20,6 +20,7 @@ from lmforge import registry, tracking
 from lmforge.artifacts import Manifest, ModelRef, OptimizeReport, PromotionReport, ValidationReport
 from lmforge.errors import DataError
 from lmforge.gate import decide
+from lmforge.io import files_sha256, fingerprint
 from lmforge.params import Params
 from lmforge.schema import PromoteParams, Section
 from lmforge.stage import Stage, dep, item_of, output
@@ -88,8 +89,12 @@ def validation_passed(report_path: Path, manifest: Manifest) -> bool:
     return report.success and report.covers(manifest)
 
 
-def gate_version(params: PromoteSection, version: str, dataset_dir: Path, validation: Path) -> PromotionReport:
-    """Run the gate on an already registered version; move the aliases; record the decision."""
+def gate_version(params: PromoteSection, version: str, dataset_dir: Path, validation: Path,
+                 first_contender: bool = False) -> PromotionReport:  # fmt: skip
+    """Run the gate on an already registered version; move the aliases; record the decision.
+
+    `first_contender` (the task's baseline): gate it only while no version holds @champion.
+    """
     task = params.name
     name = registry.model_name(params.promote.model_prefix, task)
     client = registry.client()
@@ -101,6 +106,13 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
         version = str(mv.version)
         candidate = registry.evidence_of(client, mv)
         champion_version = registry.alias_version(client, name, registry.CHAMPION)
+        if first_contender and champion_version is not None:
+            return PromotionReport(
+                task=task, registered_model=name, version=version, decision="skipped",
+                reasons=[f"version {champion_version.version} holds @champion: the baseline contends only first"],
+                checks={}, champion_before=str(champion_version.version),
+                champion_after=registry.describe(champion_version), mlflow_run_id=run.info.run_id,
+            )  # fmt: skip
         if champion_version is not None and str(champion_version.version) == version:
             # Re-running promote on the model that already serves changes nothing.
             return PromotionReport(
@@ -155,14 +167,34 @@ def run(params: PromoteSection, paths: PromotePaths) -> PromotionReport:
         raise DataError(f"{paths.dataset}: is not dataset {params.dataset!r} (finetune.tasks.{params.name}.dataset)")
     name = registry.model_name(params.promote.model_prefix, params.name)
     client = registry.client()
-    mv = registry.register(client, name, model.model_uri, model.run_id, lineage_tags(params, paths))
-    return gate_version(params, str(mv.version), paths.dataset, paths.validation)
+    lineage = lineage_tags(params, paths)
+    mv = registry.register(client, name, model.model_uri, model.run_id,
+                           {**lineage, registry.MODEL_KIND_TAG: registry.TRAINED_KIND})  # fmt: skip
+    baseline = register_baseline(client, name, paths.optimized / "candidate" / "baseline", lineage)
+    first = gate_version(params, baseline, paths.dataset, paths.validation, first_contender=True) if baseline else None
+    report = gate_version(params, str(mv.version), paths.dataset, paths.validation)
+    return report.model_copy(update={"baseline_version": baseline, "baseline_decision": first and first.decision})
+
+
+def register_baseline(client: mlflow.MlflowClient, name: str, folder: Path, lineage: dict[str, str]) -> str | None:
+    """Register the task's baseline (evaluate's reports/evaluate/<task>/baseline) once per distinct model."""
+    if not (folder / "model.json").is_file():
+        return None  # generation has no baseline yet
+    ref = ModelRef.read(folder / "model.json")
+    digest = fingerprint(files_sha256(folder / "model", "*"))  # the same baseline trained again: same version
+    found = registry.versions_tagged(client, name, "lmforge.baseline_sha256", digest)
+    if found:
+        return str(found[0].version)
+    tags = {**lineage, registry.MODEL_KIND_TAG: registry.BASELINE_KIND, "lmforge.baseline_sha256": digest}
+    return str(registry.register(client, name, ref.model_uri, ref.run_id, tags).version)
 
 
 def summary(report: PromotionReport, paths: PromotePaths) -> str:
     champion = report.champion_after.version if report.champion_after else "-"
     lines = [f"promote: {report.registered_model} version {report.version}: gate {report.decision.upper()}; "
              f"@champion is version {champion}"]  # fmt: skip
+    if report.baseline_version:
+        lines.append(f"  baseline: version {report.baseline_version} ({report.baseline_decision})")
     return "\n".join(lines + [f"  {reason}" for reason in report.reasons])
 
 

@@ -30,6 +30,7 @@ from lmforge.errors import LmforgeError, TransientError
 from lmforge.gate import Evidence
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+MODEL_KIND_TAG, BASELINE_KIND, TRAINED_KIND = "lmforge.model_kind", "baseline", "trained"
 HISTORY_TAG = "lmforge.champion_history"
 LOCK_ENV = "LMFORGE_LOCK_URL"  # postgresql://... : an advisory lock shared by every machine
 
@@ -88,6 +89,14 @@ def register(mlflow_client: mlflow.MlflowClient, name: str, model_uri: str, eval
     return mlflow_client.get_model_version(name, version.version)
 
 
+def versions_tagged(mlflow_client: mlflow.MlflowClient, name: str, tag: str, value: str) -> list[ModelVersion]:
+    """The versions of `name` whose tag `tag` is `value`; a registry that does not answer is transient."""
+    try:
+        return list(mlflow_client.search_model_versions(f"name = '{name}' and tags.`{tag}` = '{value}'"))
+    except Exception as error:
+        raise unavailable(f"searching {name} for {tag}", error) from None
+
+
 def evidence_of(mlflow_client: mlflow.MlflowClient, version: ModelVersion) -> Evidence:
     """metrics.json and per_example.json of the evaluate run that logged this very model.
 
@@ -107,7 +116,12 @@ def evidence_of(mlflow_client: mlflow.MlflowClient, version: ModelVersion) -> Ev
             local = Path(mlflow.artifacts.download_artifacts(run_id=tagged, artifact_path="eval", dst_path=folder))
         except Exception as error:  # a missing run, a 5xx, a timeout: no evidence, no decision
             raise unavailable(f"reading the evidence of {where} (evaluate run {tagged})", error) from None
-        return Evidence(EvalReport.read(local / "metrics.json"), PerExample.read(local / "per_example.json"))
+        baseline = None
+        if (local / "baseline" / "per_example.json").is_file():  # the task's baseline on the same examples
+            baseline = Evidence(EvalReport.read(local / "baseline" / "metrics.json"),
+                                PerExample.read(local / "baseline" / "per_example.json"), is_baseline=True)  # fmt: skip
+        return Evidence(EvalReport.read(local / "metrics.json"), PerExample.read(local / "per_example.json"),
+                        baseline, is_baseline=version.tags.get(MODEL_KIND_TAG) == BASELINE_KIND)  # fmt: skip
 
 
 def champion_history(mlflow_client: mlflow.MlflowClient, name: str) -> list[str]:

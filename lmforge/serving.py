@@ -1,6 +1,8 @@
-"""The MLflow pyfunc of a task model, logged as code (MLflow "models from code"), so no pickle.
+"""The MLflow pyfunc of a task model or its baseline, logged as code (MLflow "models from code"), so no pickle.
 
-`mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"text": [...]}))` answers, by task kind:
+The artifact `model_dir` is a fine-tuned model folder (safetensors) or a baseline folder
+(lmforge/baselines.py: JSON and safetensors). `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame(
+{"text": [...]}))` answers the same way for both, by task kind:
 - classification:        label, score (the label's probability)
 - token_classification:  words, tags (one tag per word; CJK characters are words of their own)
 - generation:            continuation (greedy, up to max_new_tokens)
@@ -30,15 +32,25 @@ def _texts(model_input) -> list[str]:
 
 class LmforgeTextModel(PythonModel):
     def load_context(self, context) -> None:
+        from lmforge.baselines import is_baseline, load_baseline
         from lmforge.inference import load_task_model
 
-        self.task_model = load_task_model(Path(context.artifacts["model_dir"]))
+        folder = Path(context.artifacts["model_dir"])
+        self.task_model = load_baseline(folder) if is_baseline(folder) else load_task_model(folder)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        from lmforge.baselines import MajorityTag, TfidfLogReg
         from lmforge.inference import class_probabilities, generate, split_words, word_tags
 
         tm = self.task_model
         texts = _texts(model_input)
+        if isinstance(tm, TfidfLogReg):
+            probs = tm.probabilities(texts)
+            best = probs.argmax(axis=1)
+            return pd.DataFrame({"label": [tm.labels[i] for i in best], "score": probs.max(axis=1).astype(float)})
+        if isinstance(tm, MajorityTag):
+            words = [split_words(text) for text in texts]
+            return pd.DataFrame({"words": words, "tags": tm.predict(words)})
         if tm.kind == "classification":
             probs = class_probabilities(tm, texts)
             best = probs.argmax(axis=1)

@@ -49,8 +49,10 @@ def test_repro_runs_then_skips_then_reruns_only_what_a_param_touches(clone: Path
     assert "reports/evaluate/sentiment/metrics.json" in metrics and "macro_f1" in metrics
     assert (clone / "mlflow.db").is_file() is False  # the tests' MLflow store is the session's, not the clone's
     promotion = json.loads((clone / "reports/promote/sentiment.json").read_text())
-    # The first version of a task only has to clear the smoke floor of 0.0: it takes @champion.
-    assert promotion["decision"] == "pass" and promotion["champion_after"]["version"] == promotion["version"]
+    # The task's baseline contends first and takes @champion; the 10-step smoke model loses to it.
+    assert promotion["baseline_decision"] == "pass"
+    assert promotion["champion_after"]["version"] == promotion["baseline_version"] != promotion["version"]
+    assert promotion["decision"] == "fail" and any("baseline" in reason for reason in promotion["reasons"])
     assert json.loads((clone / "reports/optimize/sentiment/best_params.json").read_text())["tuned"] is True
 
     started = time.perf_counter()

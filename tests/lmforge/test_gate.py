@@ -127,3 +127,26 @@ def test_records_of_different_test_examples_are_not_compared():
     shorter = evidence(champion.metrics.data(), {k: v[:-3] for k, v in records(champion).items()})
     decision = gate(classifier(0.9, 1), shorter)
     assert decision.checks["same_test"] is False and not decision.passed
+
+
+def with_baseline(candidate: Evidence, baseline: Evidence) -> Evidence:
+    return Evidence(candidate.metrics, candidate.per_example, baseline=baseline)
+
+
+def test_nothing_significantly_worse_than_the_baseline_passes_even_against_a_weaker_champion():
+    baseline, weak_champion = classifier(0.85, 5), classifier(0.6, 6)
+    worse = with_baseline(classifier(0.7, 1), baseline)  # beats the champion clearly, loses to the baseline clearly
+    decision = gate(worse, weak_champion)
+    assert decision.checks["significance"] is True and decision.checks["baseline"] is False
+    assert not decision.passed and any("significantly worse than the baseline" in r for r in decision.reasons)
+    better = with_baseline(classifier(0.95, 2), baseline)
+    assert gate(better, weak_champion).checks["baseline"] is True
+
+
+def test_the_baseline_is_the_first_contender_without_a_floor():
+    first = Evidence(classifier(0.8, 1).metrics, classifier(0.8, 1).per_example, is_baseline=True)
+    assert gate(first, None, floor=None).passed
+    trained = with_baseline(classifier(0.95, 2), classifier(0.8, 3))
+    decision = gate(trained, None, floor=None)  # no champion (the baseline failed its floor): the baseline check
+    assert decision.passed and "floor" not in decision.checks and decision.checks["baseline"] is True
+    assert not gate(classifier(0.95, 2), None, floor=None).passed  # no champion, no baseline, no floor

@@ -18,8 +18,6 @@ from lmforge.metrics import (
     f1_from_counts,
     macro_f1,
     macro_f1_statistic,
-    majority_tag_baseline,
-    tfidf_baseline,
     token_scores,
 )
 
@@ -244,26 +242,3 @@ def test_char_rouge_l_edge_cases() -> None:
     assert char_rouge_l("abc", "xyz") == 0.0
     assert char_rouge_l("", "abc") == 0.0
     assert char_rouge_l("abc", "") == 0.0
-
-
-# --- baselines ------------------------------------------------------------------------------------
-
-
-def test_tfidf_baseline_separates_a_separable_toy_set() -> None:
-    positive = ["很好很好", "好吃好吃", "真好真好", "好好好", "非常好好"]
-    negative = ["很差很差", "难吃很差", "真差真差", "差差差", "非常差差"]
-    probs = tfidf_baseline(positive + negative, [1] * 5 + [0] * 5, ["好好", "差差", "真好", "真差"])
-    assert probs.shape == (4, 2)
-    assert np.allclose(probs.sum(axis=1), 1.0)
-    assert probs.argmax(axis=1).tolist() == [1, 0, 1, 0]
-
-
-def test_majority_tag_baseline_picks_the_most_frequent_tag_and_o_for_unseen_words() -> None:
-    train_words = [["张三", "去", "北京"], ["北京", "大学"], ["北京", "烤鸭"]]
-    train_tags = [["B-PER", "O", "B-LOC"], ["B-ORG", "I-ORG"], ["B-LOC", "O"]]
-    test_words = [["张三", "在", "北京"], ["大学", "上海"], []]
-    assert majority_tag_baseline(train_words, train_tags, test_words) == [
-        ["B-PER", "O", "B-LOC"],
-        ["I-ORG", "O"],
-        [],
-    ]

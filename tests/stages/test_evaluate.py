@@ -61,6 +61,14 @@ def test_pyfunc_model_predicts_on_raw_text(evaluated: SmokeRun):
             assert set(predictions["label"]) <= {"neg", "pos"} and predictions["score"].between(0.5, 1).all()
         if task == "ner":
             assert [len(tags) for tags in predictions["tags"]] == [len(words) for words in predictions["words"]]
+        baseline = evaluated.root / "reports/evaluate" / task / "baseline"
+        if task != "continuation":  # the baseline is a model too: logged, and serving the same contract
+            baseline_uri = json.loads((baseline / "model.json").read_text())["model_uri"]
+            answer = mlflow.pyfunc.load_model(baseline_uri).predict(texts)
+            assert list(answer.columns) == list(predictions.columns) and len(answer) == 2
+            assert not list(baseline.rglob("*.pkl")) and not list(baseline.rglob("*.bin"))
+        else:
+            assert not baseline.exists()
 
 
 def test_a_test_split_that_changed_since_it_was_frozen_is_refused(evaluated: SmokeRun, tmp_path: Path):

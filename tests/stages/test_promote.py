@@ -47,25 +47,37 @@ def version_of(report: dict | PromotionReport) -> str:
     return str(report["version"] if isinstance(report, dict) else report.version)
 
 
-def test_first_model_needs_the_floor_then_becomes_champion(smoke_evaluated: SmokeRun, candidates, tmp_path: Path):
+def test_the_baseline_contends_first_and_a_worse_trained_model_never_serves(smoke_evaluated: SmokeRun, candidates):
+    import mlflow
+    import pandas as pd
+
     run = smoke_evaluated
     strict = settings(run, "floor", floors={"sentiment": 1.01})
     failed = gate(strict, run, candidates["a"])
     assert failed.decision == "fail" and failed.champion_after is None
+    assert failed.baseline_decision == "fail"  # the baseline missed the floor too: nothing serves
     assert any("misses the floor 1.01" in reason for reason in failed.reasons)
     client = registry.client()
     assert str(registry.alias_version(client, "floor-sentiment", "challenger").version) == version_of(failed)
+    baseline = client.get_model_version("floor-sentiment", str(failed.baseline_version))
+    assert baseline.tags["lmforge.model_kind"] == "baseline"
 
-    passed = gate(settings(run, "floor", floors={"sentiment": 0.0}), run, candidates["a"])
-    assert passed.decision == "pass" and version_of(passed) == version_of(failed)  # same evaluation, same version
+    report = gate(settings(run, "floor", floors={"sentiment": 0.0}), run, candidates["a"])
+    assert report.baseline_version == failed.baseline_version  # the same baseline is registered once
+    assert report.baseline_decision == "pass" and version_of(report) == version_of(failed)
     champion = registry.alias_version(client, "floor-sentiment", "champion")
-    assert str(champion.version) == version_of(passed)
-    assert champion.tags["gate.decision"] == "pass" and "floor" in champion.tags["gate.reasons"]
+    assert str(champion.version) == report.baseline_version and champion.tags["gate.decision"] == "pass"
+    # The smoke model (10 steps) loses to TF-IDF + logistic regression: it never takes @champion.
+    assert report.decision == "fail" and report.champion_before == report.baseline_version
+    assert any("significantly worse than the baseline" in reason for reason in report.reasons)
     assert champion.tags["dataset.test_sha256"] == json.loads((run.raw / "sentiment/manifest.json").read_text())[
         "test_sha256"]  # fmt: skip
     assert len(champion.tags["git_commit"]) >= 7
+    served = mlflow.pyfunc.load_model("models:/floor-sentiment@champion").predict(pd.DataFrame({"text": ["质量很好"]}))
+    assert set(served["label"]) <= {"neg", "pos"}  # the baseline answers the same contract as a task model
     again = gate(settings(run, "floor", floors={"sentiment": 0.0}), run, candidates["a"])
-    assert again.decision == "unchanged"
+    assert again.baseline_decision == "skipped" and again.decision == "fail"
+    assert str(registry.alias_version(client, "floor-sentiment", "champion").version) == report.baseline_version
 
 
 def champion_by_hand(client, name: str, candidate: Path) -> str:
@@ -100,8 +112,8 @@ def test_rollback_returns_champion_to_the_one_before(smoke_evaluated: SmokeRun, 
                              str(write_params(params, run.root / "roll.yaml"))], cwd=REPO, capture_output=True,
                             text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr[-800:]
-    assert f"moved from version {version_b} back to version {version_of(first)}" in result.stdout
-    assert str(registry.alias_version(client, "roll-sentiment", "champion").version) == version_of(first)
+    assert f"moved from version {version_b} back to version {first.baseline_version}" in result.stdout
+    assert str(registry.alias_version(client, "roll-sentiment", "champion").version) == first.baseline_version
     again = subprocess.run([sys.executable, "-m", "lmforge.cli", "rollback", "--task", "sentiment", "--params",
                             str(run.root / "roll.yaml")], cwd=REPO, capture_output=True, text=True)  # fmt: skip
     assert again.returncode == 2 and "is the first champion; nothing to roll back to" in again.stderr
@@ -149,13 +161,10 @@ def test_two_promotions_at_once_never_crown_a_failed_version(smoke_evaluated: Sm
     reports = {label: json.loads((tmp_path / f"{label}.json").read_text()) for label in processes}
     champion = registry.alias_version(registry.client(), "race-sentiment", "champion")
     assert champion is not None and champion.tags["gate.decision"] == "pass"
-    # One of them went first (against no champion, the floor); the other was gated against it.
-    firsts = [label for label, report in reports.items() if report["champion_before"] is None]
-    assert len(firsts) == 1
-    second = reports["b" if firsts == ["a"] else "a"]
-    assert second["champion_before"] == version_of(reports[firsts[0]])
-    expected = version_of(second) if second["decision"] == "pass" else version_of(reports[firsts[0]])
-    assert str(champion.version) == expected
+    # One of them crowned the task's baseline (no champion yet); the other found it serving.
+    assert sorted(report["baseline_decision"] for report in reports.values()) == ["pass", "skipped"]
+    passed = [version_of(report) for report in reports.values() if report["decision"] == "pass"]
+    assert str(champion.version) in {*passed, *(report["baseline_version"] for report in reports.values())}
 
 
 # --- the gate fails closed ---------------------------------------------------------------------------
@@ -190,7 +199,7 @@ def test_a_registry_error_while_reading_the_champion_fails_closed(smoke_evaluate
         store.commit()
         store.close()
     assert failed.value.exit_code == 75 and "the registry answered" in str(failed.value)
-    assert str(registry.alias_version(client, "closed-sentiment", "champion").version) == version_of(first)
+    assert str(registry.alias_version(client, "closed-sentiment", "champion").version) == first.baseline_version
     assert "gate.decision" not in client.get_model_version("closed-sentiment", second).tags
 
 
@@ -205,17 +214,16 @@ def test_a_crash_between_the_decision_and_the_alias_move_is_finished_by_a_rerun(
 
     monkeypatch.setattr(registry, "crown", killed)
     with pytest.raises(SystemExit):
-        gate(params, run, candidates["a"])
+        gate(params, run, candidates["a"])  # the baseline passes its gate and dies before @champion moves
     monkeypatch.undo()
     client = registry.client()
-    version = registry.register(client, "crash-sentiment", "unused", json.loads(
-        (candidates["a"] / "candidate/model.json").read_text())["run_id"], {}).version  # the same, deduped  # fmt: skip
-    assert client.get_model_version("crash-sentiment", str(version)).tags["gate.decision"] == "pass"
+    (baseline,) = registry.versions_tagged(client, "crash-sentiment", "lmforge.model_kind", "baseline")
+    assert baseline.tags["gate.decision"] == "pass"  # the decision was written first
     assert registry.alias_version(client, "crash-sentiment", "champion") is None  # the crash came before the move
 
     again = gate(params, run, candidates["a"])
-    assert again.decision == "pass" and version_of(again) == str(version)
-    assert str(registry.alias_version(client, "crash-sentiment", "champion").version) == str(version)
+    assert again.baseline_version == str(baseline.version) and again.baseline_decision == "pass"
+    assert str(registry.alias_version(client, "crash-sentiment", "champion").version) == str(baseline.version)
 
 
 def test_rollback_to_a_version_that_never_passed_needs_force_and_a_reason(smoke_evaluated: SmokeRun, candidates):
