@@ -268,8 +268,11 @@ def evaluate_model(params: EvaluateParams, task: str, model_dir: Path, dataset_d
     history = read_json(model_dir / "history.json")
     example = str(test["text"].iloc[0])
     with atomic_output_dir(out_dir) as staging:
+        folder = staging / "baseline"  # a DVC out for every task; empty of a model where there is no baseline
+        folder.mkdir()
+        if scores.baseline is None:
+            write_json(folder / "none.json", {"baseline": None, "why": f"no baseline for {tm.kind} yet"})
         if scores.baseline is not None and scores.baseline_report is not None and scores.baseline_evaluation:
-            folder = staging / "baseline"
             scores.baseline.save(folder / "model")
             scores.baseline_report.write_into(folder / "metrics.json")
             scores.baseline_evaluation.per_example.write_into(folder / "per_example.json")

@@ -59,8 +59,10 @@ def _name() -> str:
 
 
 def _versions(client: mlflow.MlflowClient, name: str, model_uri: str, count: int) -> list[str]:
-    """Register `count` versions of a fresh model, each for its own (made-up) evaluation run."""
-    return [str(registry.register(client, name, model_uri, f"eval-{i}", {}).version) for i in range(count)]
+    """Register `count` versions of a fresh model, each for its own (made-up) evaluation run, as gated and passed
+    (rollback returns only to a version that passed its gate)."""
+    return [str(registry.register(client, name, model_uri, f"eval-{i}", {"gate.decision": "pass"}).version)
+            for i in range(count)]  # fmt: skip
 
 
 def _alias(client: mlflow.MlflowClient, name: str, alias: str) -> str | None:
@@ -190,15 +192,21 @@ def _eval_report() -> EvalReport:
 
 def test_evidence_is_what_the_evaluation_run_logged(client, model_uri, tmp_path: Path):
     report, per_example = _eval_report(), PerExample(y_true=[0, 1, 1, 0], y_pred=[0, 1, 0, 0])
-    with mlflow.start_run(experiment_id=tracking.setup()) as run:
+    with mlflow.start_run(experiment_id=tracking.setup()) as run:  # the evaluate run logs the model and evidence
+        mlflow.log_text(FAKE_MLMODEL, "x/MLmodel")
         mlflow.log_text(json.dumps(report.data()), "eval/metrics.json")
         mlflow.log_text(json.dumps(per_example.data()), "eval/per_example.json")
     name = _name()
-    version = registry.register(client, name, model_uri, run.info.run_id, {})
+    version = registry.register(client, name, f"runs:/{run.info.run_id}/x", run.info.run_id, {})
     evidence = registry.evidence_of(client, version)
     assert evidence.metrics == report
     assert evidence.metrics.score("accuracy") == 0.75
     assert evidence.per_example.y_pred == [0, 1, 0, 0]
+    # A version whose tag names another run's evidence is refused: evidence is bound to the model.
+    other = registry.register(client, name, model_uri, run.info.run_id + "-copy", {})
+    client.set_model_version_tag(name, str(other.version), "lmforge.eval_run_id", run.info.run_id)
+    with pytest.raises(LmforgeError, match="is not the run that logged the model"):
+        registry.evidence_of(client, client.get_model_version(name, str(other.version)))
 
 
 def test_evidence_of_a_version_lmforge_did_not_register_is_an_error_naming_it(client, model_uri):
@@ -209,23 +217,16 @@ def test_evidence_of_a_version_lmforge_did_not_register_is_an_error_naming_it(cl
     assert f"{name} version 1" in str(caught.value)
 
 
-def test_smoke_load_loads_the_registered_artifact_and_checks_one_row_per_input(client, model_uri):
+def test_smoke_load_refuses_anything_but_lmforges_models_from_code_pyfunc_before_loading(client, model_uri):
+    """The stand-in models here name a loader module of their own: loading them would run it."""
     name = _name()
-    good = registry.register(client, name, model_uri, "eval-a", {}).version
-    two_rows = _model_run(FAKE_MLMODEL + "    data: rows.txt\n", {"rows.txt": "2"})
-    doubled = registry.register(client, name, f"runs:/{two_rows}/x", "eval-b", {}).version
+    custom = registry.register(client, name, model_uri, "eval-a", {}).version
     no_flavor_run = _model_run("flavors: {}\n")
     no_flavor = registry.register(client, name, f"runs:/{no_flavor_run}/x", "eval-c", {}).version
-
-    assert registry.smoke_load(name, good, "很好") == (
-        True, f"models:/{name}/{good} loads from the registry and predicts on a smoke input"
-    )  # fmt: skip
-    two = registry.smoke_load(name, doubled, "很好")
-    assert two == (False, f"models:/{name}/{doubled} answered 2 rows for 1 input")
-    ok, reason = registry.smoke_load(name, no_flavor, "很好")
-    assert not ok
-    assert reason.startswith(f"models:/{name}/{no_flavor} does not load and predict: MlflowException: ")
-    assert "\n" not in reason
+    for version in (custom, no_flavor):
+        ok, reason = registry.smoke_load(name, str(version), "很好")
+        assert not ok and "is not lmforge's models-from-code pyfunc" in reason and "refused before loading" in reason
+        assert "\n" not in reason
 
 
 @pytest.fixture
