@@ -150,3 +150,11 @@ def test_the_baseline_is_the_first_contender_without_a_floor():
     decision = gate(trained, None, floor=None)  # no champion (the baseline failed its floor): the baseline check
     assert decision.passed and "floor" not in decision.checks and decision.checks["baseline"] is True
     assert not gate(classifier(0.95, 2), None, floor=None).passed  # no champion, no baseline, no floor
+
+
+def test_latency_is_no_guard_against_a_baseline_champion_but_still_timed():
+    champion = classifier(0.7, 2)
+    baseline_champion = Evidence(champion.metrics, champion.per_example, is_baseline=True)
+    assert gate(classifier(0.9, 1), baseline_champion, latency=(7.6, 0.5)).checks["latency"] is True
+    assert gate(classifier(0.9, 1), champion, latency=(7.6, 0.5)).checks["latency"] is False
+    assert gate(classifier(0.9, 1), baseline_champion, latency=None).checks["latency"] is False  # still fails closed
