@@ -112,6 +112,8 @@ class IngestReport(Artifact):
 
 
 class ExpectationResult(Artifact):
+    """One Great Expectations expectation's result, in the terms a failure message needs."""
+
     suite: str
     expectation: str
     column: str
@@ -119,6 +121,13 @@ class ExpectationResult(Artifact):
     unexpected_count: int
     element_count: int
     examples: list[Any]
+
+    def describe(self) -> str:
+        examples = ", ".join(repr(example)[:60] for example in self.examples)
+        return (
+            f"{self.expectation}({self.column}) in suite {self.suite} failed on "
+            f"{self.unexpected_count} of {self.element_count} rows, e.g. [{examples}]"
+        )
 
 
 class ValidationReport(Artifact):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +33,6 @@ from lmforge.stage import Stage, dep, output
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no network here, and none wanted
 
-
-@dataclass(frozen=True)
-class Outcome:
-    """One expectation's result, in the terms a failure message needs."""
-
-    suite: str
-    expectation: str
-    column: str
-    success: bool
-    unexpected_count: int
-    element_count: int
-    examples: list[Any] = field(default_factory=list)
-
-    def describe(self) -> str:
-        examples = ", ".join(repr(example)[:60] for example in self.examples)
-        return (
-            f"{self.expectation}({self.column}) in suite {self.suite} failed on "
-            f"{self.unexpected_count} of {self.element_count} rows, e.g. [{examples}]"
-        )
 
 
 @dataclass(frozen=True)
@@ -114,7 +95,7 @@ def build_views(manifest: Manifest, splits: dict[str, pd.DataFrame], params: Val
     return [View("rows", rows[keep], row_checks), *views]
 
 
-def _outcome(suite: str, result: Any, examples_in_error: int) -> Outcome:
+def _outcome(suite: str, result: Any, examples_in_error: int) -> ExpectationResult:
     config = result.expectation_config
     kwargs = config.kwargs
     column = kwargs.get("column") or f"{kwargs.get('column_A')}={kwargs.get('column_B')}"
@@ -122,7 +103,7 @@ def _outcome(suite: str, result: Any, examples_in_error: int) -> Outcome:
     examples = list(details.get("partial_unexpected_list") or [])[:examples_in_error]
     if not examples and "observed_value" in details:
         examples = [details["observed_value"]]
-    return Outcome(
+    return ExpectationResult(
         suite=suite,
         expectation=config.type,
         column=str(column),
@@ -133,7 +114,7 @@ def _outcome(suite: str, result: Any, examples_in_error: int) -> Outcome:
     )
 
 
-def run_suites(dataset: str, views: list[View], params: ValidateParams, docs_dir: Path) -> list[Outcome]:
+def run_suites(dataset: str, views: list[View], params: ValidateParams, docs_dir: Path) -> list[ExpectationResult]:
     """Run every view's suite (a GX validation definition each) and write the Data Docs site to docs_dir."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -171,7 +152,8 @@ def load_splits(dataset_dir: Path) -> dict[str, pd.DataFrame]:
     return {split: pd.read_parquet(dataset_dir / f"{split}.parquet") for split in SPLITS}
 
 
-def summarize(dataset: str, manifest: Manifest, outcomes: list[Outcome], params: ValidateParams) -> ValidationReport:
+def summarize(dataset: str, manifest: Manifest, outcomes: list[ExpectationResult],
+              params: ValidateParams) -> ValidationReport:  # fmt: skip
     failed = [outcome for outcome in outcomes if not outcome.success]
     return ValidationReport(
         dataset=dataset,
@@ -180,11 +162,11 @@ def summarize(dataset: str, manifest: Manifest, outcomes: list[Outcome], params:
         test_sha256=manifest.test_sha256,
         evaluated=len(outcomes),
         failed=len(failed),
-        expectations=[ExpectationResult(**asdict(outcome)) for outcome in outcomes],
+        expectations=outcomes,
     )
 
 
-def failure_line(dataset: str, outcomes: list[Outcome]) -> str:
+def failure_line(dataset: str, outcomes: list[ExpectationResult]) -> str:
     """One line naming the dataset, the first failed expectation and a few offending values."""
     failed = [outcome for outcome in outcomes if not outcome.success]
     more = f" (+{len(failed) - 1} more failed expectations)" if len(failed) > 1 else ""
