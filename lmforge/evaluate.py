@@ -213,16 +213,23 @@ def log_pyfunc(model_dir: Path, served_model: TaskModel | Baseline, example: str
 
 
 @dataclass(frozen=True)
+class ScoredBaseline:
+    """The task's baseline and its scores on the same test examples as the model."""
+
+    model: Baseline
+    report: EvalReport
+    evaluation: Evaluation
+
+
+@dataclass(frozen=True)
 class Scores:
-    """A task model and its baseline, scored on the same frozen test examples."""
+    """A task model and its baseline (none for generation yet), scored on the same frozen test examples."""
 
     report: EvalReport
     evaluation: Evaluation
     task_model: TaskModel
     test: pd.DataFrame
-    baseline: Baseline | None = None
-    baseline_report: EvalReport | None = None
-    baseline_evaluation: Evaluation | None = None
+    baseline: ScoredBaseline | None = None
 
 
 def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path) -> Scores:
@@ -245,14 +252,14 @@ def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path)
         base = score_tokens(baseline.predict, test, params)
     else:
         result = evaluate_generation(tm, test, params)
-    if base is not None and baseline is not None:
-        result = with_baseline(result, base, baseline.name)
-
     def report_of(evaluation: Evaluation) -> EvalReport:
         return EvalReport.model_validate({"task": task, "kind": tm.kind, "test_examples": len(test),
                                           "test_sha256": tm.meta.test_sha256, **evaluation.metrics})  # fmt: skip
 
-    return Scores(report_of(result), result, tm, test, baseline, report_of(base) if base else None, base)
+    if base is None or baseline is None:
+        return Scores(report_of(result), result, tm, test)
+    result = with_baseline(result, base, baseline.name)
+    return Scores(report_of(result), result, tm, test, ScoredBaseline(baseline, report_of(base), base))
 
 
 def evaluate_model(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path, out_dir: Path) -> EvalReport:
@@ -270,17 +277,18 @@ def evaluate_model(params: EvaluateParams, task: str, model_dir: Path, dataset_d
     with atomic_output_dir(out_dir) as staging:
         folder = staging / "baseline"  # a DVC out for every task; empty of a model where there is no baseline
         folder.mkdir()
-        if scores.baseline is None:
+        baseline = scores.baseline
+        if baseline is None:
             write_json(folder / "none.json", {"baseline": None, "why": f"no baseline for {tm.kind} yet"})
-        if scores.baseline is not None and scores.baseline_report is not None and scores.baseline_evaluation:
-            scores.baseline.save(folder / "model")
-            scores.baseline_report.write_into(folder / "metrics.json")
-            scores.baseline_evaluation.per_example.write_into(folder / "per_example.json")
+        else:
+            baseline.model.save(folder / "model")
+            baseline.report.write_into(folder / "metrics.json")
+            baseline.evaluation.per_example.write_into(folder / "per_example.json")
             with tracking.stage_run("evaluate", {"evaluate": params.model_dump(), "task": task,
                                                  "model_kind": "baseline"}, item=task) as baseline_run:  # fmt: skip
                 mlflow.set_tags({"mlflow.runName": f"evaluate@{task} (baseline)", "lmforge.model_kind": "baseline"})
-                mlflow.log_metrics(scores.baseline_report.numbers())
-                baseline_uri = log_pyfunc(folder / "model", scores.baseline, example)
+                mlflow.log_metrics(baseline.report.numbers())
+                baseline_uri = log_pyfunc(folder / "model", baseline.model, example)
                 mlflow.log_artifacts(str(folder), artifact_path="eval")
             ModelRef(model_uri=baseline_uri, run_id=baseline_run.info.run_id,
                      finetune_run_id=None).write_into(folder / "model.json")  # fmt: skip

@@ -71,9 +71,8 @@ def lineage_tags(params: PromoteSection, paths: PromotePaths) -> dict[str, str]:
     return tags
 
 
-def log_test_dataset(dataset_dir: Path, dataset: str) -> str:
+def log_test_dataset(test: pd.DataFrame, dataset_dir: Path, dataset: str) -> str:
     """The frozen test split as an MLflow dataset input of this run; returns its digest."""
-    test = pd.read_parquet(dataset_dir / "test.parquet")
     frame = test[["text"] + [c for c in ("label",) if c in test.columns]]
     from mlflow.data.pandas_dataset import from_pandas
 
@@ -99,7 +98,8 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
     name = registry.model_name(params.promote.model_prefix, task)
     client = registry.client()
     manifest = Manifest.of(dataset_dir)
-    smoke_text = str(pd.read_parquet(dataset_dir / "test.parquet", columns=["text"])["text"].iloc[0])
+    test = pd.read_parquet(dataset_dir / "test.parquet")
+    texts = test["text"].astype(str).tolist()
     with registry.promotion_lock(name), tracking.stage_run("promote", {"task": task, **params.promote.model_dump()},
                                                             item=task, system_metrics=False) as run:  # fmt: skip
         mv = registry.model_version(client, name, str(version))
@@ -121,13 +121,13 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
                 champion_after=registry.describe(champion_version), mlflow_run_id=run.info.run_id,
             )  # fmt: skip
         champion = registry.evidence_of(client, champion_version) if champion_version is not None else None
-        digest = log_test_dataset(dataset_dir, params.dataset)
-        loads = registry.smoke_load(name, version, smoke_text)
+        digest = log_test_dataset(test, dataset_dir, params.dataset)
+        served = registry.load_pyfunc(name, version)  # loaded once: the smoke check and the latency timing
+        loads = registry.smoke_check(served, f"models:/{name}/{version}", texts[0])
         latency = None
         if champion_version is not None and loads[0]:
-            texts = pd.read_parquet(dataset_dir / "test.parquet", columns=["text"])["text"].astype(str).tolist()
-            latency = registry.side_by_side_latency(name, version, str(champion_version.version),
-                                                    texts[: params.promote.latency_samples])  # fmt: skip
+            serving = registry.load_pyfunc(name, str(champion_version.version))
+            latency = registry.side_by_side_latency(served, serving, texts[: params.promote.latency_samples])
         decision = decide(
             candidate, champion, params.promote, params.promote.floors.get(task),
             validation_passed(validation, manifest), manifest.test_sha256, loads, latency,

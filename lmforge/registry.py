@@ -18,6 +18,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import yaml
@@ -159,7 +160,7 @@ def rollback(mlflow_client: mlflow.MlflowClient, name: str, force_reason: str | 
         if not history:
             raise LmforgeError(f"{name}: version {current.version} is the first champion; nothing to roll back to")
         target = history[-1]
-        decision = mlflow_client.get_model_version(name, target).tags.get("gate.decision")
+        decision = model_version(mlflow_client, name, target).tags.get("gate.decision")
         if decision != "pass" and not force_reason:
             raise LmforgeError(f"{name}: version {target} never passed the gate (gate.decision: {decision or 'none'}, "
                                "set by hand?); roll back to it with --force --reason '...'")  # fmt: skip
@@ -203,53 +204,61 @@ def lmforge_flavor(uri: str) -> tuple[bool, str]:
     return True, f"{uri} is lmforge's models-from-code pyfunc"
 
 
-def smoke_load(name: str, version: str, text: str) -> tuple[bool, str]:
-    """Is the registered artifact lmforge's pyfunc, and does it load from the registry and answer on a raw text?"""
-    import pandas as pd
-
+def load_pyfunc(name: str, version: str) -> Any:
+    """The registered version loaded as lmforge's pyfunc, or the reason (a str) it was refused or did not load."""
     uri = f"models:/{name}/{version}"
     ours, why = lmforge_flavor(uri)
     if not ours:
-        return False, why
+        return why
     try:
-        predictions = mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"text": [text]}))
+        return mlflow.pyfunc.load_model(uri)
     except Exception as error:  # any failure here is the gate's reason, not a crash
+        return f"{uri} does not load and predict: {type(error).__name__}: {' '.join(str(error).split())[:120]}"
+
+
+def smoke_check(model: Any, uri: str, text: str) -> tuple[bool, str]:
+    """Does a loaded pyfunc (or the reason it is not one) answer one row on a raw text?"""
+    import pandas as pd
+
+    if isinstance(model, str):
+        return False, model
+    try:
+        predictions = model.predict(pd.DataFrame({"text": [text]}))
+    except Exception as error:
         return False, f"{uri} does not load and predict: {type(error).__name__}: {' '.join(str(error).split())[:120]}"
     if len(predictions) != 1:
         return False, f"{uri} answered {len(predictions)} rows for 1 input"
     return True, f"{uri} loads from the registry and predicts on a smoke input"
 
 
-def side_by_side_latency(name: str, candidate: str, champion: str, texts: list[str]) -> tuple[float, float] | str:
-    """Median single-text latency in ms of (candidate, champion), timed in this process on the same texts.
+def smoke_load(name: str, version: str, text: str) -> tuple[bool, str]:
+    """Is the registered artifact lmforge's pyfunc, and does it load from the registry and answer on a raw text?"""
+    return smoke_check(load_pyfunc(name, version), f"models:/{name}/{version}", text)
+
+
+def side_by_side_latency(candidate: Any, champion: Any, texts: list[str]) -> tuple[float, float] | str:
+    """Median single-text latency in ms of two loaded pyfuncs (candidate, champion), on the same texts.
 
     The two are interleaved (and which goes first alternates), so a machine that slows down or speeds
     up meanwhile slows both alike; figures taken at different times on a noisy machine are not
-    compared. Returns the reason instead when either cannot be timed.
+    compared. Either given as the reason it did not load (a str): that reason is returned instead.
     """
     import statistics
     import time
 
     import pandas as pd
 
-    models = {}
-    for version in (candidate, champion):
-        uri = f"models:/{name}/{version}"
-        ours, why = lmforge_flavor(uri)
-        if not ours:
-            return why
-        try:
-            models[version] = mlflow.pyfunc.load_model(uri)
-        except Exception as error:
-            return f"{uri} does not load: {type(error).__name__}"
-    timings: dict[str, list[float]] = {candidate: [], champion: []}
+    for model in (candidate, champion):
+        if isinstance(model, str):
+            return model
+    timings: list[list[float]] = [[], []]
     for index, text in enumerate(texts):
         frame = pd.DataFrame({"text": [text]})
-        for version in (candidate, champion) if index % 2 else (champion, candidate):
+        for which in (0, 1) if index % 2 else (1, 0):
             started = time.perf_counter()
-            models[version].predict(frame)
-            timings[version].append((time.perf_counter() - started) * 1000)
-    return statistics.median(timings[candidate]), statistics.median(timings[champion])
+            (candidate, champion)[which].predict(frame)
+            timings[which].append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings[0]), statistics.median(timings[1])
 
 
 @contextmanager
