@@ -80,10 +80,15 @@ def test_the_baseline_contends_first_and_a_worse_trained_model_never_serves(smok
     assert str(registry.alias_version(client, "floor-sentiment", "champion").version) == report.baseline_version
 
 
+def registered(client, name: str, candidate: Path) -> str:
+    """Register a candidate's evaluated model without gating it."""
+    model = json.loads((candidate / "candidate" / "model.json").read_text())
+    return str(registry.register(client, name, model["model_uri"], model["run_id"], {}).version)
+
+
 def champion_by_hand(client, name: str, candidate: Path) -> str:
     """Register a candidate without gating it and make it champion, as a user would in the MLflow UI."""
-    model = json.loads((candidate / "candidate" / "model.json").read_text())
-    version = str(registry.register(client, name, model["model_uri"], model["run_id"], {}).version)
+    version = registered(client, name, candidate)
     client.set_registered_model_alias(name, "champion", version)
     return version
 
@@ -168,12 +173,6 @@ def test_two_promotions_at_once_never_crown_a_failed_version(smoke_evaluated: Sm
 
 
 # --- the gate fails closed ---------------------------------------------------------------------------
-
-
-def registered(client, name: str, candidate: Path) -> str:
-    """Register a candidate's evaluated model without gating it."""
-    model = json.loads((candidate / "candidate" / "model.json").read_text())
-    return str(registry.register(client, name, model["model_uri"], model["run_id"], {}).version)
 
 
 def test_a_registry_error_while_reading_the_champion_fails_closed(smoke_evaluated: SmokeRun, candidates):
