@@ -147,7 +147,8 @@ def compare(
     candidate: str = typer.Option(None, "--candidate", "-c", help="version to compare (default: @challenger)"),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Champion vs candidate on the frozen test set: primary metric with CIs, the paired improvement."""
+    """Champion, candidate and the task's registered baseline on the frozen test set: the primary metric
+    with its interval, and each one's paired improvement over the champion."""
     from lmforge import registry
     from lmforge.gate import paired_bootstrap
 
@@ -156,29 +157,36 @@ def compare(
         name = registry.model_name(settings.model_prefix, task)
         client = registry.client()
         champion = registry.alias_version(client, name, registry.CHAMPION)
-        challenger = (client.get_model_version(name, candidate) if candidate
+        challenger = (registry.model_version(client, name, candidate) if candidate
                       else registry.alias_version(client, name, registry.CHALLENGER))  # fmt: skip
-        rows = [(label, mv) for label, mv in (("champion", champion), ("candidate", challenger)) if mv is not None]
-        if not rows:
+        baselines = registry.versions_tagged(client, name, registry.MODEL_KIND_TAG, registry.BASELINE_KIND)
+        baseline = max(baselines, key=lambda mv: int(mv.version)) if baselines else None
+        rows = [(label, mv) for label, mv in (("champion", champion), ("candidate", challenger),
+                                              ("baseline", baseline)) if mv is not None]  # fmt: skip
+        if champion is None and challenger is None:
             raise LmforgeError(f"{name}: no @champion and no candidate to compare")
         evidence = {label: registry.evidence_of(client, mv) for label, mv in rows}
     except LmforgeError as error:
         fail(error)
     for label, mv in rows:
         m = evidence[label].metrics
-        typer.echo(f"{label:>9}  version {mv.version:>3}  {m.primary_metric} {m.primary:.4f} "
-                   f"[{m.primary_ci_low:.4f}, {m.primary_ci_high:.4f}]  p95 {m.latency_ms_p95:.1f} ms  "
-                   f"gate {mv.tags.get('gate.decision', '-')}")  # fmt: skip
-    scored = evidence[rows[-1][0]].metrics  # the baseline was scored on the same frozen split
-    base = scored.baseline.value(scored.primary_metric)
-    if base is not None:
-        interval = (f" [{scored.baseline.ci_low:.4f}, {scored.baseline.ci_high:.4f}]"
-                    if scored.baseline.ci_low is not None and scored.baseline.ci_high is not None else "")  # fmt: skip
-        typer.echo(f" baseline  {scored.baseline.name}  {scored.primary_metric} {base:.4f}{interval}")
-    if len(evidence) == 2 and evidence["champion"].metrics.test_sha256 == evidence["candidate"].metrics.test_sha256:
-        delta, lower = paired_bootstrap(evidence["candidate"], evidence["champion"], settings.bootstrap_samples,
-                                        settings.confidence)  # fmt: skip
-        typer.echo(f"improvement {delta:+.4f}, {settings.confidence:.0%} lower bound {lower:+.4f} (paired bootstrap)")
+        typer.echo(
+            f"{label:>9}  version {mv.version:>3}  {m.primary_metric} {m.primary:.4f} "
+            f"[{m.primary_ci_low:.4f}, {m.primary_ci_high:.4f}]  p95 {m.latency_ms_p95:.1f} ms  "
+            f"gate {mv.tags.get('gate.decision', '-')}  {mv.tags.get(registry.MODEL_KIND_TAG, '')}".rstrip()
+        )
+    if champion is None:
+        return
+    reference = evidence["champion"]
+    for label, mv in rows[1:]:
+        other = evidence[label]
+        same_examples = (other.metrics.test_sha256, other.examples) == (reference.metrics.test_sha256,
+                                                                        reference.examples)  # fmt: skip
+        if mv.version == champion.version or not same_examples:
+            continue
+        delta, lower = paired_bootstrap(other, reference, settings.bootstrap_samples, settings.confidence)
+        typer.echo(f"{label} vs champion: improvement {delta:+.4f}, {settings.confidence:.0%} lower bound "
+                   f"{lower:+.4f} (paired bootstrap)")  # fmt: skip
 
 
 @app.command("rollback")
@@ -260,6 +268,7 @@ def status() -> None:
     typer.echo("  lmforge compare --task <task>; lmforge rollback --task <task>")
     typer.echo("  dvc metrics show; dvc plots show   the figures and plots, versioned with the pipeline")
     typer.echo("  mlflow ui --backend-store-uri sqlite:///mlflow.db   runs, nested by pipeline; models")
+
 
 if __name__ == "__main__":
     app()

@@ -22,7 +22,7 @@ import pandas as pd
 
 from lmforge import tracking
 from lmforge.artifacts import EvalReport, Manifest, ModelRef, PerExample
-from lmforge.baselines import Baseline, MajorityTag, TfidfLogReg
+from lmforge.baselines import Baseline, MajorityTag, NgramLM, TfidfLogReg
 from lmforge.errors import LmforgeError
 from lmforge.inference import (
     TaskModel,
@@ -142,13 +142,16 @@ def score_tokens(tagger: Callable[[list[list[str]]], list[list[str]]], test: pd.
     return Evaluation(metrics, PerExample(entity_counts=counts.tolist()), confusion)
 
 
-def fit_baseline(kind: str, labels: list[str], train: pd.DataFrame) -> Baseline | None:
-    """The task's baseline, trained on the same train split (generation has none yet)."""
-    if kind == "classification":
-        return TfidfLogReg.fit(train["text"].tolist(), train["label"].tolist(), labels)
-    if kind == "token_classification":
-        return MajorityTag.fit([list(w) for w in train["tokens"]], [list(t) for t in train["tags"]], labels)
-    return None
+def fit_baseline(tm: TaskModel, train: pd.DataFrame) -> Baseline:
+    """The task's baseline, trained on the same train split (generation: over the model's own tokens)."""
+    if tm.kind == "classification":
+        return TfidfLogReg.fit(train["text"].tolist(), train["label"].tolist(), tm.labels)
+    if tm.kind == "token_classification":
+        return MajorityTag.fit([list(w) for w in train["tokens"]], [list(t) for t in train["tags"]], tm.labels)
+    pairs = generation_pairs(train["text"].tolist(), tm.meta.prompt_chars)
+    encoded = tm.tokenizer([p for p, _ in pairs], [c for _, c in pairs], truncation="only_second",
+                           max_length=tm.max_length)  # fmt: skip
+    return NgramLM.fit(encoded["input_ids"], tm.tokenizer, tm.max_length)
 
 
 def with_baseline(model: Evaluation, baseline: Evaluation, name: str) -> Evaluation:
@@ -160,18 +163,24 @@ def with_baseline(model: Evaluation, baseline: Evaluation, name: str) -> Evaluat
     return dataclasses.replace(model, metrics={**model.metrics, "baseline": summary})
 
 
-def evaluate_generation(tm: TaskModel, test: pd.DataFrame, params: EvaluateParams) -> Evaluation:
-    pairs = generation_pairs(test["text"].tolist(), tm.meta.prompt_chars)
+Losses = Callable[[list[tuple[str, str]]], tuple[np.ndarray, np.ndarray]]
+Generate = Callable[[list[str], int], list[str]]
+
+
+def score_generation(losses_of: Losses, generate_from: Generate, test: pd.DataFrame, prompt_chars: int,
+                     params: EvaluateParams) -> Evaluation:  # fmt: skip
+    """A language model (the model, or its n-gram baseline) on the test continuations: perplexity, BLEU, latency."""
+    pairs = generation_pairs(test["text"].tolist(), prompt_chars)
     started = time.perf_counter()
-    losses, counts = continuation_losses(tm, pairs)
+    losses, counts = losses_of(pairs)
     seconds = time.perf_counter() - started
     perplexity = float(np.exp(losses.sum() / counts.sum()))
     low, high = interval(params, lambda idx: float(np.exp(losses[idx].sum() / counts[idx].sum())), len(pairs))
     sample = pairs[: params.generated_samples]  # greedy decoding is the slow part
-    hypotheses = generate(tm, [prompt for prompt, _ in sample], params.max_new_tokens)
+    hypotheses = generate_from([prompt for prompt, _ in sample], params.max_new_tokens)
     references = [continuation[: max(len(h), 1) * 2] for (_, continuation), h in zip(sample, hypotheses, strict=True)]
     rouge = [char_rouge_l(ref, hyp) for ref, hyp in zip(references, hypotheses, strict=True)]
-    p50, p95 = latency_ms(lambda batch: generate(tm, batch, params.max_new_tokens), [p for p, _ in sample],
+    p50, p95 = latency_ms(lambda batch: generate_from(batch, params.max_new_tokens), [p for p, _ in sample],
                           params.latency_samples)  # fmt: skip
     metrics = {
         "primary_metric": "perplexity", "primary": perplexity, "primary_ci_low": low, "primary_ci_high": high,
@@ -191,12 +200,14 @@ def log_pyfunc(model_dir: Path, served_model: TaskModel | Baseline, example: str
     import mlflow
     from mlflow.models import infer_signature
 
-    from lmforge.serving import LmforgeTextModel
+    from lmforge.serving import MAX_NEW_TOKENS, LmforgeTextModel
 
     served = LmforgeTextModel()
     served.task_model = served_model
     input_example = pd.DataFrame({"text": [example]})
-    signature = infer_signature(input_example, served.predict(None, input_example))
+    # A generation request may set how far to continue: the signature declares it, or MLflow drops it.
+    request_params = {"max_new_tokens": MAX_NEW_TOKENS} if served_model.kind == "generation" else None
+    signature = infer_signature(input_example, served.predict(None, input_example), params=request_params)
     requirements = [f"{name}=={metadata.version(name)}" for name in
                     ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy",
                      "scikit-learn")]  # fmt: skip
@@ -212,6 +223,17 @@ def log_pyfunc(model_dir: Path, served_model: TaskModel | Baseline, example: str
     return info.model_uri
 
 
+def log_evidence(folder: Path) -> None:
+    """The evaluation's files as the run's `eval/` artifacts: what the gate reads back. The baseline's
+    model/ stays out: its pyfunc already holds it, and the gate should not download weights for evidence."""
+    import mlflow
+
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and "model" not in relative.parts[:-1]:
+            mlflow.log_artifact(str(path), artifact_path=str(Path("eval") / relative.parent))
+
+
 @dataclass(frozen=True)
 class ScoredBaseline:
     """The task's baseline and its scores on the same test examples as the model."""
@@ -223,13 +245,13 @@ class ScoredBaseline:
 
 @dataclass(frozen=True)
 class Scores:
-    """A task model and its baseline (none for generation yet), scored on the same frozen test examples."""
+    """A task model and its baseline, scored on the same frozen test examples."""
 
     report: EvalReport
     evaluation: Evaluation
     task_model: TaskModel
     test: pd.DataFrame
-    baseline: ScoredBaseline | None = None
+    baseline: ScoredBaseline
 
 
 def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path) -> Scores:
@@ -241,8 +263,7 @@ def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path)
     if params.max_test_samples:
         test = test.head(params.max_test_samples)
     train = pd.read_parquet(dataset_dir / "train.parquet")
-    baseline = fit_baseline(tm.kind, tm.labels, train)
-    base: Evaluation | None = None
+    baseline = fit_baseline(tm, train)
     if isinstance(baseline, TfidfLogReg):
         result = score_classification(lambda texts: class_probabilities(tm, texts, params.batch_size), tm.labels,
                                       test, params)  # fmt: skip
@@ -251,13 +272,15 @@ def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path)
         result = score_tokens(lambda sentences: word_tags(tm, sentences, params.batch_size), test, params)
         base = score_tokens(baseline.predict, test, params)
     else:
-        result = evaluate_generation(tm, test, params)
+        prompt_chars = tm.meta.prompt_chars
+        result = score_generation(lambda pairs: continuation_losses(tm, pairs),
+                                  lambda prompts, n: generate(tm, prompts, n), test, prompt_chars, params)  # fmt: skip
+        base = score_generation(baseline.continuation_losses, baseline.generate, test, prompt_chars, params)
+
     def report_of(evaluation: Evaluation) -> EvalReport:
         return EvalReport.model_validate({"task": task, "kind": tm.kind, "test_examples": len(test),
                                           "test_sha256": tm.meta.test_sha256, **evaluation.metrics})  # fmt: skip
 
-    if base is None or baseline is None:
-        return Scores(report_of(result), result, tm, test)
     result = with_baseline(result, base, baseline.name)
     return Scores(report_of(result), result, tm, test, ScoredBaseline(baseline, report_of(base), base))
 
@@ -275,23 +298,21 @@ def evaluate_model(params: EvaluateParams, task: str, model_dir: Path, dataset_d
     history = read_json(model_dir / "history.json")
     example = str(test["text"].iloc[0])
     with atomic_output_dir(out_dir) as staging:
-        folder = staging / "baseline"  # a DVC out for every task; empty of a model where there is no baseline
-        folder.mkdir()
+        folder = staging / "baseline"
         baseline = scores.baseline
-        if baseline is None:
-            write_json(folder / "none.json", {"baseline": None, "why": f"no baseline for {tm.kind} yet"})
-        else:
-            baseline.model.save(folder / "model")
-            baseline.report.write_into(folder / "metrics.json")
-            baseline.evaluation.per_example.write_into(folder / "per_example.json")
-            with tracking.stage_run("evaluate", {"evaluate": params.model_dump(), "task": task,
-                                                 "model_kind": "baseline"}, item=task) as baseline_run:  # fmt: skip
-                mlflow.set_tags({"mlflow.runName": f"evaluate@{task} (baseline)", "lmforge.model_kind": "baseline"})
-                mlflow.log_metrics(baseline.report.numbers())
-                baseline_uri = log_pyfunc(folder / "model", baseline.model, example)
-                mlflow.log_artifacts(str(folder), artifact_path="eval")
-            ModelRef(model_uri=baseline_uri, run_id=baseline_run.info.run_id,
-                     finetune_run_id=None).write_into(folder / "model.json")  # fmt: skip
+        baseline.model.save(folder / "model")
+        baseline.report.write_into(folder / "metrics.json")
+        baseline.evaluation.per_example.write_into(folder / "per_example.json")
+        if baseline.evaluation.samples:
+            write_json(folder / "samples.json", baseline.evaluation.samples)
+        with tracking.stage_run("evaluate", {"evaluate": params.model_dump(), "task": task,
+                                             "model_kind": "baseline"}, item=task) as baseline_run:  # fmt: skip
+            mlflow.set_tags({"mlflow.runName": f"evaluate@{task} (baseline)", "lmforge.model_kind": "baseline"})
+            mlflow.log_metrics(baseline.report.numbers())
+            baseline_uri = log_pyfunc(folder / "model", baseline.model, example)
+            log_evidence(folder)
+        ModelRef(model_uri=baseline_uri, run_id=baseline_run.info.run_id,
+                 finetune_run_id=None).write_into(folder / "model.json")  # fmt: skip
         with tracking.stage_run("evaluate", {"evaluate": params.model_dump(), "task": task}, item=task) as mlflow_run:
             numeric = report.numbers()
             numeric.update({f"baseline_{k}": float(v) for k, v in report.baseline.data().items()
@@ -306,7 +327,7 @@ def evaluate_model(params: EvaluateParams, task: str, model_dir: Path, dataset_d
                 write_json(staging / "samples.json", result.samples)
             ModelRef(model_uri=model_uri, run_id=mlflow_run.info.run_id,
                      finetune_run_id=tm.meta.finetune_run_id).write_into(staging / "model.json")  # fmt: skip
-            mlflow.log_artifacts(str(staging), artifact_path="eval")
+            log_evidence(staging)
     return report
 
 

@@ -284,10 +284,9 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
     with atomic_output_dir(paths.out) as staging:
         model.cpu().save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))
-        TaskMeta(**resolved, test_sha256=manifest.test_sha256,
-                 finetune_run_id=run.info.run_id if run else None).write_into(
-            staging / "lmforge_task.json"
-        )
+        TaskMeta(
+            **resolved, test_sha256=manifest.test_sha256, finetune_run_id=run.info.run_id if run else None
+        ).write_into(staging / "lmforge_task.json")
         write_json(staging / "history.json", result.history)
     return report
 

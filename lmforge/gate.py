@@ -95,10 +95,13 @@ def check_against_baseline(decision: Decision, candidate: Evidence, baseline: Ev
         return
     delta, lower = paired_bootstrap(baseline, candidate, params.bootstrap_samples, params.confidence)
     worse = lower > 0
-    decision.check("baseline", not worse,
-                   f"{metric} {candidate.primary:.4f} vs baseline {name} {baseline.primary:.4f}: the baseline "
-                   f"leads by {delta:+.4f}, {params.confidence:.0%} lower bound {lower:+.4f} "
-                   + ("> 0: significantly worse than the baseline" if worse else "<= 0: not significantly worse"))
+    decision.check(
+        "baseline",
+        not worse,
+        f"{metric} {candidate.primary:.4f} vs baseline {name} {baseline.primary:.4f}: the baseline "
+        f"leads by {delta:+.4f}, {params.confidence:.0%} lower bound {lower:+.4f} "
+        + ("> 0: significantly worse than the baseline" if worse else "<= 0: not significantly worse"),
+    )
 
 
 def decide(candidate: Evidence, champion: Evidence | None, params: PromoteParams, floor: float | None,

@@ -23,6 +23,7 @@ PROFILES = ("default", "smoke", "gpu")
 __all__ = ["PROFILES", "Params", "deep_merge", "load_params", "params_to_dict", "parse_params", "profile_params",
            "render_params_yaml"]  # fmt: skip
 
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     """One line per problem, joined: `params.yaml: ingest.split.val: Input should be less than 0.5`."""
     problems = []

@@ -141,4 +141,3 @@ def section(params: Params, item: str | None) -> PreprocessParams:
 
 
 STAGE = Stage("preprocess", ("preprocess",), section, PreprocessPaths, run, summary, lambda paths: paths.metrics)
-

@@ -179,7 +179,7 @@ def run(params: PromoteSection, paths: PromotePaths) -> PromotionReport:
 def register_baseline(client: mlflow.MlflowClient, name: str, folder: Path, lineage: dict[str, str]) -> str | None:
     """Register the task's baseline (evaluate's reports/evaluate/<task>/baseline) once per distinct model."""
     if not (folder / "model.json").is_file():
-        return None  # generation has no baseline yet
+        return None  # scored before evaluate wrote baselines: re-run evaluate to register one
     ref = ModelRef.read(folder / "model.json")
     digest = fingerprint(files_sha256(folder / "model", "*"))  # the same baseline trained again: same version
     found = registry.versions_tagged(client, name, "lmforge.baseline_sha256", digest)

@@ -503,5 +503,3 @@ class Params(Section):
         return self
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-

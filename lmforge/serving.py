@@ -5,7 +5,7 @@ The artifact `model_dir` is a fine-tuned model folder (safetensors) or a baselin
 {"text": [...]}))` answers the same way for both, by task kind:
 - classification:        label, score (the label's probability)
 - token_classification:  words, tags (one tag per word; CJK characters are words of their own)
-- generation:            continuation (greedy, up to max_new_tokens)
+- generation:            continuation (greedy, up to the request's params={"max_new_tokens": n}, default 24)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class LmforgeTextModel(PythonModel):
         self.task_model = load_baseline(folder) if is_baseline(folder) else load_task_model(folder)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        from lmforge.baselines import MajorityTag, TfidfLogReg
+        from lmforge.baselines import MajorityTag, NgramLM, TfidfLogReg
         from lmforge.inference import class_probabilities, generate, split_words, word_tags
 
         tm = self.task_model
@@ -48,6 +48,9 @@ class LmforgeTextModel(PythonModel):
             probs = tm.probabilities(texts)
             best = probs.argmax(axis=1)
             return pd.DataFrame({"label": [tm.labels[i] for i in best], "score": probs.max(axis=1).astype(float)})
+        new_tokens = int((params or {}).get("max_new_tokens", MAX_NEW_TOKENS))
+        if isinstance(tm, NgramLM):
+            return pd.DataFrame({"continuation": tm.generate(texts, new_tokens)})
         if isinstance(tm, MajorityTag):
             words = [split_words(text) for text in texts]
             return pd.DataFrame({"words": words, "tags": tm.predict(words)})
@@ -58,7 +61,6 @@ class LmforgeTextModel(PythonModel):
         if tm.kind == "token_classification":
             words = [split_words(text) for text in texts]
             return pd.DataFrame({"words": words, "tags": word_tags(tm, words)})
-        new_tokens = int((params or {}).get("max_new_tokens", MAX_NEW_TOKENS))
         return pd.DataFrame({"continuation": generate(tm, texts, new_tokens)})
 
 

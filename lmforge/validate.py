@@ -34,7 +34,6 @@ from lmforge.stage import Stage, dep, output
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no network here, and none wanted
 
 
-
 @dataclass(frozen=True)
 class View:
     """A table to validate and the expectations it must meet."""

@@ -197,14 +197,15 @@ def prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return prefix
 
 
-def register_evaluated(name: str, report: EvalReport, y_pred: list[int]) -> str:
+def register_evaluated(name: str, report: EvalReport, y_pred: list[int], kind: str = registry.TRAINED_KIND) -> str:
     """A version of `name` registered with an evaluation run's evidence (y_true is 0, 1, 0, 1)."""
     with mlflow.start_run(experiment_id=tracking.setup()) as run:
         mlflow.log_text("flavors: {}\n", "model/MLmodel")
         mlflow.log_text(json.dumps(report.data()), "eval/metrics.json")
         mlflow.log_text(json.dumps(PerExample(y_true=[0, 1, 0, 1], y_pred=y_pred).data()), "eval/per_example.json")
     client = registry.client()
-    version = registry.register(client, name, f"runs:/{run.info.run_id}/model", run.info.run_id, {})
+    tags = {registry.MODEL_KIND_TAG: kind}
+    version = registry.register(client, name, f"runs:/{run.info.run_id}/model", run.info.run_id, tags)
     return str(version.version)
 
 
@@ -236,12 +237,31 @@ def test_compare_shows_champion_and_candidate_and_the_paired_improvement(prefix:
     assert result.exit_code == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[:2] == [
-        " champion  version   1  macro_f1 0.3333 [0.0833, 0.5833]  p95 2.5 ms  gate -",
-        "candidate  version   2  macro_f1 1.0000 [0.7500, 1.0000]  p95 2.5 ms  gate -",
+        " champion  version   1  macro_f1 0.3333 [0.0833, 0.5833]  p95 2.5 ms  gate -  trained",
+        "candidate  version   2  macro_f1 1.0000 [0.7500, 1.0000]  p95 2.5 ms  gate -  trained",
     ]
-    assert lines[2] == " baseline  majority  macro_f1 0.4000"  # scored on the same split, beside them
-    assert lines[3].startswith("improvement +0.6667, 95% lower bound ")
-    assert len(lines) == 4
+    assert lines[2].startswith("candidate vs champion: improvement +0.6667, 95% lower bound ")
+    assert len(lines) == 3  # no baseline registered: no baseline row
+
+
+def test_compare_shows_the_registered_baseline_with_its_interval_and_paired_improvements(prefix: str):
+    name, client = f"{prefix}-sentiment", registry.client()
+    # y_true 0 1 0 1. The baseline gets 3 of 4 (macro-F1 0.7333) and serves; the challenger says 0 0 0 0.
+    baseline = register_evaluated(name, eval_report("sentiment", 0.7333), [0, 1, 0, 0], registry.BASELINE_KIND)
+    challenger = register_evaluated(name, eval_report("sentiment", 0.3333), [0, 0, 0, 0])
+    registry.crown(client, name, baseline)
+    client.set_registered_model_alias(name, "challenger", challenger)
+
+    result = invoke("compare", "--task", "sentiment")
+    assert result.exit_code == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[:3] == [
+        " champion  version   1  macro_f1 0.7333 [0.4833, 0.9833]  p95 2.5 ms  gate -  baseline",
+        "candidate  version   2  macro_f1 0.3333 [0.0833, 0.5833]  p95 2.5 ms  gate -  trained",
+        " baseline  version   1  macro_f1 0.7333 [0.4833, 0.9833]  p95 2.5 ms  gate -  baseline",
+    ]
+    assert lines[3].startswith("candidate vs champion: improvement -0.4000, 95% lower bound ")
+    assert len(lines) == 4  # the baseline is the champion: no comparison with itself
 
 
 def test_compare_leaves_out_the_improvement_when_the_test_sets_differ(prefix: str):
@@ -250,7 +270,7 @@ def test_compare_leaves_out_the_improvement_when_the_test_sets_differ(prefix: st
     other = register_evaluated(name, eval_report("sentiment", 1.0, "new-split"), [0, 1, 0, 1])
     result = invoke("compare", "--task", "sentiment", "--candidate", other)
     assert result.exit_code == 0, result.stderr
-    assert [line.split()[0] for line in result.stdout.splitlines()] == ["champion", "candidate", "baseline"]
+    assert [line.split()[0] for line in result.stdout.splitlines()] == ["champion", "candidate"]
 
 
 def test_compare_with_nothing_registered_fails_naming_the_model(prefix: str):

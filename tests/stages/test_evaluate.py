@@ -61,14 +61,27 @@ def test_pyfunc_model_predicts_on_raw_text(evaluated: SmokeRun):
             assert set(predictions["label"]) <= {"neg", "pos"} and predictions["score"].between(0.5, 1).all()
         if task == "ner":
             assert [len(tags) for tags in predictions["tags"]] == [len(words) for words in predictions["words"]]
+        # The baseline is a model too: logged, and serving the same contract.
         baseline = evaluated.root / "reports/evaluate" / task / "baseline"
-        if task != "continuation":  # the baseline is a model too: logged, and serving the same contract
-            baseline_uri = json.loads((baseline / "model.json").read_text())["model_uri"]
-            answer = mlflow.pyfunc.load_model(baseline_uri).predict(texts)
-            assert list(answer.columns) == list(predictions.columns) and len(answer) == 2
-            assert not list(baseline.rglob("*.pkl")) and not list(baseline.rglob("*.bin"))
-        else:  # no baseline for generation yet: the folder (a DVC out) says so
-            assert not (baseline / "model.json").exists() and (baseline / "none.json").is_file()
+        baseline_uri = json.loads((baseline / "model.json").read_text())["model_uri"]
+        answer = mlflow.pyfunc.load_model(baseline_uri).predict(texts)
+        assert list(answer.columns) == list(predictions.columns) and len(answer) == 2
+        assert not list(baseline.rglob("*.pkl")) and not list(baseline.rglob("*.bin"))
+    served = mlflow.pyfunc.load_model(baseline_uri)  # generation's: a request may set how far to continue
+    assert served.metadata.get_params_schema().to_dict() == [
+        {"name": "max_new_tokens", "type": "long", "default": 24, "shape": None}]  # fmt: skip
+    shorter = served.predict(texts, params={"max_new_tokens": 1})["continuation"]
+    assert all(len(text) <= len(longer) for text, longer in zip(shorter, answer["continuation"], strict=True))
+
+
+def test_the_ngram_baseline_is_scored_on_the_same_continuation_tokens(evaluated: SmokeRun):
+    """Perplexities compare only over the same tokens: the gate's paired bootstrap needs them equal."""
+    out = evaluated.root / "reports/evaluate/continuation"
+    model, baseline = (json.loads((folder / "per_example.json").read_text()) for folder in (out, out / "baseline"))
+    assert baseline["tokens"] == model["tokens"] and len(baseline["loss"]) == len(model["loss"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["baseline"]["name"] == "ngram3_absolute_discounting"
+    assert metrics["baseline"]["perplexity"] == json.loads((out / "baseline/metrics.json").read_text())["primary"]
 
 
 def test_a_test_split_that_changed_since_it_was_frozen_is_refused(evaluated: SmokeRun, tmp_path: Path):
