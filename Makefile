@@ -8,6 +8,8 @@ export PATH := $(BIN):$(PATH)
 
 # The environment is rebuilt only when pyproject.toml or constraints.txt change.
 $(VENV)/.installed: pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else 1)' || \
+		{ echo "error: lmforge needs Python 3.11; $(PYTHON) is $$($(PYTHON) --version 2>&1) (make PYTHON=/path/to/python3.11)" >&2; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'

@@ -121,8 +121,11 @@ class ExpectationResult(Artifact):
     unexpected_count: int
     element_count: int
     examples: list[Any]
+    explanation: str | None = None  # the failure in the data's own terms, where the generic line says too little
 
     def describe(self) -> str:
+        if self.explanation:
+            return f"{self.expectation}({self.column}) in suite {self.suite}: {self.explanation}"
         examples = ", ".join(repr(example)[:60] for example in self.examples)
         return (
             f"{self.expectation}({self.column}) in suite {self.suite} failed on "

@@ -28,6 +28,7 @@ from lmforge.inference import (
     TaskModel,
     class_probabilities,
     continuation_losses,
+    continuation_reference,
     generate,
     generation_pairs,
     load_task_model,
@@ -167,9 +168,11 @@ Losses = Callable[[list[tuple[str, str]]], tuple[np.ndarray, np.ndarray]]
 Generate = Callable[[list[str], int], list[str]]
 
 
-def score_generation(losses_of: Losses, generate_from: Generate, test: pd.DataFrame, prompt_chars: int,
-                     params: EvaluateParams) -> Evaluation:  # fmt: skip
+def score_generation(losses_of: Losses, generate_from: Generate, tokenizer: Any, test: pd.DataFrame,
+                     prompt_chars: int, params: EvaluateParams) -> Evaluation:  # fmt: skip
     """A language model (the model, or its n-gram baseline) on the test continuations: perplexity, BLEU, latency."""
+    import sacrebleu
+
     pairs = generation_pairs(test["text"].tolist(), prompt_chars)
     started = time.perf_counter()
     losses, counts = losses_of(pairs)
@@ -178,7 +181,7 @@ def score_generation(losses_of: Losses, generate_from: Generate, test: pd.DataFr
     low, high = interval(params, lambda idx: float(np.exp(losses[idx].sum() / counts[idx].sum())), len(pairs))
     sample = pairs[: params.generated_samples]  # greedy decoding is the slow part
     hypotheses = generate_from([prompt for prompt, _ in sample], params.max_new_tokens)
-    references = [continuation[: max(len(h), 1) * 2] for (_, continuation), h in zip(sample, hypotheses, strict=True)]
+    references = [continuation_reference(tokenizer, continuation, params.max_new_tokens) for _, continuation in sample]
     rouge = [char_rouge_l(ref, hyp) for ref, hyp in zip(references, hypotheses, strict=True)]
     p50, p95 = latency_ms(lambda batch: generate_from(batch, params.max_new_tokens), [p for p, _ in sample],
                           params.latency_samples)  # fmt: skip
@@ -186,6 +189,7 @@ def score_generation(losses_of: Losses, generate_from: Generate, test: pd.DataFr
         "primary_metric": "perplexity", "primary": perplexity, "primary_ci_low": low, "primary_ci_high": high,
         "higher_is_better": False, "perplexity": perplexity,
         "bleu_char": char_bleu(references, hypotheses), "rouge_l_char": float(np.mean(rouge)),
+        "sacrebleu_zh": sacrebleu.corpus_bleu(hypotheses, [references], tokenize="zh").score / 100,
         "generated_examples": len(sample),
         "baseline": {"name": "none"},
         "latency_ms_p50": p50, "latency_ms_p95": p95, "throughput_per_s": len(pairs) / seconds,
@@ -208,7 +212,9 @@ def log_pyfunc(model_dir: Path, served_model: TaskModel | Baseline, example: str
     # A generation request may set how far to continue: the signature declares it, or MLflow drops it.
     request_params = {"max_new_tokens": MAX_NEW_TOKENS} if served_model.kind == "generation" else None
     signature = infer_signature(input_example, served.predict(None, input_example), params=request_params)
-    requirements = [f"{name}=={metadata.version(name)}" for name in
+    # Public versions only: "torch==2.13.0+cpu" exists on no index but PyTorch's CPU one, while
+    # "torch==2.13.0" matches the CPU build there and the CUDA build on PyPI (PEP 440 local versions).
+    requirements = [f"{name}=={metadata.version(name).split('+')[0]}" for name in
                     ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "pandas", "numpy",
                      "scikit-learn")]  # fmt: skip
     info = mlflow.pyfunc.log_model(
@@ -272,10 +278,11 @@ def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path)
         result = score_tokens(lambda sentences: word_tags(tm, sentences, params.batch_size), test, params)
         base = score_tokens(baseline.predict, test, params)
     else:
-        prompt_chars = tm.meta.prompt_chars
+        prompt_chars, tokenizer = tm.meta.prompt_chars, tm.tokenizer
         result = score_generation(lambda pairs: continuation_losses(tm, pairs),
-                                  lambda prompts, n: generate(tm, prompts, n), test, prompt_chars, params)  # fmt: skip
-        base = score_generation(baseline.continuation_losses, baseline.generate, test, prompt_chars, params)
+                                  lambda prompts, n: generate(tm, prompts, n), tokenizer, test, prompt_chars,
+                                  params)  # fmt: skip
+        base = score_generation(baseline.continuation_losses, baseline.generate, tokenizer, test, prompt_chars, params)
 
     def report_of(evaluation: Evaluation) -> EvalReport:
         return EvalReport.model_validate({"task": task, "kind": tm.kind, "test_examples": len(test),

@@ -105,6 +105,13 @@ def generation_pairs(texts: list[str], prompt_chars: int) -> list[tuple[str, str
     return [(text[:prompt_chars], text[prompt_chars:]) for text in texts if len(text) > prompt_chars]
 
 
+def continuation_reference(tokenizer: PreTrainedTokenizerBase, continuation: str, max_new_tokens: int) -> str:
+    """What a generation of max_new_tokens tokens is held to: the true continuation's first max_new_tokens
+    tokens, decoded as the generation is (so BLEU's brevity penalty means stopping early, nothing else)."""
+    ids = tokenizer(continuation, add_special_tokens=False)["input_ids"][:max_new_tokens]
+    return CJK_GAP.sub("", str(tokenizer.decode(ids, skip_special_tokens=True)))
+
+
 @torch.no_grad()
 def continuation_losses(
     tm: TaskModel, pairs: list[tuple[str, str]], batch_size: int = 32

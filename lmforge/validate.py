@@ -147,6 +147,22 @@ def run_suites(dataset: str, views: list[View], params: ValidateParams, docs_dir
     return outcomes
 
 
+def explain_balance(outcome: ExpectationResult, views: list[View], params: ValidateParams) -> ExpectationResult:
+    """A failed class-balance range check, naming the classes, their shares of train and the keys to change."""
+    balance = next((view.frame for view in views if view.name == "balance"), None)
+    if outcome.success or balance is None or outcome.column != "train_fraction":
+        return outcome
+    low, high = params.min_class_fraction, params.max_class_fraction
+    outside = balance[(balance["train_fraction"] < low) | (balance["train_fraction"] > high)]
+    outside = outside.sort_values("train_fraction")
+    shares = ", ".join(f"{label!r} {share:.1%}" for label, share in zip(outside["label"], outside["train_fraction"],
+                                                                        strict=True))  # fmt: skip
+    explanation = (f"{len(outside)} of {len(balance)} classes hold a share of train outside "
+                   f"[validate.min_class_fraction {low}, validate.max_class_fraction {high}]: {shares}; "
+                   "change those keys (or validate.on_failure: warn) if this balance is what you mean")  # fmt: skip
+    return outcome.model_copy(update={"explanation": explanation})
+
+
 def load_splits(dataset_dir: Path) -> dict[str, pd.DataFrame]:
     return {split: pd.read_parquet(dataset_dir / f"{split}.parquet") for split in SPLITS}
 
@@ -201,6 +217,7 @@ def run(params: ValidateParams, paths: ValidatePaths) -> ValidateReport:
             manifest = Manifest.of(dataset_dir)
             views = build_views(manifest, load_splits(dataset_dir), params)
             outcomes = run_suites(dataset, views, params, staging / "data_docs" / dataset)
+            outcomes = [explain_balance(outcome, views, params) for outcome in outcomes]
             report = summarize(dataset, manifest, outcomes, params)
             report.write_into(staging / f"{dataset}.json")
             reports[dataset] = report

@@ -24,6 +24,7 @@ from lmforge.inference import (
     TaskModel,
     class_probabilities,
     continuation_losses,
+    continuation_reference,
     generate,
     generation_pairs,
     load_task_model,
@@ -261,3 +262,16 @@ def test_continuation_losses_sum_over_the_continuation_tokens_only(constant_gene
     assert np.allclose(losses, [2 * favoured + other, favoured + 4 * other], atol=1e-4)
     one_at_a_time = continuation_losses(tm, [("你好", "中中"), ("你", "中好天气")], batch_size=1)
     assert np.allclose(one_at_a_time[0], losses, atol=1e-4)
+
+
+def test_a_generation_that_matches_the_continuation_scores_bleu_one(tokenizer_dir: Path):
+    """The reference is the continuation's first max_new_tokens tokens: a perfect generation is not penalized."""
+    from transformers import AutoTokenizer
+
+    from lmforge.metrics import char_bleu
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    reference = continuation_reference(tokenizer, "今天天气很好，你好世界", 6)
+    assert reference == "今天天气很好"
+    assert char_bleu([reference], ["今天天气很好"]) == pytest.approx(1.0)
+    assert char_bleu([reference], ["今天天气"]) < 1.0  # stopping early is what the brevity penalty costs

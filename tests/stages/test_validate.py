@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -72,6 +73,20 @@ def test_empty_text_and_class_imbalance_are_caught(raw_copy: Path, tmp_path: Pat
     assert ("sentiment.rows", "expect_column_value_lengths_to_be_between") in failed
     assert ("sentiment.balance", "expect_column_values_to_be_between") in failed
     assert ("sentiment.balance", "expect_column_distinct_values_to_contain_set") in failed
+
+
+def test_a_class_balance_failure_names_the_classes_their_shares_and_the_keys(raw_copy: Path, tmp_path: Path):
+    def skew(frame: pd.DataFrame) -> pd.DataFrame:  # about 2% "neg", the rest "pos"
+        return frame.assign(label=["neg" if i % 50 == 0 else "pos" for i in range(len(frame))])
+
+    rewrite(raw_copy, "sentiment", "train", skew)
+    with pytest.raises(ValidationFailed) as caught:
+        validate.run(ValidateParams(), ValidatePaths(raw_copy, tmp_path / "validation", tmp_path / "validate.json"))
+    message = str(caught.value)
+    assert "expect_column_values_to_be_between(train_fraction) in suite sentiment.balance: 2 of 2 classes" in message
+    assert re.search(r"'neg' 2\.\d%, 'pos' 97\.\d%", message)  # the smallest share first
+    assert "validate.min_class_fraction 0.05" in message and "validate.max_class_fraction 0.95" in message
+    assert len(message.splitlines()) == 1
 
 
 def test_tags_and_lengths_of_token_sequences(smoke_run: SmokeRun, tmp_path: Path):
