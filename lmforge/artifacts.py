@@ -40,6 +40,10 @@ class Artifact(BaseModel):
     def data(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def figures(self) -> dict[str, float]:
+        """The few numbers a person compares across runs: the stage's DVC metrics file (metrics/...)."""
+        raise NotImplementedError(f"{type(self).__name__} has no figures")
+
     def write(self, path: Path) -> None:
         """Write through a temporary file and a rename."""
         write_json_atomic(path, self.data())
@@ -47,6 +51,19 @@ class Artifact(BaseModel):
     def write_into(self, path: Path) -> None:
         """Write into a folder that is itself being built atomically."""
         write_json(path, self.data())
+
+
+def _numbers(report: Artifact, *fields: str) -> dict[str, float]:
+    """The named fields that hold a number (None left out)."""
+    values = {field: getattr(report, field) for field in fields}
+    return {field: float(value) for field, value in values.items() if isinstance(value, int | float)}
+
+
+SECONDARY_METRICS = {  # beside the primary metric in a task's DVC metrics file
+    "classification": ("accuracy", "worst_class_recall"),
+    "token_classification": ("token_accuracy",),
+    "generation": ("bleu_char", "sacrebleu_zh"),
+}
 
 
 # --- ingest ---------------------------------------------------------------------------------------
@@ -200,6 +217,9 @@ class PretrainReport(Artifact):
     resumed_from_step: int | None
     mlflow_run_id: str
 
+    def figures(self) -> dict[str, float]:
+        return _numbers(self, "val_loss", "val_perplexity", "tokens_per_second", "seconds", "steps")
+
 
 class FinetuneReport(Artifact):
     """reports/finetune/<task>.json."""
@@ -213,6 +233,9 @@ class FinetuneReport(Artifact):
     stopped_early: bool
     resumed_from_step: int | None
     mlflow_run_id: str | None = None
+
+    def figures(self) -> dict[str, float]:
+        return _numbers(self, "val_loss", "val_perplexity", "tokens_per_second", "seconds", "steps")
 
 
 class TaskMeta(Artifact):
@@ -284,6 +307,20 @@ class EvalReport(Artifact):
         typed = metric in type(self).model_fields
         value = getattr(self, metric) if typed else (self.model_extra or {}).get(metric)
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    def figures(self) -> dict[str, float]:
+        """The primary metric with its interval and the baseline's, the kind's key secondary ones, latency."""
+        metric = self.primary_metric
+        figures = {metric: self.primary, f"{metric}_ci_low": self.primary_ci_low,
+                   f"{metric}_ci_high": self.primary_ci_high}  # fmt: skip
+        base = self.baseline.value(metric)
+        if base is not None:
+            figures[f"baseline_{metric}"] = base
+        for secondary in SECONDARY_METRICS.get(self.kind, ()):
+            value = self.score(secondary)
+            if value is not None:
+                figures[secondary] = value
+        return {**figures, "latency_ms_p95": self.latency_ms_p95}
 
     def numbers(self) -> dict[str, float]:
         """Every numeric metric (bools and nested tables left out): what goes to MLflow."""
@@ -362,3 +399,10 @@ class PromotionReport(Artifact):
     mlflow_run_id: str
     baseline_version: str | None = None  # the task's baseline, registered as a contender
     baseline_decision: str | None = None  # its gate as the first contender (skipped once a champion serves)
+
+    def figures(self) -> dict[str, float]:
+        """Did the candidate pass, which version serves, by how much the candidate beat the champion."""
+        figures = {"passed": float(self.decision == "pass")}
+        if self.champion_after is not None and self.champion_after.version.isdigit():
+            figures["champion_version"] = float(self.champion_after.version)
+        return {**figures, **_numbers(self, "improvement", "improvement_lower_bound")}

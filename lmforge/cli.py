@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from lmforge.errors import LmforgeError, fail
-from lmforge.params import PROFILES, load_params, params_to_dict, profile_params, render_params_yaml
+from lmforge.params import PROFILES, load_params, params_to_dict, render_params_yaml, switch_profile
 from lmforge.stage import dvc_paths, report_files
 
 app = typer.Typer(help="lmforge: corpus -> custom language model, tracked, validated and gated.", no_args_is_help=True)
@@ -49,14 +49,15 @@ def params_use(
     """Rewrite params.yaml as a profile: default (2 CPU cores, 15 min), smoke (tests) or gpu (real sizes).
 
     A profile is the schema's defaults with profiles/<profile>.yaml merged in; every key is
-    written out with its help text, so DVC tracks each one.
+    written out with its help text, so DVC tracks each one. What you set in params.yaml yourself
+    (datasets, tasks, models, edited values, removed entries) is kept on top of the new profile.
     """
     try:
-        chosen = profile_params(profile)
+        chosen, kept = switch_profile(params, profile)
     except LmforgeError as error:
         fail(error)
     params.write_text(render_params_yaml(chosen, profile), encoding="utf-8")
-    typer.echo(f"{params}: now the {profile} profile")
+    typer.echo(f"{params}: now the {profile} profile" + (f"; kept yours: {', '.join(kept)}" if kept else ""))
 
 
 @app.command("run")

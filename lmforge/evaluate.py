@@ -57,6 +57,7 @@ class EvaluatePaths:
     model: Path = dep("models/finetuned/<task> (or a candidate): the model to score")
     dataset: Path = dep("data/raw/<dataset>: the frozen test split, and train for the baseline")
     out: Path = output("reports/evaluate/<task>: metrics, per-example records, plots, the MLflow model")
+    metrics: Path = output("metrics/evaluate/<task>.json: the figures to compare (DVC metrics)")
 
 
 @dataclass(frozen=True)

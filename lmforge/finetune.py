@@ -49,7 +49,8 @@ class FinetunePaths:
     pretrained: Path = dep("models/pretrained: where pretrained:<name> bases are")
     out: Path = output("models/finetuned/<task>: the model in HF format")
     checkpoints: Path = scratch("checkpoints/finetune/<task>: resumable checkpoints")
-    metrics: Path = output("reports/finetune/<task>.json")
+    report: Path = output("reports/finetune/<task>.json")
+    metrics: Path = output("metrics/finetune/<task>.json: the figures to compare (DVC metrics)")
 
 
 # --- data and models ------------------------------------------------------------------------------
@@ -320,4 +321,4 @@ def section(params: Params, item: str | None) -> FinetuneSection:
 
 
 STAGE = Stage("finetune", ("finetune.seed", "finetune.tasks.{item}"), section, FinetunePaths, run, summary,
-              lambda paths: paths.metrics, item="task")  # fmt: skip
+              lambda paths: paths.report, item="task")  # fmt: skip

@@ -26,7 +26,7 @@ from lmforge.stage import Stage, base, output
 class IngestPaths:
     root: Path = base("the folder relative source paths resolve against")
     out: Path = output("data/raw: a folder per dataset, and corpus/")
-    metrics: Path = output("rows per dataset and split")
+    report: Path = output("rows per dataset and split")
 
 
 def ingest_dataset(name: str, spec: DatasetSpec, params: IngestParams, root: Path, out_dir: Path) -> Manifest:
@@ -125,4 +125,4 @@ def section(params: Params, item: str | None) -> IngestParams:
     return params.ingest
 
 
-STAGE = Stage("ingest", ("ingest",), section, IngestPaths, run, summary, lambda paths: paths.metrics)
+STAGE = Stage("ingest", ("ingest",), section, IngestPaths, run, summary, lambda paths: paths.report)

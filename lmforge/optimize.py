@@ -48,7 +48,7 @@ class OptimizePaths:
     out: Path = output("reports/optimize/<task>: best_params.json, trials.json, candidate/ (the candidate's scores)")
     candidate: Path = output("models/candidates/<task>: the candidate model")
     work: Path = scratch("checkpoints/optimize/<task>: a folder per trial")
-    metrics: Path = output("reports/optimize/<task>.json")
+    report: Path = output("reports/optimize/<task>.json")
 
 
 class OptimizeSection(Section):
@@ -116,7 +116,8 @@ def work_on_study(study: optuna.Study, params: OptimizeSection, paths: OptimizeP
                 trial_section = FinetuneSection(name=task, seed=params.seed, task=trial_task)
                 trial_paths = FinetunePaths(paths.dataset, paths.tasks, paths.pretrained, out=trial_dir / "model",
                                             checkpoints=trial_dir / "checkpoints",
-                                            metrics=trial_dir / "metrics.json")  # fmt: skip
+                                            report=trial_dir / "report.json",
+                                            metrics=trial_dir / "figures.json")  # fmt: skip
                 report = train_task(trial_section, trial_paths, on_eval=pruning_hook(trial), dropout=dropout)
             except optuna.TrialPruned:
                 mlflow.set_tag("optuna.state", "pruned")
@@ -343,4 +344,4 @@ def summary(report: OptimizeReport, paths: OptimizePaths) -> str:
 
 
 STAGE = Stage("optimize", ("optimize", "finetune.seed", "finetune.tasks.{item}", "evaluate"), section, OptimizePaths,
-              run, summary, lambda paths: paths.metrics, item="task")  # fmt: skip
+              run, summary, lambda paths: paths.report, item="task")  # fmt: skip

@@ -2,7 +2,8 @@
 
 Every stage calls `load_params` before doing any work, so a typo or a bad value fails at once with
 one line naming the key. `lmforge params use <profile>` writes params.yaml from the schema's
-defaults with a profile overlay (profiles/<profile>.yaml) merged in, each key with its help text.
+defaults with a profile overlay (profiles/<profile>.yaml) merged in, each key with its help text,
+keeping whatever the user set in the file (their datasets, tasks, edited values).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 PROFILES = ("default", "smoke", "gpu")
 
 __all__ = ["PROFILES", "Params", "deep_merge", "load_params", "params_to_dict", "parse_params", "profile_params",
-           "render_params_yaml"]  # fmt: skip
+           "render_params_yaml", "switch_profile"]  # fmt: skip
 
 
 def _format_validation_error(error: ValidationError, source: str) -> str:
@@ -94,6 +95,59 @@ def profile_params(profile: str) -> Params:
         data = deep_merge(data, overlay)
         return parse_params(data, source=str(overlay_path))
     return parse_params(data)
+
+
+def profile_of(text: str) -> str:
+    """The profile a rendered params.yaml names in its first line; "default" for a file without one."""
+    first = text.splitlines()[0] if text else ""
+    named = first.partition("profile: ")[2].split(".")[0].strip()
+    return named if named in PROFILES else "default"
+
+
+def _changes(current: dict[str, Any], reference: dict[str, Any]) -> tuple[dict[str, Any], list[tuple[str, ...]]]:
+    """What `current` sets differently from `reference` (as an overlay), and the keys it removed."""
+    changed: dict[str, Any] = {}
+    removed: list[tuple[str, ...]] = [(key,) for key in reference if key not in current]
+    for key, value in current.items():
+        if key not in reference:
+            changed[key] = value
+        elif isinstance(value, dict) and isinstance(reference[key], dict):
+            sub, gone = _changes(value, reference[key])
+            if sub:
+                changed[key] = sub
+            removed += [(key, *path) for path in gone]
+        elif value != reference[key]:
+            changed[key] = value
+    return changed, removed
+
+
+def _leaves(overlay: dict[str, Any], depth: int = 3, prefix: str = "") -> list[str]:
+    """Dotted keys of an overlay, at most `depth` deep (a dataset, not each of its fields)."""
+    keys = []
+    for key, value in overlay.items():
+        dotted = f"{prefix}{key}"
+        keys += _leaves(value, depth - 1, f"{dotted}.") if isinstance(value, dict) and depth > 1 else [dotted]
+    return keys
+
+
+def switch_profile(path: Path, profile: str) -> tuple[Params, list[str]]:
+    """The params of `profile` with what the user set in `path` kept: their datasets, tasks, models and
+    edited values (everything that differs from the profile `path` was rendered as) and their removals.
+    Returns the params and the keys kept; a file that does not validate is refused, nothing is lost."""
+    target = params_to_dict(profile_params(profile))
+    if not path.is_file():
+        return parse_params(target), []
+    current = params_to_dict(load_params(path))
+    was = profile_of(path.read_text(encoding="utf-8"))
+    changed, removed = _changes(current, params_to_dict(profile_params(was)))
+    merged = deep_merge(target, changed)
+    for keys in removed:
+        parent = merged
+        for key in keys[:-1]:
+            parent = parent.get(key, {})
+        parent.pop(keys[-1], None)
+    kept = _leaves(changed) + [f"{'.'.join(keys)} (removed)" for keys in removed]
+    return parse_params(merged, source=f"{path} with the {profile} profile"), kept
 
 
 def _commented(model: BaseModel, depth: int = 0) -> Any:

@@ -29,7 +29,7 @@ class PreprocessPaths:
     raw: Path = dep("data/raw: the ingested datasets and the pretraining corpus")
     validation: Path = dep("reports/validation: only datasets that passed are processed")
     out: Path = output("data/processed: tokenizer/, pretrain/, tasks/")
-    metrics: Path = output("tokenizer, token counts, time and peak memory")
+    report: Path = output("tokenizer, token counts, time and peak memory")
 
 
 def peak_rss_mb() -> float:
@@ -140,4 +140,4 @@ def section(params: Params, item: str | None) -> PreprocessParams:
     return params.preprocess
 
 
-STAGE = Stage("preprocess", ("preprocess",), section, PreprocessPaths, run, summary, lambda paths: paths.metrics)
+STAGE = Stage("preprocess", ("preprocess",), section, PreprocessPaths, run, summary, lambda paths: paths.report)

@@ -35,7 +35,8 @@ class PretrainPaths:
     tokenizer: Path = dep("data/processed/tokenizer: the tokenizer trained on the corpus")
     out: Path = output("models/pretrained/<model>: the model in HF format")
     checkpoints: Path = scratch("checkpoints/pretrain/<model>: resumable checkpoints")
-    metrics: Path = output("reports/pretrain/<model>.json")
+    report: Path = output("reports/pretrain/<model>.json")
+    metrics: Path = output("metrics/pretrain/<model>.json: the figures to compare (DVC metrics)")
 
 
 # --- batches of each objective --------------------------------------------------------------------
@@ -252,4 +253,4 @@ def section(params: Params, item: str | None) -> PretrainSection:
 
 
 STAGE = Stage("pretrain", ("pretrain.seed", "pretrain.mlm_probability", "pretrain.training", "pretrain.models.{item}"),
-              section, PretrainPaths, run, summary, lambda paths: paths.metrics, item="model")  # fmt: skip
+              section, PretrainPaths, run, summary, lambda paths: paths.report, item="model")  # fmt: skip

@@ -1,7 +1,9 @@
 """promote: register the task's candidate in the MLflow registry and run the gate on it.
 
 Only a candidate that passes every check takes `@champion` (the replaced champion becomes
-`@previous`); one that fails gets `@challenger` and `@champion` stays where it was. The decision and
+`@previous`); one that fails gets `@challenger` and `@champion` stays where it was. In a DVC
+experiment (`dvc exp run`: a what-if) a candidate is gated and its decision recorded, but it gets
+`@challenger` at most: `lmforge promote --task T --version N` serves it if you decide to. The decision and
 each reason go to the model version (tags and description), to reports/promote/<task>.json, and
 to an MLflow run. The check of the champion and the move of the alias happen under one lock, so two
 promotions at once cannot leave `@champion` on a version that failed its gate.
@@ -34,6 +36,7 @@ class PromotePaths:
     dataset: Path = dep("data/raw/<dataset>: the frozen test split and its manifest")
     validation: Path = dep("reports/validation/<dataset>.json: did the data pass validation")
     report: Path = output("reports/promote/<task>.json: the decision and every reason")
+    metrics: Path = output("metrics/promote/<task>.json: passed, the serving version, the improvement (DVC metrics)")
 
 
 class PromoteSection(Section):
@@ -133,22 +136,27 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
             validation_passed(validation, manifest), manifest.test_sha256, loads, latency,
         )  # fmt: skip
         verdict = "pass" if decision.passed else "fail"
+        experiment = tracking.dvc_experiment()
+        reasons = decision.reasons + ([f"held: DVC experiment {experiment!r} is a what-if, so @champion does not move "
+                                       f"(to serve it: lmforge promote --task {task} --version {version})"]
+                                      if experiment else [])  # fmt: skip
         # The decision goes on the version before any alias moves: a crash in between leaves a
         # recorded decision and the old aliases, and a re-run gates again and finishes the move.
-        reasons = "; ".join(decision.reasons)
         client.set_model_version_tag(name, version, "gate.decision", verdict)
-        client.set_model_version_tag(name, version, "gate.reasons", reasons[:4900])
+        client.set_model_version_tag(name, version, "gate.reasons", "; ".join(reasons)[:4900])
         client.set_model_version_tag(name, version, "dataset.test_digest", digest)
+        if experiment:
+            client.set_model_version_tag(name, version, "dvc.experiment", experiment)
         client.update_model_version(name, version, description=f"Gate {verdict.upper()} "
                                     f"(vs champion {champion_version.version if champion_version else 'none'}):\n- "
-                                    + "\n- ".join(decision.reasons))  # fmt: skip
-        if decision.passed:
+                                    + "\n- ".join(reasons))  # fmt: skip
+        if decision.passed and not experiment:
             registry.crown(client, name, version)
         else:
             client.set_registered_model_alias(name, registry.CHALLENGER, version)
         report = PromotionReport(
             task=task, registered_model=name, version=version, decision=verdict,
-            reasons=decision.reasons, checks=decision.checks,
+            reasons=reasons, checks=decision.checks,
             champion_before=str(champion_version.version) if champion_version else None,
             champion_after=registry.describe(registry.alias_version(client, name, registry.CHAMPION)),
             improvement=decision.improvement, improvement_lower_bound=decision.improvement_lower_bound,

@@ -290,7 +290,7 @@ def promotion_lock(name: str) -> Iterator[None]:
     from filelock import FileLock
 
     uri = tracking.tracking_uri()
-    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else Path(".")
+    folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else tracking.repo_root()
     lock_dir = folder / ".lmforge-locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock_dir / f"{name}.lock")):

@@ -6,8 +6,10 @@ A stage is `run(section, paths) -> report`:
 - the paths: a frozen dataclass whose fields are the paths its dvc.yaml `cmd` passes, each marked
   as an input (a dvc.yaml dep), an output (an out, metric or plot) or scratch (resume state that
   DVC does not track);
-- the report: a pydantic model, written to `report_file(paths)` (a DVC metrics file), where
-  `lmforge status` and the Prefect flow's summary read it.
+- the report: a pydantic model, written to `report_file(paths)` (a DVC out), where `lmforge status`
+  and the Prefect flow's summary read it; stages whose runs people compare (pretrain, finetune,
+  evaluate, promote) also write `report.figures()`, a handful of numbers, to `paths.metrics`
+  (metrics/...: DVC metrics, committed with git, so `dvc metrics diff` and `dvc exp show` compare them).
 
 `python -m stages.<name>` is `main(STAGE)`: every path is a required option, so dvc.yaml owns them
 all, and tests/test_stage_contract.py checks dvc.yaml against these declarations.
@@ -27,6 +29,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from lmforge.artifacts import Artifact
 from lmforge.errors import LmforgeError, run_main
+from lmforge.io import write_json_atomic
 from lmforge.params import Params, load_params
 from lmforge.tracking import PARAMS_ENV
 
@@ -84,7 +87,7 @@ class Stage(Generic[SectionT, PathsT, ReportT]):
     paths: type[PathsT]
     run: Callable[[SectionT, PathsT], ReportT]
     summary: Callable[[ReportT, PathsT], str]  # what the command prints when it is done
-    report_file: Callable[[PathsT], Path]  # where the report is (a DVC metrics file)
+    report_file: Callable[[PathsT], Path]  # where the report is (a DVC out)
     item: str | None = None  # the option naming a foreach item: "model" or "task"
     write_report: bool = True  # False: run writes it itself (validate: before it fails; evaluate: in its folder)
 
@@ -104,6 +107,14 @@ class Stage(Generic[SectionT, PathsT, ReportT]):
         names = [field.name for field in dataclasses.fields(self.paths)]  # type: ignore[arg-type]
         return self.paths(**{name: getattr(args, name) for name in names})
 
+    def write(self, report: ReportT, paths: PathsT) -> None:
+        """The report where dvc.yaml puts it (unless run wrote it) and, for a stage with a `metrics`
+        path, the few figures a person compares (DVC metrics, committed with git)."""
+        if self.write_report:
+            report.write(self.report_file(paths))
+        if hasattr(paths, "metrics"):
+            write_json_atomic(paths.metrics, report.figures())
+
     def main(self, argv: list[str] | None = None) -> None:
         """`python -m stages.<name> ...`: parse, validate params, run, write the report, print a summary."""
         args = self.parser().parse_args(argv)
@@ -114,8 +125,7 @@ class Stage(Generic[SectionT, PathsT, ReportT]):
             section = self.section(params, getattr(args, self.item) if self.item else None)
             paths = self.paths_from(args)
             report = self.run(section, paths)
-            if self.write_report:
-                report.write(self.report_file(paths))
+            self.write(report, paths)
             print(self.summary(report, paths))
 
         run_main(go)

@@ -16,6 +16,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from lmforge import tracking
 from lmforge.errors import LmforgeError
 from lmforge.schema import FinetuneTask, OptimizeParams
 
@@ -24,7 +25,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 def storage_url(params: OptimizeParams) -> str:
-    url = os.environ.get(STORAGE_ENV) or params.storage or f"sqlite:///{Path('optuna.db').resolve()}"
+    url = os.environ.get(STORAGE_ENV) or params.storage or f"sqlite:///{tracking.repo_root() / 'optuna.db'}"
     # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the driver installed here is psycopg2.
     return "postgresql+psycopg2://" + url.removeprefix("postgresql://") if url.startswith("postgresql://") else url
 

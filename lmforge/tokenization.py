@@ -7,6 +7,7 @@ the size of the corpus.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +41,16 @@ def iter_lines(path: Path, batch_size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def new_tokenizer(params: TokenizerParams) -> tuple[Tokenizer, trainers.Trainer]:
-    """An untrained tokenizer of the chosen kind and the trainer that fills its vocabulary."""
+def new_tokenizer(params: TokenizerParams, pinned: list[str] | None = None,
+                  vocab_size: int | None = None) -> tuple[Tokenizer, trainers.Trainer]:  # fmt: skip
+    """An untrained tokenizer of the chosen kind and the trainer that fills its vocabulary.
+
+    `pinned` tokens get the first ids after the special tokens (see train_tokenizer).
+    """
     common: dict[str, Any] = {
-        "vocab_size": params.vocab_size,
+        "vocab_size": params.vocab_size if vocab_size is None else vocab_size,
         "min_frequency": params.min_frequency,
-        "special_tokens": SPECIAL_TOKENS,
+        "special_tokens": SPECIAL_TOKENS + (pinned or []),
         "show_progress": False,
     }
     if params.kind == "wordpiece":
@@ -76,10 +81,34 @@ def new_tokenizer(params: TokenizerParams) -> tuple[Tokenizer, trainers.Trainer]
     return tokenizer, trainer
 
 
-def train_tokenizer(params: TokenizerParams, corpus: Path, batch_size: int, max_length: int) -> Tokenizer:
-    """Train on the corpus (streamed), then add [CLS] ... [SEP] framing and truncation."""
-    tokenizer, trainer = new_tokenizer(params)
+def continuing_pieces(params: TokenizerParams, corpus: Path, batch_size: int) -> list[str]:
+    """The one-character word pieces (`##x`) WordPiece training creates for this corpus, sorted.
+
+    The trainer creates them while iterating a hash map, so their ids, and with them the tie-breaks
+    between equally frequent merges, change from process to process (huggingface/tokenizers#1794):
+    the same corpus gave vocabularies of 7,644, 7,645 and 7,648 tokens. Which pieces exist does not
+    depend on that order, so a first pass with no merges (vocab_size 1: fast) finds them.
+    """
+    tokenizer, trainer = new_tokenizer(params, vocab_size=1)
     tokenizer.train_from_iterator((line for batch in iter_lines(corpus, batch_size) for line in batch), trainer=trainer)
+    return sorted(token for token in tokenizer.get_vocab() if token.startswith("##") and len(token) == 3)
+
+
+def train_tokenizer(params: TokenizerParams, corpus: Path, batch_size: int, max_length: int) -> Tokenizer:
+    """Train on the corpus (streamed), then add [CLS] ... [SEP] framing and truncation.
+
+    Deterministic: the same corpus and params give a byte-identical tokenizer. For WordPiece the
+    one-character pieces are pinned first, in sorted order, as extra special tokens (the trainer
+    then finds them already numbered), and unpinned as special tokens afterwards: they stay in the
+    vocabulary as ordinary pieces.
+    """
+    pinned = continuing_pieces(params, corpus, batch_size) if params.kind == "wordpiece" else []
+    tokenizer, trainer = new_tokenizer(params, pinned)
+    tokenizer.train_from_iterator((line for batch in iter_lines(corpus, batch_size) for line in batch), trainer=trainer)
+    if pinned:
+        data = json.loads(tokenizer.to_str())
+        data["added_tokens"] = [added for added in data["added_tokens"] if added["content"] in SPECIAL_TOKENS]
+        tokenizer = Tokenizer.from_str(json.dumps(data))
     cls_id, sep_id = tokenizer.token_to_id(CLS), tokenizer.token_to_id(SEP)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1", special_tokens=[(CLS, cls_id), (SEP, sep_id)]

@@ -29,8 +29,19 @@ SECRET_WORDS = ("password", "secret", "token", "key")  # never logged as params
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+def repo_root() -> Path:
+    """The repository the embedded stores live in. A stage of `dvc exp run --temp` or `--queue` runs in
+    a temporary copy that is thrown away; DVC names the real repository in DVC_ROOT (dvc.env)."""
+    return Path(os.environ.get("DVC_ROOT") or ".").resolve()
+
+
+def dvc_experiment() -> str | None:
+    """The DVC experiment this stage runs in (`dvc exp run` sets DVC_EXP_NAME), or None."""
+    return os.environ.get("DVC_EXP_NAME") or None
+
+
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
 def setup(experiment: str = EXPERIMENT) -> str:

@@ -192,7 +192,7 @@ def failure_line(dataset: str, outcomes: list[ExpectationResult]) -> str:
 class ValidatePaths:
     raw: Path = dep("data/raw: the ingested datasets")
     out: Path = output("reports/validation: a report and Data Docs per dataset")
-    metrics: Path = output("whether each dataset passed")
+    report: Path = output("whether each dataset passed")
 
 
 def dataset_dirs(raw_dir: Path) -> list[Path]:
@@ -225,7 +225,7 @@ def run(params: ValidateParams, paths: ValidatePaths) -> ValidateReport:
                 failures.append(failure_line(dataset, outcomes))
     passed = ValidateReport(datasets={name: ValidationSummary(success=r.success, evaluated=r.evaluated, failed=r.failed)
                                       for name, r in reports.items()})  # fmt: skip
-    passed.write(paths.metrics)
+    passed.write(paths.report)
     if failures and params.on_failure == "fail":
         raise ValidationFailed(failures[0] + f"; see {paths.out}/")
     for line in failures:
@@ -243,5 +243,5 @@ def section(params: Params, item: str | None) -> ValidateParams:
     return params.validate_
 
 
-STAGE = Stage("validate", ("validate",), section, ValidatePaths, run, summary, lambda paths: paths.metrics,
+STAGE = Stage("validate", ("validate",), section, ValidatePaths, run, summary, lambda paths: paths.report,
               write_report=False)  # fmt: skip

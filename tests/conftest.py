@@ -73,8 +73,7 @@ def run_in(address: str, params: Params, root: Path, **paths_overrides: Path) ->
     stage = stage_of(name)
     paths = dataclasses.replace(paths_for(address, root), **paths_overrides)
     report = stage.run(stage.section(params, item or None), paths)
-    if stage.write_report:
-        report.write(stage.report_file(paths))
+    stage.write(report, paths)
     return report
 
 
@@ -114,9 +113,10 @@ def smoke_evaluated(smoke_models: SmokeRun) -> SmokeRun:
     return smoke_models
 
 
-def sh(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+def sh(*args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run a command with this environment's tools first on PATH (dvc, python)."""
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    base = os.environ if env is None else env
+    env = {**base, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{base['PATH']}"}
     result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=900)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ def clone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["pretrain"]["models"] = {"encoder": params["pretrain"]["models"]["encoder"]}
     for section, key in (("finetune", "tasks"), ("optimize", "n_trials"), ("promote", "floors")):
         params[section][key] = {"sentiment": params[section][key]["sentiment"]}
+    params["promote"]["model_prefix"] = f"dvc-{uuid.uuid4().hex[:8]}"  # this module's own registered models
     (clone / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "one model, one task", cwd=clone)
     return clone
@@ -45,8 +48,16 @@ def test_repro_runs_then_skips_then_reruns_only_what_a_param_touches(clone: Path
     assert (clone / "data/processed/tokenizer/tokenizer.json").is_file()
     assert (clone / "reports/validation/data_docs/sentiment/index.html").is_file()
     assert (clone / "models/finetuned/sentiment/model.safetensors").is_file()
-    metrics = sh("dvc", "metrics", "show", "--json", cwd=clone).stdout
-    assert "reports/evaluate/sentiment/metrics.json" in metrics and "macro_f1" in metrics
+    metrics = json.loads(sh("dvc", "metrics", "show", "--json", cwd=clone).stdout)
+    figures = metrics[""]["data"]
+    compared = [stage for stage in STAGES[3:] if not stage.startswith("optimize")]
+    assert set(figures) == {f"metrics/{stage.replace('@', '/')}.json" for stage in compared}
+    evaluated = figures["metrics/evaluate/sentiment.json"]["data"]
+    assert {"macro_f1", "macro_f1_ci_low", "macro_f1_ci_high", "baseline_macro_f1", "accuracy"} <= set(evaluated)
+    assert sum(len(entry["data"]) for entry in figures.values()) <= 25  # fits a terminal
+    assert sh("git", "status", "--porcelain", "--", "reports", cwd=clone).stdout == ""  # reports: outputs only
+    untracked = sh("git", "status", "--porcelain", "--untracked-files=all", cwd=clone).stdout
+    assert "?? metrics/evaluate/sentiment.json" in untracked  # metrics: for git to keep, beside dvc.lock
     assert (clone / "mlflow.db").is_file() is False  # the tests' MLflow store is the session's, not the clone's
     promotion = json.loads((clone / "reports/promote/sentiment.json").read_text())
     # The task's baseline contends first and takes @champion; the 10-step smoke model loses to it.
@@ -68,6 +79,83 @@ def test_repro_runs_then_skips_then_reruns_only_what_a_param_touches(clone: Path
     assert ran(third.stdout) == ["promote@sentiment"]
     assert "promote.max_latency_ratio" in sh("dvc", "params", "diff", cwd=clone).stdout
     assert sh("dvc", "status", cwd=clone).stdout.strip().endswith("Data and pipelines are up to date.")
+
+
+def exp_metrics(shown: list[dict], path: str) -> dict[str, dict]:
+    """`dvc exp show --json`: each row's (workspace, the baseline commit, each experiment) figures in `path`."""
+    found = {}
+    for entry in shown:
+        rows = [entry] + [rev for exp in entry.get("experiments") or [] for rev in exp["revs"]]
+        for row in rows:
+            metrics = (row.get("data") or {}).get("metrics") or {}
+            for key in {row["rev"], row.get("name") or row["rev"]}:  # a commit's row: its sha and its branch
+                found[key] = metrics.get(path, {}).get("data", {})
+    return found
+
+
+def test_experiments_compare_in_dvc_and_never_move_the_champion(clone: Path):
+    """The DVC user's loop: commit a run, try what-ifs with `dvc exp run -S`, compare, keep what serves."""
+    from lmforge import registry
+
+    sh("dvc", "repro", cwd=clone)
+    sh("git", "add", "-A", cwd=clone)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "the committed run", cwd=clone)
+    served = json.loads((clone / "reports/promote/sentiment.json").read_text())["champion_after"]["version"]
+    name = f"{yaml.safe_load((clone / 'params.yaml').read_text())['promote']['model_prefix']}-sentiment"
+
+    sh("dvc", "exp", "run", "-n", "faster", "-S", "finetune.tasks.sentiment.training.learning_rate=0.01", cwd=clone)
+    assert str(registry.alias_version(registry.client(), name, "champion").version) == served
+
+    # --temp runs in a throw-away copy: with no MLFLOW_TRACKING_URI the runs must land in the repository's
+    # own store. A fresh model prefix has no champion, so without the experiment rule the baseline would take it.
+    fresh = f"exp-{uuid.uuid4().hex[:8]}"
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    sh("dvc", "exp", "run", "--temp", "-n", "fresh", "-S", f"promote.model_prefix={fresh}", cwd=clone, env=env)
+    assert (clone / "mlflow.db").is_file(), "the experiment's runs went to its temporary copy"
+    os.environ["MLFLOW_TRACKING_URI"], before = f"sqlite:///{clone / 'mlflow.db'}", os.environ["MLFLOW_TRACKING_URI"]
+    try:
+        client = registry.client()
+        assert registry.alias_version(client, f"{fresh}-sentiment", "champion") is None
+        (baseline,) = registry.versions_tagged(client, f"{fresh}-sentiment", registry.MODEL_KIND_TAG, "baseline")
+        assert baseline.tags["gate.decision"] == "pass" and baseline.tags["dvc.experiment"] == "fresh"
+        assert "held: DVC experiment 'fresh'" in baseline.description
+    finally:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+        registry.client()
+
+    table = json.loads(sh("dvc", "exp", "show", "--json", cwd=clone).stdout)
+    shown = exp_metrics(table, "metrics/evaluate/sentiment.json")
+    head = sh("git", "rev-parse", "HEAD", cwd=clone).stdout.strip()
+    for row in (head, "faster", "fresh"):
+        assert isinstance(shown[row]["macro_f1"], float), (row, shown)
+    trained = exp_metrics(table, "metrics/finetune/sentiment.json")
+    assert trained["faster"]["val_loss"] != trained[head]["val_loss"]  # another learning rate, another model
+    sh("dvc", "exp", "apply", "faster", cwd=clone)
+    diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=clone).stdout)
+    assert "macro_f1" in diff["metrics/evaluate/sentiment.json"]
+
+
+def test_the_same_commit_and_params_give_the_same_tokenizer_tokens_models_and_figures(clone: Path):
+    """Run again from scratch, the tokenizer, the packed tokens and the weights are byte-identical and the
+    figures are the same numbers, latency aside: comparisons and gate decisions are not coin tosses."""
+    import hashlib
+
+    sh("dvc", "repro", cwd=clone)
+    files = ("data/processed/tokenizer/tokenizer.json", "data/processed/pretrain/train.bin",
+             "models/pretrained/encoder/model.safetensors", "models/finetuned/sentiment/model.safetensors")  # fmt: skip
+
+    def digests() -> dict[str, str]:
+        return {name: hashlib.sha256((clone / name).read_bytes()).hexdigest() for name in files}
+
+    def figures() -> dict[str, float]:
+        found = json.loads((clone / "metrics/evaluate/sentiment.json").read_text())
+        return {key: value for key, value in found.items() if not key.startswith("latency")}
+
+    before, figures_before = digests(), figures()
+    for stage in ("preprocess", "pretrain@encoder", "finetune@sentiment", "evaluate@sentiment"):
+        sh("dvc", "repro", "--force", "--single-item", stage, cwd=clone)
+    assert digests() == before
+    assert figures() == figures_before
 
 
 def test_a_broken_expectation_stops_the_pipeline_before_preprocess(clone: Path):

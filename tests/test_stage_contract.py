@@ -76,8 +76,14 @@ def test_command_deps_and_outs_match_the_paths_type(stage: Any):
         assert scratch.parts[0] == "checkpoints" and scratch not in declared_outputs | data_deps
     assert by_role.get("base", {Path(".")}) == {Path(".")}
 
-    report = declaration.report_file(paths)
-    assert Path(report) in {Path(out.def_path) for out in stage.outs if out.metric}, "the report is a DVC metric"
+    report = Path(declaration.report_file(paths))
+    assert report.parts[0] == "reports" and report in declared_outputs, "the report is an out under reports/"
+    metrics = {Path(out.def_path) for out in stage.outs if out.metric}
+    if declaration.name in ("pretrain", "finetune", "evaluate", "promote"):  # the runs people compare
+        assert metrics == {Path(paths.metrics)} and paths.metrics.parts[0] == "metrics"
+        assert all(not out.use_cache for out in stage.outs if out.metric), "metrics are committed with git"
+    else:
+        assert not metrics, "only the figures people compare are DVC metrics"
 
 
 def test_orchestrate_names_real_stages_and_prefect_schedules_the_params_cron():

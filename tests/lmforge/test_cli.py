@@ -78,6 +78,44 @@ def test_params_use_writes_a_profile_that_check_accepts_and_that_differs_by_prof
     assert (tmp_path / "default.yaml").read_bytes() == (REPO / "params.yaml").read_bytes()
 
 
+def test_params_use_keeps_the_users_datasets_tasks_edits_and_removals(tmp_path: Path):
+    assert lmforge("params", "use", "default", cwd=tmp_path).returncode == 0
+    data = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    data["ingest"]["datasets"]["intents"] = {
+        "task": "classification",
+        "source": {
+            "kind": "local",
+            "path": "data/external/intents.csv",
+            "text_column": "utterance",
+            "label_column": "intent",
+        },
+    }
+    data["finetune"]["tasks"]["intent"] = {**data["finetune"]["tasks"]["sentiment"], "dataset": "intents"}
+    for section, key in (("finetune", "tasks"), ("optimize", "n_trials"), ("promote", "floors")):
+        del data[section][key]["continuation"]
+    data["evaluate"]["bootstrap_samples"] = 777
+    write_yaml(tmp_path / "params.yaml", data)
+
+    used = lmforge("params", "use", "smoke", cwd=tmp_path)
+    assert used.returncode == 0, used.stderr
+    assert used.stdout == (
+        "params.yaml: now the smoke profile; kept yours: ingest.datasets.intents, finetune.tasks.intent, "
+        "evaluate.bootstrap_samples, finetune.tasks.continuation (removed), optimize.n_trials.continuation (removed), "
+        "promote.floors.continuation (removed)\n"
+    )
+    smoke = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert smoke["ingest"]["datasets"]["intents"]["source"]["path"] == "data/external/intents.csv"
+    assert set(smoke["finetune"]["tasks"]) == {"sentiment", "ner", "intent"}
+    assert smoke["evaluate"]["bootstrap_samples"] == 777  # the user's value over the profile's 100
+    assert smoke["evaluate"]["max_test_samples"] == 60  # the profile's own values apply
+    assert smoke["preprocess"]["tokenizer"]["vocab_size"] == 1000
+
+    back = lmforge("params", "use", "default", cwd=tmp_path)  # and back: the smoke values go, the user's stay
+    default = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert back.returncode == 0 and default["preprocess"]["tokenizer"]["vocab_size"] == 8000
+    assert "intents" in default["ingest"]["datasets"] and "continuation" not in default["finetune"]["tasks"]
+
+
 def test_params_use_of_an_unknown_profile_writes_nothing(tmp_path: Path):
     result = lmforge("params", "use", "tiny", "--params", "tiny.yaml", cwd=tmp_path)
     assert result.returncode == 2

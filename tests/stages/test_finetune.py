@@ -42,7 +42,7 @@ def finetune(smoke_models: SmokeRun, params: object, task: str, out: Path, check
              pretrained: Path | None = None) -> object:  # fmt: skip
     """finetune@task on the smoke run's data, writing to out and checkpoints."""
     return run_in(f"finetune@{task}", params, smoke_models.root, out=out, checkpoints=checkpoints,  # type: ignore[arg-type]
-                  metrics=out.parent / f"{out.name}.json",
+                  report=out.parent / f"{out.name}.json", metrics=out.parent / f"{out.name}.figures.json",
                   pretrained=pretrained or smoke_models.root / "models/pretrained")  # fmt: skip
 
 
@@ -103,7 +103,8 @@ def cli(smoke_models: SmokeRun, tmp_path: Path, task: str, base: str | None = No
     return run_stage("finetune", "--params", tmp_path / "params.yaml", "--task", task, "--dataset", dataset,
                      "--tasks", smoke_models.processed / "tasks",
                      "--pretrained", smoke_models.root / "models/pretrained",
-                     "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--metrics", tmp_path / "m.json",
+                     "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--report", tmp_path / "m.json",
+                     "--metrics", tmp_path / "figures.json",
                      env=env)  # fmt: skip
 
 

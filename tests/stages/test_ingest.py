@@ -75,7 +75,7 @@ def good_ingest(tmp_path: Path) -> tuple[Path, dict[str, str]]:
         tmp_path,
         "--out",
         tmp_path / "raw",
-        "--metrics",
+        "--report",
         tmp_path / "ingest.json",
     )
     assert result.returncode == 0, result.stderr
@@ -121,7 +121,7 @@ def test_bad_input_fails_in_one_line_and_leaves_outputs(good_ingest, case: str, 
         root,
         "--out",
         root / "raw",
-        "--metrics",
+        "--report",
         root / "ingest.json",
     )
     assert result.returncode == 2
@@ -136,7 +136,7 @@ def test_unknown_params_key_fails_before_touching_outputs(good_ingest):
     params = root / "params.yaml"
     params.write_text(params.read_text() + "\nunknown_section: {a: 1}\n")
     result = run_stage("ingest", "--params", params, "--root", root, "--out", root / "raw",
-                       "--metrics", root / "ingest.json")  # fmt: skip
+                       "--report", root / "ingest.json")  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {params}: unknown_section: unknown key"
     assert tree_digest(root / "raw") == before
@@ -157,7 +157,7 @@ def test_hub_dataset_offline_fails_clearly(tmp_path: Path):
         tmp_path,
         "--out",
         tmp_path / "raw",
-        "--metrics",
+        "--report",
         tmp_path / "m.json",
         env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
     )

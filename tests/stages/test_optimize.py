@@ -31,7 +31,7 @@ def tuning(run: SmokeRun, tmp_path: Path, n_trials: int, **optimize_params) -> P
 def run_optimize(params: Params, run: SmokeRun, tmp_path: Path) -> OptimizeReport:
     """optimize@sentiment on the smoke run's models, writing under tmp_path."""
     return run_in("optimize@sentiment", params, run.root, out=tmp_path / "out", candidate=tmp_path / "candidate",
-                  work=tmp_path / "work", metrics=tmp_path / "out.json")  # fmt: skip
+                  work=tmp_path / "work", report=tmp_path / "out.json")  # fmt: skip
 
 
 def test_study_prunes_resumes_and_yields_a_scored_candidate(smoke_evaluated: SmokeRun, tmp_path: Path):
@@ -59,7 +59,7 @@ def test_study_prunes_resumes_and_yields_a_scored_candidate(smoke_evaluated: Smo
         (finetuned / "history.json").write_text(json.dumps(flattened))
         report = run_in("optimize@sentiment", params, smoke_evaluated.root, finetuned=finetuned,
                         out=tmp_path / f"out-{source}", candidate=tmp_path / f"candidate-{source}",
-                        work=tmp_path / "work", metrics=tmp_path / f"{source}.json")  # fmt: skip
+                        work=tmp_path / "work", report=tmp_path / f"{source}.json")  # fmt: skip
         assert report.candidate_source == source and report.best_trial == summary.best_trial
         meta = json.loads((tmp_path / f"candidate-{source}/lmforge_task.json").read_text())
         weights = (tmp_path / f"candidate-{source}/model.safetensors").read_bytes()
@@ -88,7 +88,7 @@ def test_a_killed_trial_is_failed_and_retried_never_left_running(smoke_evaluated
                "--pretrained", str(root / "models/pretrained"), "--finetuned", str(root / "models/finetuned/sentiment"),
                "--evaluated", str(root / "reports/evaluate/sentiment"),
                "--out", str(tmp_path / "out"), "--candidate", str(tmp_path / "candidate"),
-               "--work", str(tmp_path / "work"), "--metrics", str(tmp_path / "m.json")]  # fmt: skip
+               "--work", str(tmp_path / "work"), "--report", str(tmp_path / "m.json")]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

@@ -38,7 +38,7 @@ def pretrain(params: Path, model: str, root: Path, smoke_run: SmokeRun) -> subpr
         "pretrain", "--params", params, "--model", model, "--blocks", smoke_run.processed / "pretrain",
         "--tokenizer", smoke_run.processed / "tokenizer",
         "--out", root / "models" / model, "--checkpoints", root / "checkpoints" / model,
-        "--metrics", root / "reports" / f"{model}.json",
+        "--report", root / "reports" / f"{model}.json", "--metrics", root / "metrics" / f"{model}.json",
     )  # fmt: skip
 
 
@@ -79,8 +79,10 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run: SmokeRun, tmp_path: P
         str(killed / "models/encoder"),
         "--checkpoints",
         str(killed / "checkpoints/encoder"),
-        "--metrics",
+        "--report",
         str(killed / "m.json"),
+        "--metrics",
+        str(killed / "figures.json"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     killed.mkdir()

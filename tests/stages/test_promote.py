@@ -24,8 +24,15 @@ def candidates(smoke_evaluated: SmokeRun, tmp_path_factory: pytest.TempPathFacto
         "finetune": {"seed": 7, "tasks": {"sentiment": {"training": {"max_steps": 20, "learning_rate": 0.003}}}},
     }))  # fmt: skip
     run_in("finetune@sentiment", params, smoke_evaluated.root, out=root / "model_b", checkpoints=root / "ck",
-           metrics=root / "model_b.json")  # fmt: skip
-    run_in("evaluate@sentiment", params, smoke_evaluated.root, model=root / "model_b", out=root / "b" / "candidate")
+           report=root / "model_b.json", metrics=root / "model_b.figures.json")  # fmt: skip
+    run_in(
+        "evaluate@sentiment",
+        params,
+        smoke_evaluated.root,
+        model=root / "model_b",
+        out=root / "b" / "candidate",
+        metrics=root / "b.figures.json",
+    )
     # As the optimize stage leaves them: reports/optimize/<task>/candidate holds the candidate's scores.
     (root / "a").mkdir()
     (root / "a" / "candidate").symlink_to(smoke_evaluated.root / "reports/evaluate/sentiment")

@@ -129,7 +129,7 @@ def test_stage_exit_code_and_one_line_on_failure(raw_copy: Path, tmp_path: Path)
         raw_copy,
         "--out",
         tmp_path / "v",
-        "--metrics",
+        "--report",
         tmp_path / "validate.json",
     )
     assert result.returncode == 3
