@@ -189,7 +189,7 @@ class TaskLabels(Artifact):
 
 
 class PreprocessReport(Artifact):
-    """reports/preprocess.json and data/processed/stats.json."""
+    """reports/preprocess.json."""
 
     tokenizer: dict[str, Any]
     pretrain: dict[str, dict[str, Any]]  # side -> packing stats (data/processed/pretrain/meta.json)

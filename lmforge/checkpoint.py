@@ -48,7 +48,12 @@ def save_checkpoint(
     state: dict[str, Any],
     keep: int,
 ) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep` checkpoints."""
+    """Write checkpoint `step` atomically and keep only this run's newest `keep` checkpoints.
+
+    Checkpoints of other runs (another fingerprint: other data or params) are removed once this run
+    has one of its own, and never counted against `keep`: pruning by step across runs would delete a
+    new run's step 40 beside an old run's steps 80 and 120, and a killed run would start over.
+    """
     final = directory / f"step-{step:06d}"
     staging = directory / f"step-{step:06d}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
@@ -64,9 +69,20 @@ def save_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
-    for old in list_checkpoints(directory)[:-keep]:
+    ours = [path for path in list_checkpoints(directory) if fingerprint_of(path) == state.get("fingerprint")]
+    stale = [path for path in list_checkpoints(directory) if path not in ours]
+    for old in stale + ours[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def fingerprint_of(path: Path) -> str | None:
+    """The fingerprint of the run a checkpoint belongs to (None if its state is unreadable)."""
+    try:
+        found = json.loads((path / "state.json").read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
+    return str(found) if found is not None else None
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -80,8 +96,7 @@ def list_checkpoints(directory: Path) -> list[Path]:
 def latest_checkpoint(directory: Path, fingerprint: str) -> Path | None:
     """The newest complete checkpoint of the run with this fingerprint, if any."""
     for path in reversed(list_checkpoints(directory)):
-        state = json.loads((path / "state.json").read_text())
-        if state.get("fingerprint") == fingerprint:
+        if fingerprint_of(path) == fingerprint:
             return path
     return None
 

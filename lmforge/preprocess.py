@@ -117,9 +117,9 @@ def run(params: PreprocessParams, paths: PreprocessPaths) -> PreprocessReport:
             }
         stats["seconds"] = round(time.perf_counter() - started, 2)
         stats["peak_rss_mb"] = peak_rss_mb()
-        report = PreprocessReport(**stats)
-        report.write_into(staging / "stats.json")
-    return report
+    # Timings and memory go to the report (reports/preprocess.json), never into data/processed: the
+    # same corpus and params must give byte-identical outputs, or DVC would re-run everything downstream.
+    return PreprocessReport(**stats)
 
 
 def summary(report: PreprocessReport, paths: PreprocessPaths) -> str:

@@ -151,11 +151,16 @@ def test_the_same_commit_and_params_give_the_same_tokenizer_tokens_models_and_fi
         found = json.loads((clone / "metrics/evaluate/sentiment.json").read_text())
         return {key: value for key, value in found.items() if not key.startswith("latency")}
 
-    before, figures_before = digests(), figures()
+    def processed() -> str:  # what DVC recorded for data/processed: no timings in it, so the same hash
+        (out,) = yaml.safe_load((clone / "dvc.lock").read_text())["stages"]["preprocess"]["outs"][:1]
+        return str(out["md5"])
+
+    before, figures_before, processed_before = digests(), figures(), processed()
     for stage in ("preprocess", "pretrain@encoder", "finetune@sentiment", "evaluate@sentiment"):
         sh("dvc", "repro", "--force", "--single-item", stage, cwd=clone)
     assert digests() == before
     assert figures() == figures_before
+    assert processed() == processed_before
 
 
 def test_a_broken_expectation_stops_the_pipeline_before_preprocess(clone: Path):

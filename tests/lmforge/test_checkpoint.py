@@ -143,11 +143,21 @@ def test_list_checkpoints_is_oldest_first_and_ignores_what_is_not_a_checkpoint(t
 def test_latest_checkpoint_picks_the_newest_of_this_run_only(tmp_path: Path) -> None:
     save(tmp_path, 1, fingerprint="fp-a", keep=10)
     save(tmp_path, 2, fingerprint="fp-a", keep=10)
-    save(tmp_path, 3, fingerprint="fp-b", keep=10)
     assert latest_checkpoint(tmp_path, "fp-a") == tmp_path / "step-000002"
-    assert latest_checkpoint(tmp_path, "fp-b") == tmp_path / "step-000003"
-    assert latest_checkpoint(tmp_path, "fp-c") is None
+    assert latest_checkpoint(tmp_path, "fp-b") is None  # another run's checkpoints are not ours to resume
     assert latest_checkpoint(tmp_path / "missing", "fp-a") is None
+
+
+def test_a_new_run_keeps_its_first_checkpoint_beside_higher_steps_of_an_older_run(tmp_path: Path) -> None:
+    """Pruning by step across runs deleted the new run's step 40 (older run: 80, 120): a kill restarted it."""
+    save(tmp_path, 80, fingerprint="fp-old", keep=2)
+    save(tmp_path, 120, fingerprint="fp-old", keep=2)
+    save(tmp_path, 40, fingerprint="fp-new", keep=2)
+    assert latest_checkpoint(tmp_path, "fp-new") == tmp_path / "step-000040"
+    assert list_checkpoints(tmp_path) == [tmp_path / "step-000040"]  # the stale run's are gone, ours stays
+    save(tmp_path, 60, fingerprint="fp-new", keep=2)
+    save(tmp_path, 100, fingerprint="fp-new", keep=2)
+    assert list_checkpoints(tmp_path) == [tmp_path / "step-000060", tmp_path / "step-000100"]
 
 
 def test_latest_checkpoint_ignores_a_half_written_tmp_folder(tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ from tests.conftest import SmokeRun
 def test_smoke_preprocess_outputs(smoke_run: SmokeRun):
     from transformers import AutoTokenizer
 
-    stats = json.loads((smoke_run.processed / "stats.json").read_text())
+    stats = json.loads((smoke_run.root / "reports/preprocess.json").read_text())
+    assert not (smoke_run.processed / "stats.json").exists()  # timings would make data/processed differ per run
     meta = json.loads((smoke_run.processed / "pretrain" / "meta.json").read_text())
     block_size = smoke_run.params.preprocess.block_size
     train = read_blocks(smoke_run.processed / "pretrain" / "train.bin", meta["train"]["dtype"], block_size)

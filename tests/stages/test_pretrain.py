@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,7 +86,12 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run: SmokeRun, tmp_path: P
         str(killed / "figures.json"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    killed.mkdir()
+    # An earlier run of other params left higher steps behind: they must not crowd out this run's own.
+    for step in (80, 120):
+        foreign = killed / f"checkpoints/encoder/step-{step:06d}"
+        shutil.copytree(straight / "checkpoints/encoder/step-000016", foreign)
+        state = json.loads((foreign / "state.json").read_text())
+        (foreign / "state.json").write_text(json.dumps({**state, "step": step, "fingerprint": "an-older-run"}))
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (killed / "checkpoints/encoder/step-000008").is_dir():
@@ -104,6 +110,11 @@ def test_killed_run_resumes_to_the_same_weights(smoke_run: SmokeRun, tmp_path: P
     assert a.keys() == b.keys()
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst <= 1e-5, worst
+    # The published model is the best-validation one; the last step's weights must agree too.
+    final_a, final_b = (load_file(str(root / "checkpoints/encoder/step-000016/model.safetensors"))
+                        for root in (straight, killed))  # fmt: skip
+    assert max(float((final_a[k] - final_b[k]).abs().max()) for k in final_a) <= 1e-5
+    assert not (killed / "checkpoints/encoder/step-000120").exists()  # the older run's were cleared
     report = json.loads((killed / "reports" / "encoder.json").read_text())
     assert report["resumed_from_step"] >= 8 and report["steps"] == 16  # it went on from the checkpoint, to the end
 
