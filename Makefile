@@ -30,6 +30,7 @@ lint: setup
 	ruff format --check .
 
 bench: setup
+	python bench/train_speed.py
 	python bench/preprocess_memory.py
 
 clean:

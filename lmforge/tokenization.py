@@ -41,11 +41,12 @@ def iter_lines(path: Path, batch_size: int) -> Iterator[list[str]]:
         yield batch
 
 
-def new_tokenizer(params: TokenizerParams, pinned: list[str] | None = None,
-                  vocab_size: int | None = None) -> tuple[Tokenizer, trainers.Trainer]:  # fmt: skip
+def new_tokenizer(params: TokenizerParams, pinned: list[str] | None = None, vocab_size: int | None = None,
+                  alphabet: list[str] | None = None) -> tuple[Tokenizer, trainers.Trainer]:  # fmt: skip
     """An untrained tokenizer of the chosen kind and the trainer that fills its vocabulary.
 
-    `pinned` tokens get the first ids after the special tokens (see train_tokenizer).
+    `pinned` tokens get the first ids after the special tokens, and `alphabet` is WordPiece's exact
+    character set (see train_tokenizer).
     """
     common: dict[str, Any] = {
         "vocab_size": params.vocab_size if vocab_size is None else vocab_size,
@@ -63,8 +64,10 @@ def new_tokenizer(params: TokenizerParams, pinned: list[str] | None = None,
         tokenizer.decoder = decoders.WordPiece()
         # Chinese has thousands of characters: without a cap on the alphabet, the vocabulary would
         # outgrow vocab_size. Keep the most frequent characters and leave a fifth for word pieces.
-        limit_alphabet = int(params.vocab_size * 0.8) - len(SPECIAL_TOKENS)
-        trainer: trainers.Trainer = trainers.WordPieceTrainer(limit_alphabet=limit_alphabet, **common)
+        limit_alphabet = alphabet_limit(params)
+        trainer: trainers.Trainer = trainers.WordPieceTrainer(
+            limit_alphabet=len(alphabet) if alphabet else limit_alphabet, initial_alphabet=alphabet or [], **common
+        )
     elif params.kind == "bpe":
         tokenizer = Tokenizer(models.BPE(unk_token=UNK))
         tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -81,7 +84,27 @@ def new_tokenizer(params: TokenizerParams, pinned: list[str] | None = None,
     return tokenizer, trainer
 
 
-def continuing_pieces(params: TokenizerParams, corpus: Path, batch_size: int) -> list[str]:
+def alphabet_limit(params: TokenizerParams) -> int:
+    return int(params.vocab_size * 0.8) - len(SPECIAL_TOKENS)
+
+
+def wordpiece_alphabet(params: TokenizerParams, corpus: Path, batch_size: int) -> list[str]:
+    """The `alphabet_limit` most frequent characters of the normalized corpus, ties broken by the character.
+
+    The trainer's own cut sorts by count alone, unstably: with thousands of Chinese characters seen
+    once or twice, which of the tied ones it kept changed from run to run.
+    """
+    from collections import Counter
+
+    normalizer = new_tokenizer(params)[0].normalizer
+    counts: Counter[str] = Counter()
+    for batch in iter_lines(corpus, batch_size):
+        counts.update("".join(normalizer.normalize_str(line) for line in batch))
+    ranked = sorted((item for item in counts.items() if not item[0].isspace()), key=lambda item: (-item[1], item[0]))
+    return [char for char, _ in ranked[: alphabet_limit(params)]]
+
+
+def continuing_pieces(params: TokenizerParams, corpus: Path, batch_size: int, alphabet: list[str]) -> list[str]:
     """The one-character word pieces (`##x`) WordPiece training creates for this corpus, sorted.
 
     The trainer creates them while iterating a hash map, so their ids, and with them the tie-breaks
@@ -89,7 +112,7 @@ def continuing_pieces(params: TokenizerParams, corpus: Path, batch_size: int) ->
     the same corpus gave vocabularies of 7,644, 7,645 and 7,648 tokens. Which pieces exist does not
     depend on that order, so a first pass with no merges (vocab_size 1: fast) finds them.
     """
-    tokenizer, trainer = new_tokenizer(params, vocab_size=1)
+    tokenizer, trainer = new_tokenizer(params, vocab_size=1, alphabet=alphabet)
     tokenizer.train_from_iterator((line for batch in iter_lines(corpus, batch_size) for line in batch), trainer=trainer)
     return sorted(token for token in tokenizer.get_vocab() if token.startswith("##") and len(token) == 3)
 
@@ -98,12 +121,13 @@ def train_tokenizer(params: TokenizerParams, corpus: Path, batch_size: int, max_
     """Train on the corpus (streamed), then add [CLS] ... [SEP] framing and truncation.
 
     Deterministic: the same corpus and params give a byte-identical tokenizer. For WordPiece the
-    one-character pieces are pinned first, in sorted order, as extra special tokens (the trainer
-    then finds them already numbered), and unpinned as special tokens afterwards: they stay in the
-    vocabulary as ordinary pieces.
+    alphabet is chosen here (wordpiece_alphabet), and the one-character pieces are pinned first, in
+    sorted order, as extra special tokens (the trainer then finds them already numbered), and
+    unpinned as special tokens afterwards: they stay in the vocabulary as ordinary pieces.
     """
-    pinned = continuing_pieces(params, corpus, batch_size) if params.kind == "wordpiece" else []
-    tokenizer, trainer = new_tokenizer(params, pinned)
+    alphabet = wordpiece_alphabet(params, corpus, batch_size) if params.kind == "wordpiece" else None
+    pinned = continuing_pieces(params, corpus, batch_size, alphabet) if alphabet is not None else []
+    tokenizer, trainer = new_tokenizer(params, pinned, alphabet=alphabet)
     tokenizer.train_from_iterator((line for batch in iter_lines(corpus, batch_size) for line in batch), trainer=trainer)
     if pinned:
         data = json.loads(tokenizer.to_str())

@@ -27,6 +27,7 @@ from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from lmforge.schema import TrainingParams
 
 BatchFn = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 EvalFn = Callable[[nn.Module], float]
 LogFn = Callable[[dict[str, float], int], object]  # e.g. mlflow.log_metrics(metrics, step=step)
 
@@ -89,6 +90,12 @@ def micro_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> li
     return list(order.split(batch_size))
 
 
+def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The loss the model computes itself (transformers models do, given labels)."""
+    loss: torch.Tensor = model(**batch).loss
+    return loss
+
+
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     mask = batch.get("attention_mask")
     return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
@@ -106,11 +113,14 @@ def train(
     log: LogFn,
     description: str,
     device: torch.device | None = None,
+    loss_of: LossFn | None = None,
 ) -> TrainResult:
     """Train `model` in place; resume from the newest checkpoint of this run if there is one.
 
-    The model ends with the weights that had the best validation loss.
+    The model ends with the weights that had the best validation loss. `loss_of(model, batch)`
+    replaces `model(**batch).loss` where the objective has a cheaper way to the same number.
     """
+    loss_of = loss_of or model_loss
     device = device or pick_device()
     model.to(device)
     n_examples = min(n_examples, params.max_train_samples or n_examples)
@@ -148,7 +158,7 @@ def train(
                 for _ in range(params.grad_accumulation):
                     batch = {k: v.to(device) for k, v in make_batch(batches[state["micro"]], batch_generator).items()}
                     with autocast(params.precision, device):
-                        loss = model(**batch).loss / params.grad_accumulation
+                        loss = loss_of(model, batch) / params.grad_accumulation
                     loss.backward()
                     state["micro"] += 1
                     tokens = count_tokens(batch)

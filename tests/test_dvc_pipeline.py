@@ -131,7 +131,7 @@ def test_experiments_compare_in_dvc_and_never_move_the_champion(clone: Path):
     trained = exp_metrics(table, "metrics/finetune/sentiment.json")
     assert trained["faster"]["val_loss"] != trained[head]["val_loss"]  # another learning rate, another model
     sh("dvc", "exp", "apply", "faster", cwd=clone)
-    diff = json.loads(sh("dvc", "metrics", "diff", "--json", cwd=clone).stdout)
+    diff = json.loads(sh("dvc", "metrics", "diff", "--all", "--json", cwd=clone).stdout)
     assert "macro_f1" in diff["metrics/evaluate/sentiment.json"]
 
 

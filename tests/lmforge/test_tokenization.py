@@ -73,7 +73,8 @@ print(hashlib.sha256(train_tokenizer(params, Path(sys.argv[2]), 64, 32).to_str()
 @pytest.mark.parametrize("kind", ["wordpiece", "bpe", "char"])
 def test_training_gives_a_byte_identical_tokenizer_in_every_process(kind: str, tmp_path: Path):
     """Hash maps are seeded per process, so each run is its own process. Many equally frequent pairs
-    here: unpinned, WordPiece gave five different tokenizers in five processes (tokenizers#1794)."""
+    here: unpinned, WordPiece gave five different tokenizers in five processes (tokenizers#1794); and
+    more characters seen once than the alphabet holds, so the alphabet's cut falls among ties."""
     import random
     import subprocess
     import sys
@@ -82,6 +83,7 @@ def test_training_gives_a_byte_identical_tokenizer_in_every_process(kind: str, t
     syllables = ["ka", "to", "mi", "ra", "ne", "su", "lo", "pe", "di", "ba"]
     lines = [" ".join("".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(8))
              for _ in range(400)]  # fmt: skip
+    lines.append("".join(chr(0x4E00 + i) for i in range(400)))  # 400 CJK characters, once each
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     digests = {subprocess.run([sys.executable, "-c", TRAIN_AND_DIGEST, kind, str(tmp_path / "train.txt")],
                               capture_output=True, text=True, check=True).stdout for _ in range(4)}  # fmt: skip

@@ -127,3 +127,31 @@ def test_model_shorter_than_blocks_fails_naming_the_key(smoke_run: SmokeRun, tmp
     assert result.returncode == 2
     assert "pretrain.models.encoder.max_length (16) is shorter than the packed blocks" in result.stderr
     assert not (tmp_path / "models" / "encoder").exists()  # nothing published
+
+
+@pytest.mark.parametrize("objective", ["mlm", "mlm_nsp"])
+def test_logits_only_at_masked_positions_give_the_models_own_loss_and_gradients(objective: str):
+    import numpy as np
+    import torch
+
+    from lmforge.models import build_pretrain_model
+    from lmforge.pretrain import SpecialIds, batch_maker, masked_lm_loss
+    from lmforge.schema import ModelArchitecture
+
+    arch = ModelArchitecture(architecture="bert", objective=objective, hidden_size=16, ffn_size=32, max_length=32)
+    model = build_pretrain_model(arch, 50, 0, 2, 3, seed=0).eval()  # no dropout: both ways see one network
+    ids = SpecialIds(pad=0, unk=1, cls=2, sep=3, mask=4, vocab_size=50)
+    blocks = np.random.default_rng(0).integers(5, 50, size=(8, 32))
+    blocks[:, 0] = ids.cls
+    batch = batch_maker(objective, blocks, ids, 0.15)(torch.arange(8), torch.Generator().manual_seed(0))
+
+    full = model(**batch).loss
+    full.backward()
+    full_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    sparse = masked_lm_loss(model, batch)
+    sparse.backward()
+    assert torch.allclose(sparse, full, atol=1e-5)
+    for name, p in model.named_parameters():
+        if name in full_grads:
+            assert torch.allclose(p.grad, full_grads[name], atol=1e-5), name
