@@ -31,6 +31,7 @@ lint: setup
 
 bench: setup
 	python bench/train_speed.py
+	python bench/generate_speed.py
 	python bench/preprocess_memory.py
 
 clean:

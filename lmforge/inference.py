@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
+    GenerationMixin,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -134,20 +136,51 @@ def continuation_losses(
     return np.concatenate(losses), np.concatenate(counts)
 
 
+def _stop_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return int(tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id)
+
+
+def _decoded(tokenizer: PreTrainedTokenizerBase, generated: list[int]) -> str:
+    return CJK_GAP.sub("", str(tokenizer.decode(generated, skip_special_tokens=True)))
+
+
 @torch.no_grad()
-def generate(tm: TaskModel, prompts: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy continuation of each prompt until [SEP] (plain loop: works for GPT and the LSTM alike)."""
-    tokenizer = tm.tokenizer
-    stop = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+def generate(tm: TaskModel, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+    """Greedy continuation of each prompt until [SEP], at most max_new_tokens tokens.
+
+    Transformers decoders go through `model.generate`: batches of left-padded prompts and a KV cache
+    (each new token attends to cached keys instead of re-running the whole sequence). The LSTM, which
+    has no generate, keeps the plain loop. Both give the same tokens (tests/lmforge/test_inference.py).
+    """
+    if not isinstance(tm.model, GenerationMixin):
+        return [generate_one_by_one(tm, prompt, max_new_tokens) for prompt in prompts]
+    tokenizer, stop, decoder = tm.tokenizer, _stop_id(tm.tokenizer), cast(Any, tm.model)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, truncation=True, max_length=tm.max_length - max_new_tokens)["input_ids"]
-        generated: list[int] = []
-        for _ in range(max_new_tokens):
-            logits = tm.model(input_ids=torch.tensor([ids + generated])).logits[0, -1]
-            token = int(logits.argmax())
-            if token == stop:
-                break
-            generated.append(token)
-        outputs.append(CJK_GAP.sub("", str(tokenizer.decode(generated, skip_special_tokens=True))))
+    try:
+        for start in range(0, len(prompts), batch_size):
+            encoded = tokenizer(prompts[start : start + batch_size], truncation=True, padding=True,
+                                max_length=tm.max_length - max_new_tokens, return_tensors="pt")  # fmt: skip
+            produced = decoder.generate(
+                input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"], do_sample=False,
+                max_new_tokens=max_new_tokens, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id,
+            )[:, encoded["input_ids"].shape[1] :]  # fmt: skip
+            for row in produced.tolist():
+                outputs.append(_decoded(tokenizer, row[: row.index(stop)] if stop in row else row))
+    finally:
+        tokenizer.padding_side = side
     return outputs
+
+
+@torch.no_grad()
+def generate_one_by_one(tm: TaskModel, prompt: str, max_new_tokens: int) -> str:
+    """The plain greedy loop, one prompt at a time, the whole sequence re-run for each token."""
+    tokenizer, stop = tm.tokenizer, _stop_id(tm.tokenizer)
+    ids = tokenizer(prompt, truncation=True, max_length=tm.max_length - max_new_tokens)["input_ids"]
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        token = int(tm.model(input_ids=torch.tensor([ids + generated])).logits[0, -1].argmax())
+        if token == stop:
+            break
+        generated.append(token)
+    return _decoded(tokenizer, generated)

@@ -26,6 +26,7 @@ from lmforge.inference import (
     continuation_losses,
     continuation_reference,
     generate,
+    generate_one_by_one,
     generation_pairs,
     load_task_model,
     split_words,
@@ -275,3 +276,17 @@ def test_a_generation_that_matches_the_continuation_scores_bleu_one(tokenizer_di
     assert reference == "今天天气很好"
     assert char_bleu([reference], ["今天天气很好"]) == pytest.approx(1.0)
     assert char_bleu([reference], ["今天天气"]) < 1.0  # stopping early is what the brevity penalty costs
+
+
+def test_batched_kv_cached_generation_gives_the_plain_loops_tokens(tokenizer_dir: Path, tmp_path: Path):
+    """Left padding, the attention mask and the cache change nothing: prompts of different lengths in one
+    batch continue exactly as each alone does in the loop that re-runs the whole sequence per token."""
+    torch.manual_seed(3)
+    ids = vocab(tokenizer_dir)  # large random weights: a model that says something, and something different each time
+    config = GPT2Config(vocab_size=len(ids), n_positions=MAX_LENGTH, n_embd=16, n_layer=2, n_head=2,
+                        initializer_range=0.5, bos_token_id=ids["[CLS]"], eos_token_id=ids["[SEP]"])  # fmt: skip
+    tm = load_task_model(save_task_model(tmp_path, GPT2LMHeadModel(config), tokenizer_dir, "generation", []))
+    prompts = ["你好", "今天天气很好", "中", "abc def", "你好世界今天"]
+    expected = [generate_one_by_one(tm, prompt, 6) for prompt in prompts]
+    assert any(len(text) > 1 for text in expected)  # a random model: it says something before any [SEP]
+    assert generate(tm, prompts, 6, batch_size=3) == expected
