@@ -1,6 +1,6 @@
 """Training tokens/s of the default encoder, every variant side by side in one run (ratios, not absolutes).
 
-Rows: a bare PyTorch loop (`model(**batch).loss`, AdamW, the reference), lmforge's loop
+Rows: a bare PyTorch loop (`model(**batch).loss`, AdamW, the reference), transformers' Trainer, lmforge's loop
 (lmforge.training.train) with the model's own loss, and lmforge's loop with MLM logits only at the
 masked positions (lmforge.pretrain.masked_lm_loss), each in fp32 and bf16 autocast. The matmul peak of
 each dtype is measured in the same run, and each row's achieved FLOP/s is set against it. Synthetic
@@ -100,6 +100,32 @@ def lmforge_loop(steps: int, precision: str, loss_of: Callable) -> float:
     return result.tokens / result.seconds
 
 
+def hf_trainer(steps: int, precision: str) -> float:
+    """transformers' Trainer on the same model, masked batches, batch size and dtype. Returns tokens/s."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model, data = new_model(), blocks(BATCH * (steps + 1))
+    make_batch = batch_maker("mlm", data, IDS, 0.15)
+    generator = torch.Generator().manual_seed(0)
+    masked = [make_batch(torch.arange(i * BATCH, (i + 1) * BATCH), generator) for i in range(steps + 1)]
+    examples = [{key: value[row] for key, value in batch.items()} for batch in masked for row in range(BATCH)]
+    clock: dict[str, float] = {}
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: object, state: object, control: object, **kwargs: object) -> None:
+            if getattr(state, "global_step", 0) == 1:  # after the warm-up step, as the other rows
+                clock["start"] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as folder:
+        arguments = TrainingArguments(
+            output_dir=folder, per_device_train_batch_size=BATCH, max_steps=steps + 1, learning_rate=1e-3,
+            weight_decay=0.01, max_grad_norm=1.0, bf16=precision == "bf16", use_cpu=True, report_to=[],
+            save_strategy="no", logging_strategy="no", dataloader_num_workers=0, disable_tqdm=True,
+        )  # fmt: skip
+        Trainer(model=model, args=arguments, train_dataset=examples, callbacks=[Clock()]).train()
+    return steps * BATCH * BLOCK / (time.perf_counter() - clock["start"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30)
@@ -109,6 +135,7 @@ def main() -> None:
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     variants = {
         "bare loop": lambda precision: bare_loop(args.steps, precision),
+        "HF Trainer": lambda precision: hf_trainer(args.steps, precision),
         "lmforge loop": lambda precision: lmforge_loop(args.steps, precision, model_loss),
         "lmforge loop, MLM logits at masked positions": lambda precision: lmforge_loop(args.steps, precision,
                                                                                        masked_lm_loss),
