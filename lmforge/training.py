@@ -10,6 +10,7 @@ epoch), the batch generator (masking, sentence pairs) and the global torch RNG (
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 import time
@@ -49,8 +50,28 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@functools.cache
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX); elsewhere bf16 is emulated, and slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolved_precision(precision: str, device: torch.device) -> str:
+    """`auto` made concrete for this device: bf16 where the hardware computes it natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_computes_bf16() else "fp32"
+
+
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast where supported (any CPU; CUDA GPUs with bf16), else a no-op (fp32)."""
+    precision = resolved_precision(precision, device)
     if precision != "bf16":
         return contextlib.nullcontext()
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -164,7 +185,7 @@ def train(
                     tokens = count_tokens(batch)
                     state["tokens"] += tokens
                     window_tokens += tokens
-                    window_loss += float(loss)
+                    window_loss += float(loss.detach())
                 torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
                 optimizer.step()
                 scheduler.step()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
@@ -62,3 +63,17 @@ def test_warmup_then_linear_decay_to_zero():
         scheduler.step()
     assert rates[0] < rates[1] < rates[2] and max(rates) == rates[2]
     assert rates[-1] < rates[5] < rates[2] and scheduler.get_last_lr()[0] == 0.0
+
+
+def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch: pytest.MonkeyPatch):
+    from lmforge import training
+
+    cpu = torch.device("cpu")
+    assert training.resolved_precision("fp32", cpu) == "fp32" and training.resolved_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(training, "cpu_computes_bf16", lambda: True)
+    assert training.resolved_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(training, "cpu_computes_bf16", lambda: False)  # AVX2 only: bf16 would be emulated, slower
+    assert training.resolved_precision("auto", cpu) == "fp32"
+    assert not torch.is_autocast_enabled("cpu")
+    with training.autocast("auto", cpu):
+        assert not torch.is_autocast_enabled("cpu")
