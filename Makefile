@@ -30,8 +30,8 @@ lint: setup
 	ruff format --check .
 
 bench: setup
-	python bench/train_speed.py
-	python bench/generate_speed.py
+	python -m bench.train_speed
+	python -m bench.generate_speed
 	python bench/preprocess_memory.py
 
 clean:

@@ -5,7 +5,7 @@ tokenizer of about 2,000 entries; 64 prompts of 12 characters, 24 new tokens eac
 give the same tokens (tests/lmforge/test_inference.py), so the ratio of their times is the speed-up.
 Median of --repeats, interleaved.
 
-    python bench/generate_speed.py [--repeats 3]
+    python -m bench.generate_speed [--repeats 3]
 
 Prints a table and writes bench/results/generate_speed.json.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import random
 import statistics
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from bench.machine import describe
 from lmforge.artifacts import TaskMeta
 from lmforge.inference import TaskModel, generate, generate_one_by_one, load_task_model
 from lmforge.schema import LoraParams, TokenizerParams, TrainingParams
@@ -85,8 +85,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['path']:<46} {row['seconds']:>8.2f} {row['new_tokens_per_s']:>9.0f} {row['speedup']:>8.1f}x")
     RESULTS.mkdir(exist_ok=True)
-    machine = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__}  # fmt: skip
+    machine = describe()
     (RESULTS / "generate_speed.json").write_text(json.dumps({"machine": machine, "same_outputs": same, "rows": rows},
                                                             indent=2))  # fmt: skip
 

@@ -7,7 +7,7 @@ each dtype is measured in the same run, and each row's achieved FLOP/s is set ag
 blocks of the default shape (batch 32 x 128, vocabulary 8,000), the default encoder (hidden 128,
 2 layers, ffn 512). Median of --repeats runs of --steps steps each, after one warm-up step.
 
-    python bench/train_speed.py [--steps 30] [--repeats 3]
+    python -m bench.train_speed [--steps 30] [--repeats 3]
 
 Prints a table and writes bench/results/train_speed.json (with the machine it ran on).
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.machine import describe
 from lmforge.models import build_pretrain_model
 from lmforge.pretrain import SpecialIds, batch_maker, masked_lm_loss
 from lmforge.schema import ModelArchitecture, TrainingParams
@@ -166,8 +166,7 @@ def main() -> None:
         print(f"{row['variant']:<46} {row['precision']:<5} {row['tokens_per_s']:>9.0f} "
               f"{row['tokens_per_s'] / reference:>10.2f}x {row['of_matmul_peak']:>8.1%}")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    machine = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__}  # fmt: skip
+    machine = describe()
     (RESULTS / "train_speed.json").write_text(json.dumps(
         {"machine": machine, "steps": args.steps, "repeats": args.repeats, "matmul_peak_flops": peaks, "rows": rows},
         indent=2))  # fmt: skip
