@@ -53,16 +53,15 @@ class Artifact(BaseModel):
         write_json(path, self.data())
 
 
-def _numbers(report: Artifact, *fields: str) -> dict[str, float]:
-    """The named fields that hold a number (None left out)."""
-    values = {field: getattr(report, field) for field in fields}
-    return {field: float(value) for field, value in values.items() if isinstance(value, int | float)}
+def training_figures(report: PretrainReport | FinetuneReport) -> dict[str, float]:
+    """What a training run is compared by: where it ended, how fast, how long."""
+    return {"val_loss": report.val_loss, "tokens_per_s": float(report.tokens_per_second), "seconds": report.seconds}
 
 
-SECONDARY_METRICS = {  # beside the primary metric in a task's DVC metrics file
-    "classification": ("accuracy", "worst_class_recall"),
-    "token_classification": ("token_accuracy",),
-    "generation": ("bleu_char", "sacrebleu_zh"),
+SECONDARY_METRIC = {  # kind -> (its column in the DVC metrics files, the metric)
+    "classification": ("accuracy", "accuracy"),
+    "token_classification": ("accuracy", "token_accuracy"),
+    "generation": ("bleu", "bleu_char"),
 }
 
 
@@ -218,7 +217,7 @@ class PretrainReport(Artifact):
     mlflow_run_id: str
 
     def figures(self) -> dict[str, float]:
-        return _numbers(self, "val_loss", "val_perplexity", "tokens_per_second", "seconds", "steps")
+        return training_figures(self)
 
 
 class FinetuneReport(Artifact):
@@ -235,7 +234,7 @@ class FinetuneReport(Artifact):
     mlflow_run_id: str | None = None
 
     def figures(self) -> dict[str, float]:
-        return _numbers(self, "val_loss", "val_perplexity", "tokens_per_second", "seconds", "steps")
+        return training_figures(self)
 
 
 class TaskMeta(Artifact):
@@ -309,18 +308,18 @@ class EvalReport(Artifact):
         return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
     def figures(self) -> dict[str, float]:
-        """The primary metric with its interval and the baseline's, the kind's key secondary ones, latency."""
-        metric = self.primary_metric
-        figures = {metric: self.primary, f"{metric}_ci_low": self.primary_ci_low,
-                   f"{metric}_ci_high": self.primary_ci_high}  # fmt: skip
-        base = self.baseline.value(metric)
+        """The primary metric (macro-F1, entity F1 or perplexity: the task says which) with its interval,
+        the baseline's on the same split, the kind's key secondary metric, p95 latency. The names are the
+        same for every task, so `dvc metrics show` has one column each."""
+        figures = {"primary": self.primary, "ci_low": self.primary_ci_low, "ci_high": self.primary_ci_high}
+        base = self.baseline.value(self.primary_metric)
         if base is not None:
-            figures[f"baseline_{metric}"] = base
-        for secondary in SECONDARY_METRICS.get(self.kind, ()):
-            value = self.score(secondary)
-            if value is not None:
-                figures[secondary] = value
-        return {**figures, "latency_ms_p95": self.latency_ms_p95}
+            figures["baseline"] = base
+        column, metric = SECONDARY_METRIC[self.kind]
+        value = self.score(metric)
+        if value is not None:
+            figures[column] = value
+        return {**figures, "p95_ms": self.latency_ms_p95}
 
     def numbers(self) -> dict[str, float]:
         """Every numeric metric (bools and nested tables left out): what goes to MLflow."""
@@ -404,5 +403,7 @@ class PromotionReport(Artifact):
         """Did the candidate pass, which version serves, by how much the candidate beat the champion."""
         figures = {"passed": float(self.decision == "pass")}
         if self.champion_after is not None and self.champion_after.version.isdigit():
-            figures["champion_version"] = float(self.champion_after.version)
-        return {**figures, **_numbers(self, "improvement", "improvement_lower_bound")}
+            figures["serving"] = float(self.champion_after.version)
+        if self.improvement is not None:
+            figures["improvement"] = self.improvement
+        return figures

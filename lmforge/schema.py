@@ -274,7 +274,12 @@ class PretrainParams(Section):
     )
     # The default budget: 120 steps of 32 x 128 tokens per model; bf16 where the CPU computes it.
     training: TrainingParams = TrainingParams(
-        max_steps=120, batch_size=32, learning_rate=1e-3, eval_every=40, checkpoint_every=40, max_eval_samples=256,
+        max_steps=120,
+        batch_size=32,
+        learning_rate=1e-3,
+        eval_every=40,
+        checkpoint_every=40,
+        max_eval_samples=256,
         precision="auto",
     )
 
