@@ -25,8 +25,9 @@ EXPERIMENT = "lmforge"
 PARENT_ENV = "LMFORGE_PARENT_RUN_ID"
 PARAMS_ENV = "LMFORGE_PARAMS_FILE"  # set by the stage command line (lmforge/stage.py) to its --params
 SECRET_WORDS = ("password", "secret", "token", "key")  # never logged as params
-# MLflow's INFO lines would bury a stage's one-line error on stderr.
+# MLflow's INFO lines and download bars would bury a stage's one-line error on stderr.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def repo_root() -> Path:
