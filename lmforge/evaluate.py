@@ -1,9 +1,10 @@
 """evaluate: models/finetuned/<task> + the frozen test split -> reports/evaluate/<task>/ + an MLflow model.
 
-Writes metrics.json (DVC metrics: the task's metrics, a bootstrap interval for its primary metric,
-latency and throughput, and a baseline on the same split), per_example.json (what the promotion
-gate's paired bootstrap resamples), plots (confusion.json, curve.json) and model.json (where the
-logged pyfunc model is). The same metrics go to MLflow with the model, which
+Writes metrics.json (the task's metrics, a bootstrap interval for its primary metric, latency and
+throughput, and the baseline's on the same split), per_example.json (what the promotion gate's
+paired bootstrap resamples), plots (confusion.json, curve.json), baseline/ (the baseline model and its
+evidence) and model.json (where the logged pyfunc model is); the stage's few figures go to
+metrics/evaluate/<task>.json (DVC metrics). The same metrics go to MLflow with the model, which
 `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame({"text": [...]}))` serves on raw text.
 """
 

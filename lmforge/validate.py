@@ -206,8 +206,8 @@ def dataset_dirs(raw_dir: Path) -> list[Path]:
 def run(params: ValidateParams, paths: ValidatePaths) -> ValidateReport:
     """Validate every dataset; write reports; raise ValidationFailed when one fails and on_failure is fail.
 
-    The metrics file keeps, per dataset, whether it passed and how many expectations failed; it is
-    written before a failure is raised, so `dvc metrics show` says what failed.
+    reports/validate.json keeps, per dataset, whether it passed and how many expectations failed; it
+    is written before a failure is raised, so `lmforge status` says what failed.
     """
     reports: dict[str, ValidationReport] = {}
     failures: list[str] = []
