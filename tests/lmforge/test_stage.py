@@ -14,12 +14,12 @@ from tests.conftest import REPO
 def test_every_path_is_a_required_option(capsys: pytest.CaptureFixture[str]):
     parser = stage_of("promote").parser()
     complete = ["--params", "p.yaml", "--task", "t", "--optimized", "o", "--dataset", "d", "--validation", "v.json",
-                "--report", "r.json"]  # fmt: skip
+                "--report", "r.json", "--metrics", "m.json"]  # fmt: skip
     args = parser.parse_args(complete)
     assert stage_of("promote").paths_from(args).validation == Path("v.json")
     with pytest.raises(SystemExit) as exited:
-        parser.parse_args(complete[:-2])  # no --report: no default path to fall back on
-    assert exited.value.code == 2 and "--report" in capsys.readouterr().err
+        parser.parse_args(complete[:-2])  # no --metrics: no default path to fall back on
+    assert exited.value.code == 2 and "--metrics" in capsys.readouterr().err
 
 
 def test_a_foreach_item_that_is_not_declared_names_the_key_and_the_choices():

@@ -42,7 +42,8 @@ def candidates(smoke_evaluated: SmokeRun, tmp_path_factory: pytest.TempPathFacto
 def gate(params: Params, run: SmokeRun, optimized: Path) -> PromotionReport:
     """promote@sentiment of the candidate in `optimized` (reports/optimize/<task>-like)."""
     return promote.run(promote.section(params, "sentiment"), PromotePaths(
-        optimized, run.raw / "sentiment", run.validation / "sentiment.json", optimized / "report.json"))  # fmt: skip
+        optimized, run.raw / "sentiment", run.validation / "sentiment.json", optimized / "report.json",
+        optimized / "figures.json"))  # fmt: skip
 
 
 def settings(smoke_run: SmokeRun, prefix: str, **promote_params) -> Params:
@@ -158,6 +159,8 @@ def test_two_promotions_at_once_never_crown_a_failed_version(smoke_evaluated: Sm
                 str(run.validation / "sentiment.json"),
                 "--report",
                 str(tmp_path / f"{label}.json"),
+                "--metrics",
+                str(tmp_path / f"{label}.figures.json"),
             ],
             cwd=REPO,
             env=env,
