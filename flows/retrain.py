@@ -15,6 +15,7 @@ loopback (flows/server.py), whose UI then shows the schedule and its runs.
 from __future__ import annotations
 
 import argparse
+import signal
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -50,6 +51,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=4200, help="port of the server --serve starts (no PREFECT_API_URL)")
     args = parser.parse_args()
     if args.serve:
+        # Started in the background by a script (`... &`), a process inherits SIGINT ignored, and Python
+        # then never raises KeyboardInterrupt: "Ctrl-C stops it" (or `kill -INT`) must hold anyway.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         cron = load_params(args.params).orchestrate.retrain_cron
         with prefect_api(args.port) as api_url:
             print(f"serving lmforge-retrain on {api_url} (cron {cron!r}, UTC); Ctrl-C stops it")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -32,9 +33,16 @@ pytestmark = pytest.mark.slow
 INPUTS = ("data/raw", "data/processed", "models/pretrained", "models/finetuned", "reports/evaluate")
 
 
+def default_signals() -> None:
+    """A server or worker as a person starts it: a test run started in the background (`make test &`)
+    hands its children SIGINT ignored, and Prefect's worker then cannot shut itself down on SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(command: list[str], cwd: Path, env: dict[str, str], log: Path) -> subprocess.Popen:
     with log.open("wb") as output:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                preexec_fn=default_signals)  # fmt: skip
 
 
 def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
