@@ -32,6 +32,7 @@ lint: setup
 bench: setup
 	python -m bench.train_speed
 	python -m bench.generate_speed
+	python -m bench.startup
 	python bench/preprocess_memory.py
 
 clean:
