@@ -145,7 +145,7 @@ def _decoded(tokenizer: PreTrainedTokenizerBase, generated: list[int]) -> str:
 
 
 @torch.no_grad()
-def generate(tm: TaskModel, prompts: list[str], max_new_tokens: int, batch_size: int = 32) -> list[str]:
+def generate(tm: TaskModel, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
     """Greedy continuation of each prompt until [SEP], at most max_new_tokens tokens.
 
     Transformers decoders go through `model.generate`: batches of left-padded prompts and a KV cache
