@@ -33,7 +33,8 @@ bench: setup
 	python -m bench.train_speed
 	python -m bench.generate_speed
 	python -m bench.startup
-	python bench/preprocess_memory.py
+	python -m bench.preprocess_memory
+	python -m bench.hpo_pruning
 
 clean:
 	rm -rf data/raw data/processed reports models checkpoints

@@ -1,13 +1,19 @@
-"""Does preprocess stream? Peak RSS and throughput at 1x and 4x the bundled corpus, in one run.
+"""Does preprocess stream, and what does it cost over the tokenizer? 1x, 4x and 16x the bundled corpus.
 
-Ingests and validates the default datasets once into a temporary folder, then makes a 4x copy of
-data/raw (the corpus and every train split repeated four times, each copy's lines rotated so the
-text differs), and runs the preprocess stage on each in a fresh process. Prints a table and writes
-reports/bench/preprocess_memory.json. Streaming means the 4x/1x peak RSS ratio stays near 1.
+Ingests and validates the default datasets once into a temporary folder, then makes 4x and 16x
+copies of data/raw (the corpus and every train split repeated, each copy's lines rotated so the
+text differs), and runs the preprocess stage on each in a fresh process. Beside each, the same
+corpus is encoded by the raw `tokenizers` encode_batch with the tokenizer that run trained (batches
+of preprocess.batch_size, nothing written): packing's seconds over that is what lmforge adds to
+tokenizing. Prints a table and writes bench/results/preprocess_memory.json. Streaming means the
+peak RSS stays near flat as the corpus grows.
+
+    python bench/preprocess_memory.py [--factors 1 4 16]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import subprocess
@@ -18,9 +24,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.machine import describe
 from lmforge import ingest, validate
 from lmforge.ingest import IngestPaths
 from lmforge.params import load_params
+from lmforge.tokenization import iter_lines
 from lmforge.validate import ValidatePaths
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,41 +77,63 @@ def preprocess(raw: Path, validation: Path, out: Path) -> dict:
     return stats
 
 
+def raw_encode_seconds(tokenizer_file: Path, corpus: Path, batch_size: int) -> float:
+    """The corpus through `tokenizers` encode_batch alone, batch by batch, nothing kept or written."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_file))
+    started = time.perf_counter()
+    for batch in iter_lines(corpus, batch_size):
+        tokenizer.encode_batch(batch)
+    return time.perf_counter() - started
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--factors", type=int, nargs="+", default=[1, 4, 16])
+    args = parser.parse_args()
     params = load_params(REPO / "params.yaml")
     rows = []
     with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as tmp:
         root = Path(tmp)
         ingest.run(params.ingest, IngestPaths(REPO, root / "raw1", root / "ingest.json"))
         validate.run(params.validate_, ValidatePaths(root / "raw1", root / "validation", root / "validate.json"))
-        scale_raw(root / "raw1", root / "raw4", 4)
-        for factor in (1, 4):
+        for factor in args.factors:
+            if factor != 1:
+                scale_raw(root / "raw1", root / f"raw{factor}", factor)
             stats = preprocess(root / f"raw{factor}", root / "validation", root / f"out{factor}")
             train = stats["pretrain"]["train"]
             task_tokens = sum(s["train"]["tokens"] for s in stats["tasks"].values())
+            tokenizer = root / f"out{factor}/processed/tokenizer/tokenizer.json"
+            corpus = root / f"raw{factor}/corpus/train.txt"
+            encode = raw_encode_seconds(tokenizer, corpus, params.preprocess.batch_size)
             rows.append(
                 {
                     "corpus": f"{factor}x",
                     "pretrain_tokens": train["tokens"],
                     "task_train_tokens": task_tokens,
                     "seconds": stats["seconds"],
+                    "seconds_tokenizer_training": stats["seconds_tokenizer"],
+                    "seconds_pack": stats["seconds_pack"],
+                    "seconds_raw_encode_batch": round(encode, 2),
                     "tokens_per_second": round((train["tokens"] + task_tokens) / stats["seconds"]),
                     "peak_rss_mb": stats["peak_rss_mb"],
                 }
             )
-    ratio = rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
-    print(
-        f"{'corpus':>6} {'pretrain tokens':>16} {'task tokens':>12} {'seconds':>8} {'tokens/s':>10} {'peak RSS MB':>12}"
-    )
+            shutil.rmtree(root / f"out{factor}")
+    print(f"{'corpus':>6} {'pretrain tokens':>16} {'seconds':>8} {'train tok.':>10} {'pack':>6} "
+          f"{'encode_batch':>12} {'pack/encode':>11} {'peak RSS MB':>12}")  # fmt: skip
     for row in rows:
-        print(
-            f"{row['corpus']:>6} {row['pretrain_tokens']:>16,} {row['task_train_tokens']:>12,} {row['seconds']:>8} "
-            f"{row['tokens_per_second']:>10,} {row['peak_rss_mb']:>12}"
-        )
-    print(f"peak RSS ratio 4x/1x: {ratio:.2f} (1.00 = memory does not grow with the corpus)")
-    out = REPO / "reports" / "bench" / "preprocess_memory.json"
+        print(f"{row['corpus']:>6} {row['pretrain_tokens']:>16,} {row['seconds']:>8} "
+              f"{row['seconds_tokenizer_training']:>10} {row['seconds_pack']:>6} {row['seconds_raw_encode_batch']:>12} "
+              f"{row['seconds_pack'] / max(row['seconds_raw_encode_batch'], 1e-9):>10.2f}x "
+              f"{row['peak_rss_mb']:>12}")  # fmt: skip
+    ratio = rows[-1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
+    print(f"peak RSS {rows[-1]['corpus']}/{rows[0]['corpus']}: {ratio:.2f} (1.00: flat memory)")
+    out = REPO / "bench" / "results" / "preprocess_memory.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "peak_rss_ratio_4x_1x": round(ratio, 3)}, indent=2) + "\n")
+    out.write_text(json.dumps({"machine": describe(), "rows": rows, "peak_rss_ratio_last_first": round(ratio, 3)},
+                              indent=2) + "\n")  # fmt: skip
     print(f"wrote {out}")
 
 

@@ -1,6 +1,7 @@
 """Training tokens/s of the default encoder, every variant side by side in one run (ratios, not absolutes).
 
-Rows: a bare PyTorch loop (`model(**batch).loss`, AdamW, the reference), transformers' Trainer, lmforge's loop
+Rows: a bare PyTorch loop (`model(**batch).loss`, AdamW, the reference; again with the fused AdamW
+kernel), transformers' Trainer (fused AdamW by default), lmforge's loop
 (lmforge.training.train) with the model's own loss, and lmforge's loop with MLM logits only at the
 masked positions (lmforge.pretrain.masked_lm_loss), each in fp32 and bf16 autocast. The matmul peak of
 each dtype is measured in the same run, and each row's achieved FLOP/s is set against it. Synthetic
@@ -29,7 +30,7 @@ from bench.machine import describe
 from lmforge.models import build_pretrain_model
 from lmforge.pretrain import SpecialIds, batch_maker, masked_lm_loss
 from lmforge.schema import ModelArchitecture, TrainingParams
-from lmforge.training import autocast, make_optimizer, model_loss, train
+from lmforge.training import autocast, model_loss, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB, BLOCK, BATCH = 8000, 128, 32
@@ -66,11 +67,12 @@ def blocks(n: int) -> np.ndarray:
     return found
 
 
-def bare_loop(steps: int, precision: str) -> float:
-    """The reference: no checkpoints, no validation, no logging. Returns tokens/s."""
+def bare_loop(steps: int, precision: str, fused: bool = False) -> float:
+    """The reference: no checkpoints, no validation, no logging; torch's AdamW as a user writes it
+    (its default on CPU updates parameter by parameter), or the fused kernel. Returns tokens/s."""
     model, data = new_model(), blocks(BATCH * (steps + 1))
     make_batch = batch_maker("mlm", data, IDS, 0.15)
-    optimizer = make_optimizer(model, TrainingParams())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, fused=fused or None)
     generator = torch.Generator().manual_seed(0)
     model.train()
     started, tokens = 0.0, 0
@@ -93,7 +95,7 @@ def lmforge_loop(steps: int, precision: str, loss_of: Callable) -> float:
     model, data = new_model(), blocks(BATCH * (steps + 1))
     make_batch = batch_maker("mlm", data, IDS, 0.15)
     params = TrainingParams(max_steps=steps + 1, batch_size=BATCH, eval_every=10**6, checkpoint_every=10**6,
-                            log_every=10**6, precision=precision, warmup_ratio=0.0)  # fmt: skip
+                            log_every=10**6, precision=precision, warmup_ratio=0.0, learning_rate=1e-3)  # fmt: skip
     with tempfile.TemporaryDirectory() as folder:
         result = train(model, len(data), make_batch, lambda m: 0.0, params, 0, Path(folder), "bench",
                        log=lambda metrics, step: None, description="bench", loss_of=loss_of)  # fmt: skip
@@ -135,6 +137,7 @@ def main() -> None:
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     variants = {
         "bare loop": lambda precision: bare_loop(args.steps, precision),
+        "bare loop, fused AdamW": lambda precision: bare_loop(args.steps, precision, fused=True),
         "HF Trainer": lambda precision: hf_trainer(args.steps, precision),
         "lmforge loop": lambda precision: lmforge_loop(args.steps, precision, model_loss),
         "lmforge loop, MLM logits at masked positions": lambda precision: lmforge_loop(args.steps, precision,

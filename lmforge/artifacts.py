@@ -247,6 +247,7 @@ class TaskMeta(Artifact):
     method: str
     lora: LoraParams
     prompt_chars: int
+    class_weights: str = "none"
     training: TrainingParams
     base_resolved: str
     seed: int

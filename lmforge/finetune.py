@@ -12,6 +12,7 @@ raw splits are tokenized again with it, by the same code preprocess uses.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,10 +37,10 @@ from lmforge.errors import LmforgeError
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, write_json
 from lmforge.models import count_parameters, resolve_base
 from lmforge.params import Params
-from lmforge.schema import FinetuneTask, Section
+from lmforge.schema import RECIPE_LR, SKEWED_CLASSES, FinetuneTask, Section
 from lmforge.stage import Stage, dep, item_of, output, scratch
 from lmforge.tokenization import IGNORE_INDEX, tokenize_split
-from lmforge.training import BatchFn, pick_device, train
+from lmforge.training import BatchFn, LossFn, model_loss, pick_device, train, with_learning_rate
 
 
 @dataclass(frozen=True)
@@ -156,15 +157,50 @@ def batch_maker(rows: list[dict[str, Any]], pad_id: int) -> BatchFn:
     return make
 
 
-def mean_loss(model: torch.nn.Module, rows: list[dict[str, Any]], pad_id: int, batch_size: int) -> float:
+def mean_loss(model: torch.nn.Module, rows: list[dict[str, Any]], pad_id: int, batch_size: int,
+              loss_of: LossFn = model_loss) -> float:  # fmt: skip
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        total += float(model(**batch).loss) * len(chunk)
+        total += float(loss_of(model, batch)) * len(chunk)
         count += len(chunk)
     return total / max(count, 1)
+
+
+def recipe_learning_rate(task: FinetuneTask, base_is_ours: bool) -> float:
+    """The learning rate for a task that sets none (schema.RECIPE_LR says why they differ)."""
+    if base_is_ours:
+        return RECIPE_LR["ours"]
+    return RECIPE_LR["lora" if task.method == "lora" else "full"]
+
+
+def class_weights(task: FinetuneTask, labels: list[str], train: list[dict[str, Any]]) -> torch.Tensor | None:
+    """Loss weights for a classification task whose classes are skewed, or None (plain cross-entropy).
+
+    `balanced` is scikit-learn's: rows / (classes x rows of the class), so every class weighs as much
+    in the loss as a balanced set would make it. Without it a small skewed set (21 intents, 600 rows)
+    trained into a model that predicted the majority class for everything.
+    """
+    if task.kind != "classification" or task.class_weights == "none" or not train:
+        return None
+    counts = torch.bincount(torch.tensor([row["label"] for row in train]), minlength=len(labels)).float()
+    present = counts[counts > 0]
+    if task.class_weights == "auto" and present.max() < SKEWED_CLASSES * present.min():
+        return None
+    return counts.sum() / (len(present) * counts.clamp(min=1))
+
+
+def weighted_loss(weights: torch.Tensor) -> LossFn:
+    """Cross-entropy of the classification head with per-class weights (for training and validation)."""
+
+    def loss_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        logits = model(**inputs).logits.float()
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], weight=weights.to(logits.device))
+
+    return loss_of
 
 
 DROPOUT_KEYS = {  # where each architecture keeps its dropout probabilities
@@ -245,7 +281,8 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
                           max_length)  # fmt: skip
     model = build_task_model(task, name, base, data.labels, tokenizer, seed, dropout)
     manifest = Manifest.of(paths.dataset)
-    training = task.training
+    training = with_learning_rate(task.training, recipe_learning_rate(task, base_is_ours))
+    task = task.model_copy(update={"training": training})  # the resolved rate travels with the model
     pad = tokenizer.pad_token_id
     resolved = {"task": name, **task.model_dump(), "base_resolved": base, "seed": seed, "dropout": dropout,
                 "labels": data.labels, "max_length": max_length}  # fmt: skip
@@ -254,18 +291,28 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
     base_files = files_sha256(Path(base), "*.safetensors", "tokenizer.json") if Path(base).is_dir() else {}
     run_fingerprint = fingerprint(resolved, manifest.files, base_files)
 
+    weights = class_weights(task, data.labels, data.train)
+    loss_of = model_loss if weights is None else weighted_loss(weights)
+    if weights is not None:
+        share = {label: 1 / (len(data.labels) * w) for label, w in zip(data.labels, weights.tolist(), strict=True)}
+        shares = ", ".join(f"{label} {value:.1%}" for label, value in share.items())
+        print(f"finetune {name}: classes skewed in train ({shares}): loss weighted by the inverse share "
+              f"(finetune.tasks.{name}.class_weights: {task.class_weights})", file=sys.stderr)  # fmt: skip
+
     def validation_loss(m: torch.nn.Module) -> float:
-        loss = mean_loss(m, data.val, pad, training.batch_size)
+        loss = mean_loss(m, data.val, pad, training.batch_size, loss_of)
         if on_eval is not None:
             on_eval(loss)
         return loss
 
-    mlflow.log_params({"n_parameters": count_parameters(model), "trainable_parameters": trainable_parameters(model)})
+    mlflow.log_params({"n_parameters": count_parameters(model), "trainable_parameters": trainable_parameters(model),
+                       "class_weighted": weights is not None})  # fmt: skip
     result = train(
         model, len(data.train), batch_maker(data.train, pad), validation_loss,
         training, seed, paths.checkpoints, run_fingerprint,
         log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
-        description=f"finetune {name} ({task.kind}, {task.method})", device=pick_device(),
+        description=f"finetune {name} ({task.kind}, {task.method})", device=pick_device(), loss_of=loss_of,
+        lengths=torch.tensor([len(row["input_ids"]) for row in data.train[: training.max_train_samples]]),
     )  # fmt: skip
     if task.method == "lora":
         model = cast(Any, model).merge_and_unload()  # a plain model: evaluate and serving need no peft

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support, roc_auc_score
 
 
 def bootstrap_ci(
@@ -26,6 +25,15 @@ def bootstrap_ci(
 
 
 def classification_scores(y_true: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    # Imported here: scikit-learn takes most of a second, and the gate (promote) needs only the helpers below.
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
     y_pred = probs.argmax(axis=1)
     everything = list(range(len(labels)))
     precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=everything, zero_division=0)

@@ -21,7 +21,9 @@ from lmforge.io import atomic_output_dir, write_json
 from lmforge.params import Params
 from lmforge.schema import PreprocessParams
 from lmforge.stage import Stage, dep, output
-from lmforge.tokenization import pack_corpus, save_hf_tokenizer, tokenize_split, train_tokenizer
+from lmforge.tokenization import UNK, pack_corpus, save_hf_tokenizer, tokenize_split, train_tokenizer
+
+UNKNOWN_WARNING = 0.05  # share of a dataset's train tokens that are [UNK] before the summary warns
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,11 @@ def summary(report: PreprocessReport, paths: PreprocessPaths) -> str:
     for dataset, splits in report.tasks.items():
         counts = ", ".join(f"{split} {v['rows']} rows/{v['tokens']} tokens" for split, v in splits.items())
         lines.append(f"preprocess: {dataset}: {counts}")
+        unknown = splits["train"].get("unknown_fraction", 0.0)
+        if unknown > UNKNOWN_WARNING:  # e.g. a script the corpus never showed the tokenizer
+            lines.append(f"preprocess: warning: {unknown:.1%} of {dataset}'s train tokens are {UNK}: the tokenizer "
+                         f"barely covers its text; set ingest.datasets.{dataset}.in_corpus: true (or "
+                         f"preprocess.tokenizer.kind: bpe)")  # fmt: skip
     lines.append(f"preprocess: wrote {paths.out} in {report.seconds}s, peak RSS {report.peak_rss_mb} MB")
     return "\n".join(lines)
 

@@ -23,10 +23,10 @@ from lmforge.errors import LmforgeError
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, read_json, write_json
 from lmforge.models import build_pretrain_model, count_parameters
 from lmforge.params import Params
-from lmforge.schema import ModelArchitecture, Section, TrainingParams
+from lmforge.schema import RECIPE_LR, ModelArchitecture, Section, TrainingParams
 from lmforge.stage import Stage, dep, item_of, output, scratch
 from lmforge.tokenization import read_blocks
-from lmforge.training import BatchFn, LossFn, model_loss, pick_device, train
+from lmforge.training import BatchFn, LossFn, model_loss, pick_device, train, with_learning_rate
 
 
 @dataclass(frozen=True)
@@ -204,7 +204,8 @@ def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
     ids = special_ids(tokenizer)
     train_blocks = read_blocks(paths.blocks / meta["train"]["file"], meta["train"]["dtype"], block_size)
     val_blocks = read_blocks(paths.blocks / meta["val"]["file"], meta["val"]["dtype"], block_size)
-    training = params.training
+    budget = {key: getattr(arch, key) for key in ("max_steps", "epochs") if getattr(arch, key) is not None}
+    training = with_learning_rate(params.training, RECIPE_LR["pretrain"]).model_copy(update=budget)
     n_val = min(len(val_blocks), training.max_eval_samples or len(val_blocks))
 
     model = build_pretrain_model(arch, len(tokenizer), ids.pad, ids.cls, ids.sep, params.seed)

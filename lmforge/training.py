@@ -88,7 +88,17 @@ def make_optimizer(model: nn.Module, params: TrainingParams) -> torch.optim.Adam
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": params.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=params.learning_rate)
+    # The fused kernel updates every parameter in one pass (CPU and CUDA); torch's default on CPU is a
+    # Python loop over the parameters, one small op after another.
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
+    if params.learning_rate is None:
+        raise ValueError("learning_rate: resolve the recipe's (with_learning_rate) before training")
+    return torch.optim.AdamW(groups, lr=params.learning_rate, fused=fused or None)
+
+
+def with_learning_rate(params: TrainingParams, recipe: float) -> TrainingParams:
+    """The params with `learning_rate` set: the recipe's where params.yaml leaves it null."""
+    return params if params.learning_rate is not None else params.model_copy(update={"learning_rate": recipe})
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, params: TrainingParams, total_steps: int) -> Any:
@@ -105,10 +115,39 @@ def make_scheduler(optimizer: torch.optim.Optimizer, params: TrainingParams, tot
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def micro_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
-    """The epoch's micro-batches of example indices: a permutation fixed by seed and epoch alone."""
-    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-    return list(order.split(batch_size))
+BUCKET_BATCHES = 50  # length bucketing sorts within windows of this many batches: order stays random
+
+
+def micro_batches(n_examples: int, batch_size: int, seed: int, epoch: int,
+                  lengths: torch.Tensor | None = None) -> list[torch.Tensor]:  # fmt: skip
+    """The epoch's micro-batches of example indices: a permutation fixed by seed and epoch alone.
+
+    With `lengths` (examples of different lengths, padded per batch) the batches are length-bucketed:
+    the permutation is cut into windows of BUCKET_BATCHES batches, each window sorted by length and
+    split, and the batches shuffled again. Every example is still seen once an epoch, and a batch
+    holds examples of similar length, so less of it is padding.
+    """
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n_examples, generator=generator)
+    if lengths is None:
+        return list(order.split(batch_size))
+    batches: list[torch.Tensor] = []
+    for window in order.split(batch_size * BUCKET_BATCHES):
+        by_length = window[torch.argsort(lengths[window], stable=True)]
+        batches.extend(by_length.split(batch_size))
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def planned_steps(n_examples: int, params: TrainingParams, description: str = "training") -> int:
+    """Optimizer steps of the run: `epochs` passes, more on small data (up to min_steps), never over max_steps.
+
+    A fixed number of passes starves small data: 600 rows in batches of 32 make 19 steps an epoch, too
+    few for a new head to move off the majority class. Early stopping still ends a run that overfits.
+    """
+    per_epoch = (math.ceil(n_examples / params.batch_size)) // params.grad_accumulation
+    if per_epoch == 0:
+        raise ValueError(f"{description}: {n_examples} examples fill no optimizer step; lower batch_size")
+    return min(params.max_steps, max(per_epoch * params.epochs, params.min_steps))
 
 
 def model_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -135,20 +174,19 @@ def train(
     description: str,
     device: torch.device | None = None,
     loss_of: LossFn | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train `model` in place; resume from the newest checkpoint of this run if there is one.
 
     The model ends with the weights that had the best validation loss. `loss_of(model, batch)`
-    replaces `model(**batch).loss` where the objective has a cheaper way to the same number.
+    replaces `model(**batch).loss` where the objective has a cheaper way to the same number;
+    `lengths` (tokens of each example) turns on length-bucketed batches (micro_batches).
     """
     loss_of = loss_of or model_loss
     device = device or pick_device()
     model.to(device)
     n_examples = min(n_examples, params.max_train_samples or n_examples)
-    per_epoch = (math.ceil(n_examples / params.batch_size)) // params.grad_accumulation
-    if per_epoch == 0:
-        raise ValueError(f"{description}: {n_examples} examples fill no optimizer step; lower batch_size")
-    total_steps = min(params.max_steps, per_epoch * params.epochs)
+    total_steps = planned_steps(n_examples, params, description)
     optimizer = make_optimizer(model, params)
     scheduler = make_scheduler(optimizer, params, total_steps)
     batch_generator = torch.Generator().manual_seed(seed)
@@ -167,25 +205,27 @@ def train(
     best_path = checkpoint_dir / f"best-{run_fingerprint}.safetensors"
 
     started = time.perf_counter()
-    window_loss, window_tokens, window_started = 0.0, 0, time.perf_counter()
+    window_loss: torch.Tensor | float = 0.0
+    window_tokens, window_started = 0, time.perf_counter()
     bar = tqdm(total=total_steps, initial=state["step"], desc=description, unit="step", file=sys.stderr,
                dynamic_ncols=True, mininterval=1.0)  # fmt: skip
     with bar:
         while state["step"] < total_steps and not state["stopped_early"]:
-            batches = micro_batches(n_examples, params.batch_size, seed, state["epoch"])
+            batches = micro_batches(n_examples, params.batch_size, seed, state["epoch"], lengths)
             usable = len(batches) // params.grad_accumulation * params.grad_accumulation
             while state["micro"] < usable and state["step"] < total_steps and not state["stopped_early"]:
                 model.train()
                 for _ in range(params.grad_accumulation):
-                    batch = {k: v.to(device) for k, v in make_batch(batches[state["micro"]], batch_generator).items()}
+                    batch = make_batch(batches[state["micro"]], batch_generator)
+                    tokens = count_tokens(batch)  # on the host, before the copy: no wait for the device
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     with autocast(params.precision, device):
                         loss = loss_of(model, batch) / params.grad_accumulation
                     loss.backward()
                     state["micro"] += 1
-                    tokens = count_tokens(batch)
                     state["tokens"] += tokens
                     window_tokens += tokens
-                    window_loss += float(loss.detach())
+                    window_loss = window_loss + loss.detach()  # a device tensor: read only when logged
                 torch.nn.utils.clip_grad_norm_(model.parameters(), params.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
@@ -198,7 +238,7 @@ def train(
                     steps_in_window = params.log_every if step % params.log_every == 0 else step % params.log_every
                     elapsed = max(time.perf_counter() - window_started, 1e-9)
                     metrics = {
-                        "train_loss": window_loss / steps_in_window,
+                        "train_loss": float(window_loss) / steps_in_window,
                         "learning_rate": scheduler.get_last_lr()[0],
                         "tokens_per_second": window_tokens / elapsed,
                     }

@@ -8,7 +8,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from lmforge.schema import TrainingParams
-from lmforge.training import make_scheduler, train
+from lmforge.training import make_scheduler, micro_batches, planned_steps, train
 
 
 class Recording(BertForMaskedLM):
@@ -37,7 +37,7 @@ def batches(indices: torch.Tensor, generator: torch.Generator) -> dict[str, torc
 def run(precision: str, tmp_path: Path) -> tuple[Recording, float]:
     model = tiny_model()
     params = TrainingParams(max_steps=4, batch_size=4, eval_every=2, checkpoint_every=2, log_every=2,
-                            precision=precision)  # fmt: skip
+                            precision=precision, learning_rate=5e-4)  # fmt: skip
     evaluate = lambda m: float(m(**batches(torch.arange(8), torch.Generator())).loss)  # noqa: E731
     result = train(model, 32, batches, evaluate, params, 0, tmp_path / precision, precision, lambda *_: None,
                    precision, torch.device("cpu"))  # fmt: skip
@@ -77,3 +77,25 @@ def test_auto_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch:
     assert not torch.is_autocast_enabled("cpu")
     with training.autocast("auto", cpu):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def padding(batches: list[torch.Tensor], lengths: torch.Tensor) -> int:
+    return sum(int(lengths[batch].max() * len(batch) - lengths[batch].sum()) for batch in batches)
+
+
+def test_length_bucketing_sees_every_example_once_and_pads_less():
+    lengths = torch.randint(5, 200, (3000,), generator=torch.Generator().manual_seed(0))
+    plain = micro_batches(3000, 32, seed=1, epoch=0)
+    bucketed = micro_batches(3000, 32, seed=1, epoch=0, lengths=lengths)
+    assert sorted(torch.cat(bucketed).tolist()) == list(range(3000))
+    assert padding(bucketed, lengths) < 0.2 * padding(plain, lengths)
+    assert [b.tolist() for b in bucketed] == [b.tolist() for b in micro_batches(3000, 32, 1, 0, lengths)]
+    assert [b.tolist() for b in bucketed] != [b.tolist() for b in micro_batches(3000, 32, 1, 1, lengths)]
+
+
+def test_small_data_gets_min_steps_and_large_data_stops_at_max_steps():
+    params = TrainingParams(max_steps=300, epochs=2, batch_size=32, min_steps=200)
+    assert planned_steps(600, params) == 200  # 19 steps an epoch: 38 would starve the new head
+    assert planned_steps(100_000, params) == 300
+    assert planned_steps(600, params.model_copy(update={"min_steps": 0})) == 38
+    assert planned_steps(600, params.model_copy(update={"max_steps": 50})) == 50
