@@ -52,7 +52,7 @@ def scale_raw(raw: Path, out: Path, factor: int) -> None:
 
 def preprocess(raw: Path, validation: Path, out: Path) -> dict:
     started = time.perf_counter()
-    subprocess.run(
+    result = subprocess.run(
         [
             sys.executable,
             "-m",
@@ -65,13 +65,15 @@ def preprocess(raw: Path, validation: Path, out: Path) -> dict:
             str(validation),
             "--out",
             str(out / "processed"),
-            "--metrics",
+            "--report",
             str(out / "stats.json"),
         ],
         cwd=REPO,
-        check=True,
         capture_output=True,
+        text=True,
     )
+    if result.returncode != 0:
+        raise SystemExit(f"preprocess failed on {raw}: {result.stderr.strip().splitlines()[-1:]}")
     stats = json.loads((out / "stats.json").read_text())
     stats["wall_seconds"] = round(time.perf_counter() - started, 2)
     return stats
