@@ -8,7 +8,7 @@ of preprocess.batch_size, nothing written): packing's seconds over that is what 
 tokenizing. Prints a table and writes bench/results/preprocess_memory.json. Streaming means the
 peak RSS stays near flat as the corpus grows.
 
-    python bench/preprocess_memory.py [--factors 1 4 16]
+    python -m bench.preprocess_memory [--factors 1 4 16]
 """
 
 from __future__ import annotations
