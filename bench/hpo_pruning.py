@@ -2,9 +2,9 @@
 
 Runs the smoke data stages and a smoke encoder into a temporary folder, then the optimize stage
 twice on it, same seed, same number of trials and steps per trial: once with `optimize.pruner`
-median (the default), once with none. Counts the training steps every trial ran (its evaluations
+median (the default; --pruner hyperband), once with none. Counts the training steps every trial ran (its evaluations
 x eval_every) and the steps until the study's best value was first reached. Prints a table and
-writes bench/results/hpo_pruning.json.
+writes bench/results/hpo_pruning_<pruner>.json.
 
     python -m bench.hpo_pruning [--trials 24] [--max-steps 60] [--eval-every 10]
 """
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=24)
     parser.add_argument("--max-steps", type=int, default=60)
     parser.add_argument("--eval-every", type=int, default=10)
+    parser.add_argument("--pruner", default="median", help="optimize.pruner to set against none")
     args = parser.parse_args()
     commands = dvc_commands(REPO)
     rows = []
@@ -74,7 +75,7 @@ def main() -> None:
         data_params = parse_params(smoke)
         for address in ("ingest", "validate", "preprocess", "pretrain@encoder", "finetune@sentiment"):
             run_stage(address, data_params, root, commands)
-        for pruner in ("median", "none"):
+        for pruner in (args.pruner, "none"):
             storage = f"sqlite:///{root / f'optuna-{pruner}.db'}"
             params = parse_params(deep_merge(smoke, {"optimize": {
                 "pruner": pruner, "storage": storage, "n_trials": {"sentiment": args.trials},
@@ -92,7 +93,7 @@ def main() -> None:
     print(f"the pruner saved {saved:.0%} of the trial steps; best value {pruned['best_value']:.4f} against "
           f"{plain['best_value']:.4f} without it")  # fmt: skip
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "hpo_pruning.json").write_text(json.dumps(
+    (RESULTS / f"hpo_pruning_{args.pruner}.json").write_text(json.dumps(
         {"machine": describe(), "trials": args.trials, "max_steps": args.max_steps, "eval_every": args.eval_every,
          "rows": rows, "steps_saved": saved}, indent=2) + "\n")  # fmt: skip
 
