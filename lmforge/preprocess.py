@@ -137,8 +137,8 @@ def summary(report: PreprocessReport, paths: PreprocessPaths) -> str:
         unknown = splits["train"].get("unknown_fraction", 0.0)
         if unknown > UNKNOWN_WARNING:  # e.g. a script the corpus never showed the tokenizer
             lines.append(f"preprocess: warning: {unknown:.1%} of {dataset}'s train tokens are {UNK}: the tokenizer "
-                         f"barely covers its text; set ingest.datasets.{dataset}.in_corpus: true (or "
-                         f"preprocess.tokenizer.kind: bpe)")  # fmt: skip
+                         f"barely covers its text; keep ingest.datasets.{dataset}.in_corpus: true, raise "
+                         f"preprocess.tokenizer.vocab_size, or use preprocess.tokenizer.kind: bpe")  # fmt: skip
     lines.append(f"preprocess: wrote {paths.out} in {report.seconds}s, peak RSS {report.peak_rss_mb} MB")
     return "\n".join(lines)
 

@@ -131,3 +131,18 @@ def test_bad_task_or_base_gives_one_line(smoke_models: SmokeRun, tmp_path: Path,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr[-1500:]
     assert not (tmp_path / "out").exists()
+
+
+def test_class_weights_only_where_classes_are_skewed():
+    from lmforge.finetune import class_weights
+    from lmforge.schema import FinetuneTask
+
+    task = FinetuneTask(dataset="d", kind="classification", base="pretrained:encoder")
+    skewed = [{"label": 0}] * 90 + [{"label": 1}] * 10
+    weights = class_weights(task, ["big", "small"], skewed)
+    assert weights is not None and weights.tolist() == pytest.approx([100 / (2 * 90), 100 / (2 * 10)])
+    assert class_weights(task, ["a", "b"], [{"label": 0}] * 60 + [{"label": 1}] * 40) is None  # 1.5x: not skewed
+    assert class_weights(task.model_copy(update={"class_weights": "none"}), ["big", "small"], skewed) is None
+    balanced = class_weights(task.model_copy(update={"class_weights": "balanced"}), ["a", "b"],
+                             [{"label": 0}] * 50 + [{"label": 1}] * 50)  # fmt: skip
+    assert balanced is not None and balanced.tolist() == [1.0, 1.0]

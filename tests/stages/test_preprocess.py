@@ -44,3 +44,26 @@ def test_preprocess_refuses_a_validation_report_of_another_test_split(smoke_run:
         paths = PreprocessPaths(smoke_run.raw, validation, out, tmp_path / "m.json")
         preprocess.run(smoke_run.params.preprocess, paths)
     assert (out / "keep.txt").read_text() == "earlier output"  # written aside, never swapped in
+
+
+def test_a_dataset_in_a_script_the_tokenizer_never_saw_is_warned_about(smoke_run: SmokeRun, tmp_path: Path):
+    import pandas as pd
+    from tokenizers import Tokenizer
+
+    from lmforge.artifacts import PreprocessReport
+    from lmforge.tokenization import tokenize_split
+
+    source = tmp_path / "train.parquet"
+    pd.DataFrame({"text": ["привет как дела", "где мой заказ"] * 5, "label": ["a", "b"] * 5}).to_parquet(source)
+    tokenizer = Tokenizer.from_file(str(smoke_run.processed / "tokenizer" / "tokenizer.json"))
+    stats = tokenize_split(tokenizer, "classification", source, tmp_path / "out.parquet", ["a", "b"], 100)
+    assert stats["unknown_fraction"] > 0.5  # every Cyrillic word is [UNK] to a tokenizer of Chinese reviews
+
+    report = PreprocessReport.read(smoke_run.root / "reports" / "preprocess.json")
+    paths = PreprocessPaths(smoke_run.raw, smoke_run.validation, smoke_run.processed, tmp_path / "report.json")
+    warned = report.model_copy(update={"tasks": {**report.tasks, "orders": {"train": stats}}})
+    lines = preprocess.summary(warned, paths).splitlines()
+    (line,) = [line for line in lines if "warning" in line and "orders" in line]
+    assert "ingest.datasets.orders.in_corpus" in line and "preprocess.tokenizer.vocab_size" in line
+    covered = report.model_copy(update={"tasks": {"orders": {"train": {**stats, "unknown_fraction": 0.01}}}})
+    assert "warning" not in preprocess.summary(covered, paths)
