@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,8 +295,8 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
     weights = class_weights(task, data.labels, data.train)
     loss_of = model_loss if weights is None else weighted_loss(weights)
     if weights is not None:
-        share = {label: 1 / (len(data.labels) * w) for label, w in zip(data.labels, weights.tolist(), strict=True)}
-        shares = ", ".join(f"{label} {value:.1%}" for label, value in share.items())
+        counts = Counter(row["label"] for row in data.train)
+        shares = ", ".join(f"{label} {counts[i] / len(data.train):.1%}" for i, label in enumerate(data.labels))
         print(f"finetune {name}: classes skewed in train ({shares}): loss weighted by the inverse share "
               f"(finetune.tasks.{name}.class_weights: {task.class_weights})", file=sys.stderr)  # fmt: skip
 
@@ -312,7 +313,7 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
         training, seed, paths.checkpoints, run_fingerprint,
         log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
         description=f"finetune {name} ({task.kind}, {task.method})", device=pick_device(), loss_of=loss_of,
-        lengths=torch.tensor([len(row["input_ids"]) for row in data.train[: training.max_train_samples]]),
+        lengths=torch.tensor([len(row["input_ids"]) for row in data.train]),  # read_rows applied max_train_samples
     )  # fmt: skip
     if task.method == "lora":
         model = cast(Any, model).merge_and_unload()  # a plain model: evaluate and serving need no peft

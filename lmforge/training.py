@@ -88,6 +88,8 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 def make_optimizer(model: nn.Module, params: TrainingParams) -> torch.optim.AdamW:
     """AdamW with weight decay on weight matrices only (not on biases, norms or 1-d parameters)."""
+    if params.learning_rate is None:
+        raise ValueError("learning_rate: resolve the recipe's (with_learning_rate) before training")
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for parameter in model.parameters():
@@ -97,8 +99,6 @@ def make_optimizer(model: nn.Module, params: TrainingParams) -> torch.optim.Adam
     # The fused kernel updates every parameter in one pass (CPU and CUDA); torch's default on CPU is a
     # Python loop over the parameters, one small op after another.
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
-    if params.learning_rate is None:
-        raise ValueError("learning_rate: resolve the recipe's (with_learning_rate) before training")
     return torch.optim.AdamW(groups, lr=params.learning_rate, fused=fused or None)
 
 
