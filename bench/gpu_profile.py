@@ -72,7 +72,7 @@ def main() -> None:
         result = train(model, len(blocks), batch_maker("mlm", blocks, ids, params.pretrain.mlm_probability),
                        lambda m: 0.0, loop, 0, Path(folder), "bench", log=lambda metrics, step: None,
                        description="gpu profile encoder", device=device, loss_of=masked_lm_loss)  # fmt: skip
-    tokens_per_s = result.tokens / result.seconds
+    tokens_per_s = result.tokens_per_second
     achieved = tokens_per_s * flops_per_token(model, vocab, arch.layers, arch.hidden_size, length,
                                               params.pretrain.mlm_probability)  # fmt: skip
     peak = matmul_peak(device, 8192 if device.type == "cuda" else 1024)

@@ -99,7 +99,7 @@ def lmforge_loop(steps: int, precision: str, loss_of: Callable) -> float:
     with tempfile.TemporaryDirectory() as folder:
         result = train(model, len(data), make_batch, lambda m: 0.0, params, 0, Path(folder), "bench",
                        log=lambda metrics, step: None, description="bench", loss_of=loss_of)  # fmt: skip
-    return result.tokens / result.seconds
+    return result.tokens_per_second
 
 
 def hf_trainer(steps: int, precision: str) -> float:

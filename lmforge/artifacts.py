@@ -247,6 +247,7 @@ class TaskMeta(Artifact):
     method: str
     lora: LoraParams
     prompt_chars: int
+    prompt_loss: bool = False
     class_weights: str = "none"
     training: TrainingParams
     base_resolved: str
@@ -254,6 +255,7 @@ class TaskMeta(Artifact):
     dropout: float | None
     labels: list[str]
     max_length: int
+    word_start_types: bool = False  # token classification: token_type_ids mark each word's first piece
     test_sha256: str  # the frozen split when it was fine-tuned: evaluate refuses another
     finetune_run_id: str | None
     optuna_study: str | None = None

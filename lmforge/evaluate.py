@@ -214,6 +214,11 @@ def log_pyfunc(model_dir: Path, served_model: TaskModel | Baseline, example: str
     # A generation request may set how far to continue: the signature declares it, or MLflow drops it.
     request_params = {"max_new_tokens": MAX_NEW_TOKENS} if served_model.kind == "generation" else None
     signature = infer_signature(input_example, served.predict(None, input_example), params=request_params)
+    if served_model.kind == "token_classification":  # raw text, or the words of a segmented sentence
+        from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+        signature.inputs = Schema([ColSpec(DataType.string, "text", required=False),
+                                   ColSpec(Array(DataType.string), "words", required=False)])  # fmt: skip
     # Public versions only: "torch==2.13.0+cpu" exists on no index but PyTorch's CPU one, while
     # "torch==2.13.0" matches the CPU build there and the CUDA build on PyPI (PEP 440 local versions).
     requirements = [f"{name}=={metadata.version(name).split('+')[0]}" for name in

@@ -86,16 +86,19 @@ def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
 
 
 def generation_rows(raw_split: Path, tokenizer: PreTrainedTokenizerBase, prompt_chars: int, max_length: int,
-                    limit: int | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """`[CLS] prompt [SEP] continuation [SEP]`: the loss covers the continuation only."""
+                    limit: int | None = None, prompt_loss: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """`[CLS] prompt [SEP] continuation [SEP]`: the loss covers the continuation (and the prompt's own
+    tokens with prompt_loss: never [CLS] or the [SEP] between them, which the model is given)."""
     texts = [text for text in pq.read_table(raw_split, columns=["text"]).column("text").to_pylist()
              if len(text) > prompt_chars]  # fmt: skip
     texts = texts[:limit] if limit else texts
     encoded = tokenizer([t[:prompt_chars] for t in texts], [t[prompt_chars:] for t in texts], truncation="only_second",
                         max_length=max_length, return_token_type_ids=True)  # fmt: skip
+    special = set(tokenizer.all_special_ids)
     rows = []
     for input_ids, types in zip(encoded["input_ids"], encoded["token_type_ids"], strict=True):
-        labels = [token if kind == 1 else IGNORE_INDEX for token, kind in zip(input_ids, types, strict=True)]
+        labels = [token if kind == 1 or (prompt_loss and token not in special) else IGNORE_INDEX
+                  for token, kind in zip(input_ids, types, strict=True)]  # fmt: skip
         rows.append({"input_ids": input_ids, "labels": labels})
     return rows
 
@@ -106,8 +109,9 @@ def load_task_data(task: FinetuneTask, name: str, base_is_ours: bool, tokenizer:
     limits = {"train": task.training.max_train_samples, "val": task.training.max_eval_samples}
     if task.kind == "generation":
         return TaskData(
-            **{split: generation_rows(dataset_dir / f"{split}.parquet", tokenizer, task.prompt_chars,
-                                      max_length, limits[split]) for split in ("train", "val")},
+            **{split: generation_rows(dataset_dir / f"{split}.parquet", tokenizer, task.prompt_chars, max_length,
+                                      limits[split], prompt_loss=task.prompt_loss and split == "train")
+               for split in ("train", "val")},
             labels=[],
         )  # fmt: skip
     task_dir = tasks_dir / task.dataset
@@ -141,6 +145,11 @@ def collate(rows: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[i, : len(row["input_ids"])] = torch.tensor(row["input_ids"])
         attention[i, : len(row["input_ids"])] = 1
     batch = {"input_ids": input_ids, "attention_mask": attention}
+    if "token_type_ids" in rows[0]:
+        types = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            types[i, : len(row["token_type_ids"])] = torch.tensor(row["token_type_ids"])
+        batch["token_type_ids"] = types
     if "label" in rows[0]:
         batch["labels"] = torch.tensor([row["label"] for row in rows], dtype=torch.long)
     else:
@@ -168,6 +177,17 @@ def mean_loss(model: torch.nn.Module, rows: list[dict[str, Any]], pad_id: int, b
         total += float(loss_of(model, batch)) * len(chunk)
         count += len(chunk)
     return total / max(count, 1)
+
+
+def marks_word_starts(task: FinetuneTask, model: PreTrainedModel) -> bool:
+    """Token classification on a base with two token types gets each word's first piece marked."""
+    return task.kind == "token_classification" and getattr(model.config, "type_vocab_size", 0) >= 2
+
+
+def add_word_starts(rows: list[dict[str, Any]]) -> None:
+    """token_type_ids from the labels: a word's first piece is exactly the piece that carries its tag."""
+    for row in rows:
+        row["token_type_ids"] = [int(label != IGNORE_INDEX) for label in row["labels"]]
 
 
 def recipe_learning_rate(task: FinetuneTask, base_is_ours: bool) -> float:
@@ -281,12 +301,15 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
     data = load_task_data(task, name, base_is_ours, tokenizer, paths.dataset, paths.tasks, paths.checkpoints,
                           max_length)  # fmt: skip
     model = build_task_model(task, name, base, data.labels, tokenizer, seed, dropout)
+    word_start_types = marks_word_starts(task, model)
+    if word_start_types:
+        add_word_starts(data.train + data.val)
     manifest = Manifest.of(paths.dataset)
     training = with_learning_rate(task.training, recipe_learning_rate(task, base_is_ours))
     task = task.model_copy(update={"training": training})  # the resolved rate travels with the model
     pad = tokenizer.pad_token_id
     resolved = {"task": name, **task.model_dump(), "base_resolved": base, "seed": seed, "dropout": dropout,
-                "labels": data.labels, "max_length": max_length}  # fmt: skip
+                "labels": data.labels, "max_length": max_length, "word_start_types": word_start_types}  # fmt: skip
     # The base's weights and tokenizer too: after new data re-trains the base (or its vocabulary), a
     # checkpoint fine-tuned from the old one must not be resumed.
     base_files = files_sha256(Path(base), "*.safetensors", "tokenizer.json") if Path(base).is_dir() else {}
@@ -323,7 +346,7 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
         val_perplexity=math.exp(min(result.best_eval_loss, 50)) if task.kind == "generation" else None,
         steps=result.steps,
         train_examples=len(data.train),
-        tokens_per_second=round(result.tokens / max(result.seconds, 1e-9)),
+        tokens_per_second=round(result.tokens_per_second),
         seconds=result.seconds,
         stopped_early=result.stopped_early,
         resumed_from_step=result.resumed_from_step,

@@ -25,6 +25,7 @@ from transformers import (
 
 import lmforge.models  # noqa: F401  registers the LSTM with the Auto classes
 from lmforge.artifacts import TaskMeta
+from lmforge.tokenization import word_starts
 
 AUTO_BY_KIND = {
     "classification": AutoModelForSequenceClassification,
@@ -91,6 +92,8 @@ def word_tags(tm: TaskModel, sentences: list[list[str]], batch_size: int = 64) -
                                padding=True, return_tensors="pt")  # fmt: skip
         word_ids = [encoded.word_ids(i) for i in range(len(chunk))]
         encoded.pop("token_type_ids", None)
+        if tm.meta.word_start_types:  # the segmentation the model was trained with (finetune.add_word_starts)
+            encoded["token_type_ids"] = torch.tensor([word_starts(ids) for ids in word_ids])
         best = tm.model(**encoded).logits.argmax(-1).numpy()
         for i, words in enumerate(chunk):
             tags = ["O"] * len(words)

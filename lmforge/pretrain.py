@@ -243,7 +243,7 @@ def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
             steps=result.steps,
             tokens=result.tokens,
             seconds=result.seconds,
-            tokens_per_second=round(result.tokens / max(result.seconds, 1e-9)),
+            tokens_per_second=round(result.tokens_per_second),
             n_parameters=count_parameters(model),
             stopped_early=result.stopped_early,
             resumed_from_step=result.resumed_from_step,

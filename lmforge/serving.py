@@ -4,7 +4,9 @@ The artifact `model_dir` is a fine-tuned model folder (safetensors) or a baselin
 (lmforge/baselines.py: JSON and safetensors). `mlflow.pyfunc.load_model(uri).predict(pd.DataFrame(
 {"text": [...]}))` answers the same way for both, by task kind:
 - classification:        label, score (the label's probability)
-- token_classification:  words, tags (one tag per word; CJK characters are words of their own)
+- token_classification:  words, tags (one tag per word; a "words" column of word lists gives the
+                         segmentation, as the test split has it; from "text", CJK characters are words
+                         of their own)
 - generation:            continuation (greedy, up to the request's params={"max_new_tokens": n}, default 24)
 """
 
@@ -17,6 +19,15 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 MAX_NEW_TOKENS = 24
+
+
+def _words(model_input) -> list[list[str]]:
+    """The request's word lists: its "words" column, else its texts split into words."""
+    from lmforge.inference import split_words
+
+    if isinstance(model_input, pd.DataFrame) and "words" in model_input.columns:
+        return [[str(word) for word in words] for words in model_input["words"]]
+    return [split_words(text) for text in _texts(model_input)]
 
 
 def _texts(model_input) -> list[str]:
@@ -40,28 +51,27 @@ class LmforgeTextModel(PythonModel):
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
         from lmforge.baselines import MajorityTag, NgramLM, TfidfLogReg
-        from lmforge.inference import class_probabilities, generate, split_words, word_tags
+        from lmforge.inference import class_probabilities, generate, word_tags
 
         tm = self.task_model
-        texts = _texts(model_input)
+        if isinstance(tm, MajorityTag):
+            words = _words(model_input)
+            return pd.DataFrame({"words": words, "tags": tm.predict(words)})
         if isinstance(tm, TfidfLogReg):
-            probs = tm.probabilities(texts)
+            probs = tm.probabilities(_texts(model_input))
             best = probs.argmax(axis=1)
             return pd.DataFrame({"label": [tm.labels[i] for i in best], "score": probs.max(axis=1).astype(float)})
         new_tokens = int((params or {}).get("max_new_tokens", MAX_NEW_TOKENS))
         if isinstance(tm, NgramLM):
-            return pd.DataFrame({"continuation": tm.generate(texts, new_tokens)})
-        if isinstance(tm, MajorityTag):
-            words = [split_words(text) for text in texts]
-            return pd.DataFrame({"words": words, "tags": tm.predict(words)})
+            return pd.DataFrame({"continuation": tm.generate(_texts(model_input), new_tokens)})
+        if tm.kind == "token_classification":
+            words = _words(model_input)
+            return pd.DataFrame({"words": words, "tags": word_tags(tm, words)})
         if tm.kind == "classification":
-            probs = class_probabilities(tm, texts)
+            probs = class_probabilities(tm, _texts(model_input))
             best = probs.argmax(axis=1)
             return pd.DataFrame({"label": [tm.labels[i] for i in best], "score": probs.max(axis=1).astype(float)})
-        if tm.kind == "token_classification":
-            words = [split_words(text) for text in texts]
-            return pd.DataFrame({"words": words, "tags": word_tags(tm, words)})
-        return pd.DataFrame({"continuation": generate(tm, texts, new_tokens)})
+        return pd.DataFrame({"continuation": generate(tm, _texts(model_input), new_tokens)})
 
 
 mlflow.models.set_model(LmforgeTextModel())

@@ -261,6 +261,21 @@ def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int
     return labels
 
 
+def word_starts(word_ids: list[int | None]) -> list[int]:
+    """1 on the first piece of each word, 0 on continuation pieces and special tokens.
+
+    Fed as token_type_ids to a token-classification model with two token types: it is the word
+    segmentation the input came with (People's Daily's words are runs of CJK characters, which the
+    tokenizer splits into one token each, so without it the model cannot tell where a word starts).
+    """
+    marks = []
+    previous = None
+    for word in word_ids:
+        marks.append(0 if word is None or word == previous else 1)
+        previous = word
+    return marks
+
+
 def label_ids(values: list[str], index: dict[str, int], where: str) -> list[int]:
     try:
         return [index[value] for value in values]

@@ -41,9 +41,14 @@ class TrainResult:
     final_eval_loss: float
     stopped_early: bool
     resumed_from_step: int | None
-    tokens: int
-    seconds: float
+    tokens: int  # trained on in all, resumed runs included
+    seconds: float  # of this process
+    tokens_this_run: int = 0  # trained on by this process: a resumed run's speed counts only these
     history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens_this_run / self.seconds if self.seconds > 0 else 0.0
 
 
 def pick_device() -> torch.device:
@@ -210,7 +215,7 @@ def train(
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     best_path = checkpoint_dir / f"best-{run_fingerprint}.safetensors"
 
-    started = time.perf_counter()
+    started, tokens_at_start = time.perf_counter(), state["tokens"]
     window_loss: torch.Tensor | float = 0.0
     window_tokens, window_started = 0, time.perf_counter()
     bar = tqdm(total=total_steps, initial=state["step"], desc=description, unit="step", file=sys.stderr,
@@ -273,6 +278,7 @@ def train(
         resumed_from_step=resumed_from,
         tokens=state["tokens"],
         seconds=round(time.perf_counter() - started, 2),
+        tokens_this_run=state["tokens"] - tokens_at_start,
         history=state["history"],
     )
 

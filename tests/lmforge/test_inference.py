@@ -33,7 +33,7 @@ from lmforge.inference import (
     word_tags,
 )
 from lmforge.schema import LoraParams, TokenizerParams, TrainingParams
-from lmforge.tokenization import save_hf_tokenizer, train_tokenizer
+from lmforge.tokenization import save_hf_tokenizer, train_tokenizer, word_starts
 
 MAX_LENGTH = 16  # the models' position embeddings too: anything longer must be truncated away
 CORPUS = "你好世界\n今天天气很好\n中文\nabc def\n"
@@ -95,7 +95,8 @@ def vocab(tokenizer_dir: Path) -> dict[str, int]:
     return AutoTokenizer.from_pretrained(str(tokenizer_dir)).get_vocab()
 
 
-def save_task_model(folder: Path, model: PreTrainedModel, tokenizer_dir: Path, kind: str, labels: list[str]) -> Path:
+def save_task_model(folder: Path, model: PreTrainedModel, tokenizer_dir: Path, kind: str, labels: list[str],
+                    word_start_types: bool = False) -> Path:  # fmt: skip
     """A models/finetuned/<task> folder as finetune writes it: safetensors, tokenizer, lmforge_task.json."""
     from transformers import AutoTokenizer
 
@@ -104,7 +105,7 @@ def save_task_model(folder: Path, model: PreTrainedModel, tokenizer_dir: Path, k
     TaskMeta(
         task="t", dataset="d", kind=kind, base="pretrained:encoder", method="full", lora=LoraParams(), prompt_chars=3,
         training=TrainingParams(), base_resolved="models/pretrained/encoder", seed=0, dropout=None, labels=labels,
-        max_length=MAX_LENGTH, test_sha256="0" * 64, finetune_run_id=None,
+        max_length=MAX_LENGTH, word_start_types=word_start_types, test_sha256="0" * 64, finetune_run_id=None,
     ).write(folder / "lmforge_task.json")  # fmt: skip
     return folder
 
@@ -206,6 +207,29 @@ def test_a_multi_token_word_takes_the_tag_of_its_first_token(tagger: TaskModel):
     word = next((word for word in candidates if token_tags(word)[0] != token_tags(word)[-1]), None)
     assert word is not None, "no candidate word has tokens tagged differently by this model"
     assert word_tags(tagger, [[word]]) == [[token_tags(word)[0]]]
+
+
+def test_a_tagger_trained_with_word_starts_sees_the_words_segmentation(tokenizer_dir: Path, tmp_path: Path):
+    torch.manual_seed(0)
+    model = BertForTokenClassification(bert_config(tokenizer_dir, len(TAGS)))
+    with torch.no_grad():  # token type 1 (a word's first piece) weighs as much as the token itself
+        model.bert.embeddings.token_type_embeddings.weight[1].normal_(std=5.0)
+    tm = load_task_model(save_task_model(tmp_path, model, tokenizer_dir, "token_classification", TAGS, True))
+    sentences = [["今天", "天气", "很好"], ["今", "天天", "气很好"], ["abc", "def"]]
+
+    def first_piece_tags(token_types: bool) -> list[list[str]]:
+        encoded = tm.tokenizer(sentences, is_split_into_words=True, padding=True, return_tensors="pt")
+        types = torch.tensor([word_starts(encoded.word_ids(i)) for i in range(len(sentences))])
+        assert types[0].tolist()[:8] == [0, 1, 0, 1, 0, 1, 0, 0]  # [CLS] 今 天 天 气 很 好 [SEP]
+        with torch.no_grad():
+            best = tm.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"],
+                            token_type_ids=types if token_types else None).logits.argmax(-1)  # fmt: skip
+        return [[TAGS[int(best[i, encoded.word_ids(i).index(w)])] for w in range(len(words))]
+                for i, words in enumerate(sentences)]  # fmt: skip
+
+    assert first_piece_tags(token_types=True) != first_piece_tags(token_types=False)  # the marks matter here
+    assert word_tags(tm, sentences) == first_piece_tags(token_types=True)
+    assert word_tags(tm, sentences, batch_size=1) == first_piece_tags(token_types=True)
 
 
 @pytest.fixture(scope="module")

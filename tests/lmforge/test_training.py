@@ -8,7 +8,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from lmforge.schema import TrainingParams
-from lmforge.training import make_scheduler, micro_batches, planned_steps, train
+from lmforge.training import TrainResult, make_scheduler, micro_batches, planned_steps, train
 
 
 class Recording(BertForMaskedLM):
@@ -99,3 +99,19 @@ def test_small_data_gets_min_steps_and_large_data_stops_at_max_steps():
     assert planned_steps(100_000, params) == 300
     assert planned_steps(600, params.model_copy(update={"min_steps": 0})) == 38
     assert planned_steps(600, params.model_copy(update={"max_steps": 50})) == 50
+
+
+def test_a_resumed_run_measures_its_speed_on_the_tokens_it_trained(tmp_path: Path):
+    params = TrainingParams(max_steps=4, batch_size=4, eval_every=2, checkpoint_every=2, log_every=2,
+                            precision="fp32", learning_rate=5e-4)  # fmt: skip
+    evaluate = lambda m: float(m(**batches(torch.arange(8), torch.Generator())).loss)  # noqa: E731
+
+    def train_to_the_end() -> TrainResult:
+        return train(tiny_model(), 32, batches, evaluate, params, 0, tmp_path, "same-run", lambda *_: None,
+                     "t", torch.device("cpu"))  # fmt: skip
+
+    first = train_to_the_end()
+    assert first.tokens == first.tokens_this_run == 4 * 4 * 12 and first.tokens_per_second > 0
+    again = train_to_the_end()  # resumes from the last checkpoint: nothing left to train
+    assert again.resumed_from_step == 4 and again.tokens == first.tokens
+    assert again.tokens_this_run == 0 and again.tokens_per_second == 0.0  # not tokens / ~0 s

@@ -74,6 +74,20 @@ def test_pyfunc_model_predicts_on_raw_text(evaluated: SmokeRun):
     assert all(len(text) <= len(longer) for text, longer in zip(shorter, answer["continuation"], strict=True))
 
 
+def test_a_tagger_takes_the_words_of_a_segmented_sentence(evaluated: SmokeRun):
+    """As the test split has them: tags come one per given word, and raw text still works."""
+    import mlflow
+
+    words = [["江", "泽民", "在", "北京市"], ["人民日报", "报道"]]
+    for uri_of in (Path("reports/evaluate/ner"), Path("reports/evaluate/ner/baseline")):
+        uri = json.loads((evaluated.root / uri_of / "model.json").read_text())["model_uri"]
+        served = mlflow.pyfunc.load_model(uri)
+        answer = served.predict(pd.DataFrame({"words": words}))
+        assert [list(sentence) for sentence in answer["words"]] == words
+        assert [len(tags) for tags in answer["tags"]] == [4, 2]
+        assert [list(w) for w in served.predict(pd.DataFrame({"text": ["江泽民"]}))["words"]] == [["江", "泽", "民"]]
+
+
 def test_the_ngram_baseline_is_scored_on_the_same_continuation_tokens(evaluated: SmokeRun):
     """Perplexities compare only over the same tokens: the gate's paired bootstrap needs them equal."""
     out = evaluated.root / "reports/evaluate/continuation"

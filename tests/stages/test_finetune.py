@@ -28,6 +28,25 @@ def test_each_task_writes_a_safetensors_model_that_describes_itself(smoke_models
         "test_sha256"]  # fmt: skip
     assert (out / "model.safetensors").is_file() and not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     assert [entry["step"] for entry in json.loads((out / "history.json").read_text())] == [5, 10]
+    assert meta["word_start_types"] == (kind == "token_classification")  # a BERT base has two token types
+
+
+def test_the_word_starts_trained_on_are_those_inference_marks(smoke_run: SmokeRun):
+    """finetune takes them from the labels, inference from the tokenizer's word ids: they must agree."""
+    import pandas as pd
+    from transformers import AutoTokenizer
+
+    from lmforge.finetune import add_word_starts, read_rows
+    from lmforge.tokenization import word_starts
+
+    rows = read_rows(smoke_run.processed / "tasks/people_daily/train.parquet", limit=50)
+    add_word_starts(rows)
+    tokenizer = AutoTokenizer.from_pretrained(str(smoke_run.processed / "tokenizer"))
+    sentences = pd.read_parquet(smoke_run.raw / "people_daily/train.parquet")["tokens"].head(50)
+    encoded = tokenizer([list(words) for words in sentences], is_split_into_words=True, truncation=True,
+                        max_length=smoke_run.params.preprocess.max_length)  # fmt: skip
+    assert any(0 in row["token_type_ids"][1:-1] for row in rows)  # some words are several pieces
+    assert [row["token_type_ids"] for row in rows] == [word_starts(encoded.word_ids(i)) for i in range(50)]
 
 
 def smoke_task(smoke_models: SmokeRun, **changes) -> object:
