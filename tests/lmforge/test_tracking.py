@@ -48,7 +48,9 @@ def test_stage_runs_nest_under_one_pipeline_run_with_their_tags(smoke_models: Sm
     assert "train_loss" in finetune.data.metrics and "val_loss" in finetune.data.metrics
     assert float(finetune.data.params["training.learning_rate"]) > 0
     history = mlflow.MlflowClient().get_metric_history(finetune.info.run_id, "train_loss")
-    assert [point.step for point in history] == [5, 10]
+    # Every log_every (5) steps to the run's last; other tests fine-tune sentiment in this pipeline too.
+    assert [point.step for point in history] == list(range(5, int(finetune.data.metrics["steps"]) + 1, 5))
+    assert len(history) >= 2
 
 
 def test_postgresql_advisory_lock_serialises_promotions(postgres_url: str, monkeypatch):
