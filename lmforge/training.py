@@ -43,7 +43,7 @@ class TrainResult:
     resumed_from_step: int | None
     tokens: int  # trained on in all, resumed runs included
     seconds: float  # of this process
-    tokens_this_run: int = 0  # trained on by this process: a resumed run's speed counts only these
+    tokens_this_run: int  # trained on by this process: a resumed run's speed counts only these
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property

@@ -49,6 +49,22 @@ def test_the_word_starts_trained_on_are_those_inference_marks(smoke_run: SmokeRu
     assert [row["token_type_ids"] for row in rows] == [word_starts(encoded.word_ids(i)) for i in range(50)]
 
 
+def test_prompt_loss_trains_on_the_prompts_own_tokens_too(smoke_run: SmokeRun):
+    from transformers import AutoTokenizer
+
+    from lmforge.finetune import generation_rows
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smoke_run.processed / "tokenizer"))
+    source, special = smoke_run.raw / "sentiment/train.parquet", set(tokenizer.all_special_ids)
+    plain, both = (generation_rows(source, tokenizer, 12, 64, limit=20, prompt_loss=flag) for flag in (False, True))
+    for a, b in zip(plain, both, strict=True):
+        assert a["input_ids"] == b["input_ids"]
+        sep = a["input_ids"].index(tokenizer.sep_token_id)  # [CLS] prompt [SEP] continuation [SEP]
+        assert a["labels"][: sep + 1] == [-100] * (sep + 1) and b["labels"][sep + 1 :] == a["labels"][sep + 1 :]
+        assert b["labels"][: sep + 1] == [t if t not in special else -100 for t in a["input_ids"][: sep + 1]]
+        assert any(label != -100 for label in b["labels"][1:sep])
+
+
 def smoke_task(smoke_models: SmokeRun, **changes) -> object:
     data = params_to_dict(smoke_models.params)
     data["finetune"]["tasks"]["sentiment"].update(changes)
