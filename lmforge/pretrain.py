@@ -204,7 +204,8 @@ def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
     ids = special_ids(tokenizer)
     train_blocks = read_blocks(paths.blocks / meta["train"]["file"], meta["train"]["dtype"], block_size)
     val_blocks = read_blocks(paths.blocks / meta["val"]["file"], meta["val"]["dtype"], block_size)
-    budget = {key: getattr(arch, key) for key in ("max_steps", "epochs") if getattr(arch, key) is not None}
+    own = ("max_steps", "epochs", "batch_size")  # the model's own budget, where it sets one
+    budget = {key: getattr(arch, key) for key in own if getattr(arch, key) is not None}
     training = with_learning_rate(params.training, RECIPE_LR["pretrain"]).model_copy(update=budget)
     n_val = min(len(val_blocks), training.max_eval_samples or len(val_blocks))
 

@@ -272,6 +272,26 @@ def word_starts(word_ids: list[int | None]) -> list[int]:
     return marks
 
 
+def window_overlap(max_length: int) -> int:
+    """Tokens two consecutive windows of a long word sequence share (the tokenizer's stride)."""
+    return max_length // 4
+
+
+def window_word_starts(windows: list[list[int | None]], overlap: int) -> list[list[int]]:
+    """word_starts for the consecutive windows of one word sequence (a tokenizer's overflowing encodings
+    with stride `overlap`). A window after the first may begin inside a word: that piece is no start."""
+    marks = []
+    before: list[int] = []  # the previous window's words, one per piece
+    for ids in windows:
+        window_marks = word_starts(ids)
+        pieces = [word for word in ids if word is not None]
+        if pieces and len(before) > overlap and before[-overlap - 1] == pieces[0]:
+            window_marks[ids.index(pieces[0])] = 0
+        marks.append(window_marks)
+        before = pieces
+    return marks
+
+
 def label_ids(values: list[str], index: dict[str, int], where: str) -> list[int]:
     try:
         return [index[value] for value in values]

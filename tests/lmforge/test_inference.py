@@ -184,13 +184,15 @@ def tagger(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Tas
     return load_task_model(folder)
 
 
-def test_word_tags_give_one_tag_per_word_and_o_past_the_truncation(tagger: TaskModel):
+def test_word_tags_give_one_tag_per_word_and_read_a_long_sentence_in_overlapping_windows(tagger: TaskModel):
     long = list("今天天气很好" * 3)  # 18 words; 16 positions hold [CLS] + 14 characters + [SEP]
-    sentences = [["今", "天"], ["abc", "def", "好"], long]
+    sentences = [["今", "天"], ["abc", "def", "好"], long, []]
     tags = word_tags(tagger, sentences)
-    assert [len(sentence) for sentence in tags] == [2, 3, 18]
-    assert all(tag in TAGS for tag in tags[0] + tags[1] + tags[2][:14])
-    assert tags[2][14:] == ["O"] * 4
+    assert [len(sentence) for sentence in tags] == [2, 3, 18, 0]
+    assert all(tag in TAGS for tag in tags[0] + tags[1] + tags[2])  # none left "O" by the truncation
+    # The second window overlaps the first by a quarter of the positions (4): it reads words 10-17,
+    # exactly as the sentence of those words alone, and is the only one to see words 14-17.
+    assert tags[2][14:] == word_tags(tagger, [long[10:]])[0][4:]
     assert word_tags(tagger, sentences, batch_size=1) == tags  # batching and padding change nothing
 
 

@@ -110,12 +110,13 @@ def test_open_study_on_an_unusable_storage_is_an_lmforge_error(monkeypatch: pyte
 
 @pytest.mark.parametrize(
     ("pruner", "expected"),
-    [("median", optuna.pruners.MedianPruner), ("hyperband", optuna.pruners.HyperbandPruner),
+    [("percentile", optuna.pruners.PercentilePruner), ("median", optuna.pruners.MedianPruner),
+     ("hyperband", optuna.pruners.HyperbandPruner),
      ("none", optuna.pruners.NopPruner)],
 )  # fmt: skip
 def test_open_study_uses_the_configured_pruner(pruner: str, expected: type, tmp_path: Path) -> None:
     study = open_study(sqlite_params(tmp_path / "optuna.db", pruner=pruner), "s")
-    assert isinstance(study.pruner, expected)
+    assert type(study.pruner) is expected
     assert isinstance(study.sampler, optuna.samplers.TPESampler)
 
 
@@ -258,3 +259,20 @@ def test_pruning_hook_with_the_median_pruner_stops_a_trial_worse_than_the_finish
     worse = study.ask()
     with pytest.raises(optuna.TrialPruned, match="evaluation 1"):
         pruning_hook(worse)(5.0)
+
+
+@pytest.mark.parametrize(("pruner", "pruned"), [("percentile", True), ("median", False)])
+def test_the_percentile_pruner_keeps_the_best_third_and_the_median_pruner_the_best_half(
+    pruner: str, pruned: bool, tmp_path: Path
+) -> None:
+    study = open_study(sqlite_params(tmp_path / "optuna.db", pruner=pruner), "s")
+    for loss in (1.0, 2.0, 3.0):  # the finished trials' losses at evaluation 1: a third at 1.67, half at 2.0
+        trial = study.ask()
+        trial.report(loss, step=1)
+        study.tell(trial, loss)
+    on_eval = pruning_hook(study.ask())
+    if pruned:
+        with pytest.raises(optuna.TrialPruned):
+            on_eval(1.8)
+    else:
+        on_eval(1.8)

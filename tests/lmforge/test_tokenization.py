@@ -17,6 +17,7 @@ from lmforge.tokenization import (
     read_blocks,
     save_hf_tokenizer,
     train_tokenizer,
+    window_word_starts,
 )
 from tests.conftest import SmokeRun
 
@@ -43,6 +44,14 @@ def test_align_labels_marks_special_and_continuation_tokens():
         IGNORE_INDEX,
         IGNORE_INDEX,
     ]
+
+
+def test_a_window_that_begins_inside_a_word_does_not_mark_that_piece_as_a_start():
+    # Two windows sharing 2 pieces, the last two of w2's three: the second window begins inside w2.
+    windows = [[None, 0, 1, 1, 2, 2, 2, None], [None, 2, 2, 3, 4, None]]
+    assert window_word_starts(windows, overlap=2) == [[0, 1, 1, 0, 1, 0, 0, 0], [0, 0, 0, 1, 1, 0]]
+    # The same windows, the second beginning at w2's first piece: a start.
+    assert window_word_starts([[None, 0, 1, 2, 3, None], [None, 2, 3, 4, None]], overlap=2)[1] == [0, 1, 1, 1, 0]
 
 
 @pytest.mark.parametrize("kind", ["wordpiece", "bpe", "char"])

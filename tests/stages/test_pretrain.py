@@ -58,8 +58,22 @@ def test_each_architecture_pretrains_and_reloads_from_safetensors(model: str, sm
     assert sum(p.numel() for p in reloaded.parameters()) > 0
 
 
-def test_killed_run_resumes_to_the_same_weights(smoke_run: SmokeRun, tmp_path: Path):
-    params = pretrain_params(tmp_path, smoke_run, max_steps=16, checkpoint_every=4)
+def test_a_models_own_budget_and_batch_size_override_the_shared_training(smoke_run: SmokeRun, tmp_path: Path):
+    params = pretrain_params(tmp_path, smoke_run)  # shared: 12 steps of 8
+    data = yaml.safe_load(params.read_text())
+    data["pretrain"]["models"]["decoder"].update({"max_steps": 8, "batch_size": 4})
+    params.write_text(yaml.safe_dump(data))
+    result = pretrain(params, "decoder", tmp_path, smoke_run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    resolved = json.loads((tmp_path / "models/decoder/lmforge_params.json").read_text())
+    assert (resolved["training"]["max_steps"], resolved["training"]["batch_size"]) == (8, 4)
+    history = yaml.safe_load((tmp_path / "models/decoder/history.json").read_text())
+    assert [entry["step"] for entry in history] == [4, 8]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # bf16 autocast runs on any CPU, deterministically
+def test_killed_run_resumes_to_the_same_weights(precision: str, smoke_run: SmokeRun, tmp_path: Path):
+    params = pretrain_params(tmp_path, smoke_run, max_steps=16, checkpoint_every=4, precision=precision)
     straight = tmp_path / "straight"
     assert pretrain(params, "encoder", straight, smoke_run).returncode == 0
 
