@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, cast
 
@@ -100,9 +102,8 @@ def word_tags(tm: TaskModel, sentences: list[list[str]], batch_size: int = 64) -
         owners = [start + int(i) for i in encoded.pop("overflow_to_sample_mapping")]
         word_ids = [encoded.word_ids(window) for window in range(len(owners))]
         starts: list[list[int]] = []  # each window's word-start marks
-        for sentence in dict.fromkeys(owners):  # a sentence's windows are consecutive
-            windows = [ids for ids, owner in zip(word_ids, owners, strict=True) if owner == sentence]
-            starts += window_word_starts(windows, overlap)
+        for _, windows in groupby(zip(owners, word_ids, strict=True), key=itemgetter(0)):  # a sentence's run
+            starts += window_word_starts([ids for _, ids in windows], overlap)
         encoded.pop("token_type_ids", None)
         if tm.meta.word_start_types:  # the segmentation the model was trained with (finetune.add_word_starts)
             encoded["token_type_ids"] = torch.tensor(starts)
