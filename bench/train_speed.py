@@ -6,7 +6,9 @@ kernel), transformers' Trainer (fused AdamW by default), lmforge's loop
 masked positions (lmforge.pretrain.masked_lm_loss), each in fp32 and bf16 autocast. The matmul peak of
 each dtype is measured in the same run, and each row's achieved FLOP/s is set against it. Synthetic
 blocks of the default shape (batch 32 x 128, vocabulary 8,000), the default encoder (hidden 128,
-2 layers, ffn 512). Median of --repeats runs of --steps steps each, after one warm-up step.
+2 layers, ffn 512). Median of --repeats runs of --steps steps each, after one warm-up step. Every row
+runs with lmforge's allocator settings (lmforge.allocator; bench/allocator.py sets them against
+glibc's defaults), which lmforge's loop would otherwise switch on for the rows after it.
 
     python -m bench.train_speed [--steps 30] [--repeats 3]
 
@@ -27,6 +29,7 @@ import numpy as np
 import torch
 
 from bench.machine import describe
+from lmforge.allocator import keep_freed_memory
 from lmforge.models import build_pretrain_model
 from lmforge.pretrain import SpecialIds, batch_maker, masked_lm_loss
 from lmforge.schema import ModelArchitecture, TrainingParams
@@ -134,6 +137,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
+    keep_freed_memory()  # per process: on for every row, not only for those after lmforge's loop
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     variants = {
         "bare loop": lambda precision: bare_loop(args.steps, precision),

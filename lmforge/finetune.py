@@ -11,6 +11,7 @@ raw splits are tokenized again with it, by the same code preprocess uses.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections import Counter
@@ -36,7 +37,12 @@ from lmforge import tracking
 from lmforge.artifacts import FinetuneReport, Manifest, TaskLabels, TaskMeta
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, write_json
-from lmforge.models import count_parameters, resolve_base
+from lmforge.models import (
+    BertForMeanPooledClassification,
+    MeanPooledBertConfig,
+    count_parameters,
+    resolve_base,
+)
 from lmforge.params import Params
 from lmforge.schema import RECIPE_LR, SKEWED_CLASSES, FinetuneTask, Section
 from lmforge.stage import Stage, dep, item_of, output, scratch
@@ -58,8 +64,10 @@ class FinetunePaths:
 # --- data and models ------------------------------------------------------------------------------
 
 
-ENCODER_ONLY = {"bert", "roberta", "albert", "distilbert", "electra", "ernie"}
-LORA_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "roberta": ["query", "value"]}
+ENCODER_ONLY = {"bert", "lmforge_bert_mean", "roberta", "albert", "distilbert", "electra", "ernie"}
+MEAN_POOLED = {"bert", "lmforge_bert_mean"}  # model types a mean-pooled classifier can start from
+LORA_TARGETS = {"bert": ["query", "value"], "lmforge_bert_mean": ["query", "value"], "gpt2": ["c_attn"],
+                "roberta": ["query", "value"]}  # fmt: skip
 
 
 @dataclass
@@ -226,9 +234,25 @@ def weighted_loss(weights: torch.Tensor) -> LossFn:
 
 DROPOUT_KEYS = {  # where each architecture keeps its dropout probabilities
     "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    "lmforge_bert_mean": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
     "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
     "lmforge_lstm": ("dropout",),
 }
+
+
+def classifier_pooling(task: FinetuneTask, name: str, base: str, model_type: str) -> str:
+    """`cls` or `mean` for a classification task (FinetuneTask.pooling says when each applies)."""
+    if task.pooling == "mean" and model_type not in MEAN_POOLED:
+        raise LmforgeError(f"finetune.tasks.{name}.pooling: mean needs a bert base; {base} is a {model_type} model")
+    if task.pooling != "auto":
+        return task.pooling
+    if model_type == MeanPooledBertConfig.model_type:
+        return "mean"
+    pretrained_here = Path(base) / "lmforge_params.json"  # written by the pretrain stage, copies included
+    if model_type != "bert" or not pretrained_here.is_file():
+        return "cls"
+    # mlm_nsp trains [CLS] through next-sentence prediction; plain mlm leaves it untrained
+    return "mean" if json.loads(pretrained_here.read_text()).get("objective") == "mlm" else "cls"
 
 
 def build_task_model(task: FinetuneTask, name: str, base: str, labels: list[str],
@@ -252,6 +276,12 @@ def build_task_model(task: FinetuneTask, name: str, base: str, labels: list[str]
     model: PreTrainedModel
     if task.kind == "generation":
         model = AutoModelForCausalLM.from_pretrained(base, **options)
+    elif task.kind == "classification" and classifier_pooling(task, name, base, config.model_type) == "mean":
+        mean_config = MeanPooledBertConfig.of(
+            config, id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+            **{key: value for key, value in options.items() if key != "use_safetensors"},
+        )  # fmt: skip
+        model = BertForMeanPooledClassification.from_pretrained(base, config=mean_config, use_safetensors=True)
     else:
         auto = AutoModelForSequenceClassification if task.kind == "classification" else AutoModelForTokenClassification
         model = auto.from_pretrained(
@@ -306,7 +336,11 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
         add_word_starts(data.train + data.val)
     manifest = Manifest.of(paths.dataset)
     training = with_learning_rate(task.training, recipe_learning_rate(task, base_is_ours))
-    task = task.model_copy(update={"training": training})  # the resolved rate travels with the model
+    pooling = task.pooling
+    if task.kind == "classification":
+        pooling = "mean" if model.config.model_type == MeanPooledBertConfig.model_type else "cls"
+    # the resolved rate and pooling travel with the model
+    task = task.model_copy(update={"training": training, "pooling": pooling})
     pad = tokenizer.pad_token_id
     resolved = {"task": name, **task.model_dump(), "base_resolved": base, "seed": seed, "dropout": dropout,
                 "labels": data.labels, "max_length": max_length, "word_start_types": word_start_types}  # fmt: skip

@@ -24,6 +24,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm import tqdm
 
+from lmforge.allocator import keep_freed_memory
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.schema import TrainingParams
 
@@ -195,6 +196,8 @@ def train(
     """
     loss_of = loss_of or model_loss
     device = device or pick_device()
+    if device.type == "cpu":
+        keep_freed_memory()  # each step reuses the last one's memory instead of faulting it in again
     model.to(device)
     n_examples = min(n_examples, params.max_train_samples or n_examples)
     total_steps = planned_steps(n_examples, params, description)

@@ -9,10 +9,18 @@ from typing import get_args
 import pytest
 import torch
 from torch import nn
-from transformers import BertForMaskedLM, BertForPreTraining, GPT2LMHeadModel, PreTrainedModel
+from transformers import BertConfig, BertForMaskedLM, BertForPreTraining, GPT2LMHeadModel, PreTrainedModel
 
 from lmforge.errors import LmforgeError
-from lmforge.models import LSTMForCausalLM, build_pretrain_model, count_parameters, load_pretrained, resolve_base
+from lmforge.models import (
+    BertForMeanPooledClassification,
+    LSTMForCausalLM,
+    MeanPooledBertConfig,
+    build_pretrain_model,
+    count_parameters,
+    load_pretrained,
+    resolve_base,
+)
 from lmforge.schema import ModelArchitecture
 
 VOCAB, PAD, CLS, SEP = 50, 0, 2, 3
@@ -213,3 +221,41 @@ def test_load_pretrained_refuses_pickled_weights(tmp_path: Path) -> None:
     (folder / "lmforge_params.json").write_text(json.dumps({"objective": "causal"}))
     with pytest.raises(OSError, match="safetensors"):
         load_pretrained(folder)
+
+
+# --- the mean-pooled classifier -------------------------------------------------------------------
+
+
+def mean_pooled_from(folder: Path) -> BertForMeanPooledClassification:
+    config = MeanPooledBertConfig.of(BertConfig.from_pretrained(str(folder)), id2label={0: "a", 1: "b", 2: "c"})
+    return BertForMeanPooledClassification.from_pretrained(str(folder), config=config, use_safetensors=True).eval()
+
+
+def test_the_mean_pooled_classifier_starts_from_the_pretrained_encoder(tmp_path: Path) -> None:
+    encoder = build("bert-mlm", seed=3)
+    classifier = mean_pooled_from(save(encoder, tmp_path / "encoder", "mlm"))
+    mine, pretrained = classifier.bert.state_dict(), encoder.bert.state_dict()
+    assert mine.keys() == pretrained.keys() and all(torch.equal(mine[key], pretrained[key]) for key in mine)
+
+
+def test_the_mean_pooled_classifier_reads_only_the_texts_own_tokens(tmp_path: Path) -> None:
+    """A text scores the same alone as padded beside a longer one: padding is outside the mean."""
+    classifier = mean_pooled_from(save(build("bert-mlm", seed=3), tmp_path / "encoder", "mlm"))
+    short, long = batch()[0, :5], batch()[1]
+    padded = torch.stack([torch.cat([short, torch.full((3,), PAD)]), long])
+    mask = torch.stack([torch.cat([torch.ones(5), torch.zeros(3)]), torch.ones(8)]).long()
+    with torch.no_grad():
+        alone = classifier(input_ids=short[None], attention_mask=torch.ones(1, 5, dtype=torch.long)).logits
+        together = classifier(input_ids=padded, attention_mask=mask).logits
+    assert torch.allclose(alone[0], together[0], atol=1e-5)
+
+
+def test_a_saved_mean_pooled_classifier_loads_through_the_auto_class(tmp_path: Path) -> None:
+    """Serving loads it as any classifier (AutoModelForSequenceClassification, safetensors), no remote code."""
+    from transformers import AutoModelForSequenceClassification
+
+    classifier = mean_pooled_from(save(build("bert-mlm", seed=3), tmp_path / "encoder", "mlm"))
+    classifier.save_pretrained(str(tmp_path / "task"), safe_serialization=True)
+    reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "task"), use_safetensors=True)
+    assert type(reloaded) is BertForMeanPooledClassification and same_weights(classifier, reloaded)
+    assert torch.equal(logits_of(classifier, batch()), logits_of(reloaded.eval(), batch()))

@@ -181,3 +181,20 @@ def test_class_weights_only_where_classes_are_skewed():
     balanced = class_weights(task.model_copy(update={"class_weights": "balanced"}), ["a", "b"],
                              [{"label": 0}] * 50 + [{"label": 1}] * 50)  # fmt: skip
     assert balanced is not None and balanced.tolist() == [1.0, 1.0]
+
+
+def test_a_classifier_on_an_mlm_encoder_reads_the_mean_of_its_states(smoke_models: SmokeRun, tmp_path: Path):
+    """pooling auto: mean for lmforge's masked-LM encoder ([CLS] was never trained); cls when asked."""
+    config_of = lambda folder: json.loads((folder / "config.json").read_text())  # noqa: E731
+    default = smoke_models.root / "models/finetuned/sentiment"
+    assert config_of(default)["model_type"] == "lmforge_bert_mean"
+    assert not any(name.startswith("bert.pooler") for name in tensor_names(default))
+    finetune(smoke_models, smoke_task(smoke_models, pooling="cls"), "sentiment", tmp_path / "cls", tmp_path / "ck")
+    assert config_of(tmp_path / "cls")["model_type"] == "bert"
+    assert any(name.startswith("bert.pooler") for name in tensor_names(tmp_path / "cls"))
+
+
+def test_mean_pooling_on_a_decoder_fails_naming_the_key(smoke_models: SmokeRun, tmp_path: Path):
+    params = smoke_task(smoke_models, pooling="mean", base="pretrained:decoder")
+    with pytest.raises(LmforgeError, match=r"finetune.tasks.sentiment.pooling: mean needs a bert base"):
+        finetune(smoke_models, params, "sentiment", tmp_path / "out", tmp_path / "ck")
