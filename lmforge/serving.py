@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
@@ -41,6 +42,12 @@ def _texts(model_input) -> list[str]:
     return [str(value) for value in model_input]
 
 
+def _labels_and_scores(labels: list[str], probabilities: np.ndarray) -> pd.DataFrame:
+    """Each text's most probable label and its probability."""
+    best = probabilities.argmax(axis=1)
+    return pd.DataFrame({"label": [labels[i] for i in best], "score": probabilities.max(axis=1).astype(float)})
+
+
 class LmforgeTextModel(PythonModel):
     def load_context(self, context) -> None:
         from lmforge.baselines import is_baseline, load_baseline
@@ -58,9 +65,7 @@ class LmforgeTextModel(PythonModel):
             words = _words(model_input)
             return pd.DataFrame({"words": words, "tags": tm.predict(words)})
         if isinstance(tm, TfidfLogReg):
-            probs = tm.probabilities(_texts(model_input))
-            best = probs.argmax(axis=1)
-            return pd.DataFrame({"label": [tm.labels[i] for i in best], "score": probs.max(axis=1).astype(float)})
+            return _labels_and_scores(tm.labels, tm.probabilities(_texts(model_input)))
         new_tokens = int((params or {}).get("max_new_tokens", MAX_NEW_TOKENS))
         if isinstance(tm, NgramLM):
             return pd.DataFrame({"continuation": tm.generate(_texts(model_input), new_tokens)})
@@ -68,9 +73,7 @@ class LmforgeTextModel(PythonModel):
             words = _words(model_input)
             return pd.DataFrame({"words": words, "tags": word_tags(tm, words)})
         if tm.kind == "classification":
-            probs = class_probabilities(tm, _texts(model_input))
-            best = probs.argmax(axis=1)
-            return pd.DataFrame({"label": [tm.labels[i] for i in best], "score": probs.max(axis=1).astype(float)})
+            return _labels_and_scores(tm.labels, class_probabilities(tm, _texts(model_input)))
         return pd.DataFrame({"continuation": generate(tm, _texts(model_input), new_tokens)})
 
 
