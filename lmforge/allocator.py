@@ -5,8 +5,9 @@ kernel on free, and trims the heap whenever 128 KB lie free at its top. A traini
 frees the same activations, gradients and logits every step, so each step faults fresh zeroed pages
 in again: on the default decoder a quarter of the CPU time was the kernel's. Serving allocations up
 to 32 MB (glibc's ceiling) from the heap and keeping up to 1 GB of freed memory made the decoder's
-pretraining 1.27-1.35x faster (bench/allocator.py measures it). The price is memory kept by the
-process after its peak, which a training process reaches every step anyway.
+pretraining 1.30x faster and the encoder's 1.04x (bench/allocator.py, 2026-11-30, a 2-core Xeon).
+The price is memory kept by the process after its peak, which a training process reaches every step
+anyway.
 
 `LMFORGE_MALLOC_TUNING=off` leaves glibc's defaults (the benchmark's reference). Elsewhere than glibc
 (macOS, musl) nothing is changed.

@@ -11,7 +11,6 @@ raw splits are tokenized again with it, by the same code preprocess uses.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from collections import Counter
@@ -41,6 +40,7 @@ from lmforge.models import (
     BertForMeanPooledClassification,
     MeanPooledBertConfig,
     count_parameters,
+    pretrained_objective,
     resolve_base,
 )
 from lmforge.params import Params
@@ -64,9 +64,10 @@ class FinetunePaths:
 # --- data and models ------------------------------------------------------------------------------
 
 
-ENCODER_ONLY = {"bert", "lmforge_bert_mean", "roberta", "albert", "distilbert", "electra", "ernie"}
-MEAN_POOLED = {"bert", "lmforge_bert_mean"}  # model types a mean-pooled classifier can start from
-LORA_TARGETS = {"bert": ["query", "value"], "lmforge_bert_mean": ["query", "value"], "gpt2": ["c_attn"],
+MEAN_BERT = MeanPooledBertConfig.model_type
+ENCODER_ONLY = {"bert", MEAN_BERT, "roberta", "albert", "distilbert", "electra", "ernie"}
+MEAN_POOLED = {"bert", MEAN_BERT}  # model types a mean-pooled classifier can start from
+LORA_TARGETS = {"bert": ["query", "value"], MEAN_BERT: ["query", "value"], "gpt2": ["c_attn"],
                 "roberta": ["query", "value"]}  # fmt: skip
 
 
@@ -234,7 +235,7 @@ def weighted_loss(weights: torch.Tensor) -> LossFn:
 
 DROPOUT_KEYS = {  # where each architecture keeps its dropout probabilities
     "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
-    "lmforge_bert_mean": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    MEAN_BERT: ("hidden_dropout_prob", "attention_probs_dropout_prob"),
     "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
     "lmforge_lstm": ("dropout",),
 }
@@ -246,13 +247,11 @@ def classifier_pooling(task: FinetuneTask, name: str, base: str, model_type: str
         raise LmforgeError(f"finetune.tasks.{name}.pooling: mean needs a bert base; {base} is a {model_type} model")
     if task.pooling != "auto":
         return task.pooling
-    if model_type == MeanPooledBertConfig.model_type:
+    if model_type == MEAN_BERT:
         return "mean"
-    pretrained_here = Path(base) / "lmforge_params.json"  # written by the pretrain stage, copies included
-    if model_type != "bert" or not pretrained_here.is_file():
-        return "cls"
-    # mlm_nsp trains [CLS] through next-sentence prediction; plain mlm leaves it untrained
-    return "mean" if json.loads(pretrained_here.read_text()).get("objective") == "mlm" else "cls"
+    # mlm_nsp trains [CLS] through next-sentence prediction; plain mlm leaves it untrained. Any base
+    # lmforge did not pretrain (a hub BERT, say) has its [CLS] trained by its own pretraining.
+    return "mean" if model_type == "bert" and pretrained_objective(Path(base)) == "mlm" else "cls"
 
 
 def build_task_model(task: FinetuneTask, name: str, base: str, labels: list[str],
@@ -338,7 +337,7 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
     training = with_learning_rate(task.training, recipe_learning_rate(task, base_is_ours))
     pooling = task.pooling
     if task.kind == "classification":
-        pooling = "mean" if model.config.model_type == MeanPooledBertConfig.model_type else "cls"
+        pooling = "mean" if model.config.model_type == MEAN_BERT else "cls"
     # the resolved rate and pooling travel with the model
     task = task.model_copy(update={"training": training, "pooling": pooling})
     pad = tokenizer.pad_token_id

@@ -223,12 +223,23 @@ def resolve_base(base: str, pretrained_root: Path, key: str) -> str:
     return base
 
 
-def load_pretrained(folder: Path) -> PreTrainedModel:
-    """A model written by the pretrain stage, with the head of its objective (safetensors only)."""
+PRETRAIN_PARAMS = "lmforge_params.json"  # the pretrain stage's resolved config, beside the model it wrote
+
+
+def pretrained_objective(folder: Path) -> str | None:
+    """The objective lmforge pretrained the folder's model with; None for a model it did not pretrain."""
     import json
 
+    params = folder / PRETRAIN_PARAMS
+    return str(json.loads(params.read_text())["objective"]) if params.is_file() else None
+
+
+def load_pretrained(folder: Path) -> PreTrainedModel:
+    """A model written by the pretrain stage, with the head of its objective (safetensors only)."""
     from transformers import AutoModelForMaskedLM, AutoModelForPreTraining
 
-    objective = json.loads((folder / "lmforge_params.json").read_text())["objective"]
+    objective = pretrained_objective(folder)
+    if objective is None:
+        raise FileNotFoundError(f"{folder / PRETRAIN_PARAMS}: not a model the pretrain stage wrote")
     auto = {"mlm": AutoModelForMaskedLM, "mlm_nsp": AutoModelForPreTraining, "causal": AutoModelForCausalLM}
     return auto[objective].from_pretrained(str(folder), use_safetensors=True)

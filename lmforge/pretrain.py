@@ -21,7 +21,7 @@ from lmforge import tracking
 from lmforge.artifacts import PretrainReport
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, read_json, write_json
-from lmforge.models import build_pretrain_model, count_parameters
+from lmforge.models import PRETRAIN_PARAMS, build_pretrain_model, count_parameters
 from lmforge.params import Params
 from lmforge.schema import RECIPE_LR, ModelArchitecture, Section, TrainingParams
 from lmforge.stage import Stage, dep, item_of, output, scratch
@@ -255,7 +255,7 @@ def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
         with atomic_output_dir(paths.out) as staging:
             model.cpu().save_pretrained(str(staging), safe_serialization=True)
             tokenizer.save_pretrained(str(staging))
-            write_json(staging / "lmforge_params.json", resolved)  # the resolved config travels with the model
+            write_json(staging / PRETRAIN_PARAMS, resolved)  # the resolved config travels with the model
             write_json(staging / "history.json", result.history)
     return report
 
