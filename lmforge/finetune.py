@@ -38,7 +38,9 @@ from lmforge.errors import LmforgeError
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, write_json
 from lmforge.models import (
     BertForMeanPooledClassification,
+    BertForWordTagging,
     MeanPooledBertConfig,
+    WordPooledBertConfig,
     count_parameters,
     pretrained_objective,
     resolve_base,
@@ -65,10 +67,11 @@ class FinetunePaths:
 
 
 MEAN_BERT = MeanPooledBertConfig.model_type
-ENCODER_ONLY = {"bert", MEAN_BERT, "roberta", "albert", "distilbert", "electra", "ernie"}
-MEAN_POOLED = {"bert", MEAN_BERT}  # model types a mean-pooled classifier can start from
-LORA_TARGETS = {"bert": ["query", "value"], MEAN_BERT: ["query", "value"], "gpt2": ["c_attn"],
-                "roberta": ["query", "value"]}  # fmt: skip
+WORDS_BERT = WordPooledBertConfig.model_type
+ENCODER_ONLY = {"bert", MEAN_BERT, WORDS_BERT, "roberta", "albert", "distilbert", "electra", "ernie"}
+MEAN_POOLED = {"bert", MEAN_BERT, WORDS_BERT}  # model types a mean-pooled classifier or tagger can start from
+LORA_TARGETS = {"bert": ["query", "value"], MEAN_BERT: ["query", "value"], WORDS_BERT: ["query", "value"],
+                "gpt2": ["c_attn"], "roberta": ["query", "value"]}  # fmt: skip
 
 
 @dataclass
@@ -236,22 +239,27 @@ def weighted_loss(weights: torch.Tensor) -> LossFn:
 DROPOUT_KEYS = {  # where each architecture keeps its dropout probabilities
     "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
     MEAN_BERT: ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    WORDS_BERT: ("hidden_dropout_prob", "attention_probs_dropout_prob"),
     "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
     "lmforge_lstm": ("dropout",),
 }
 
 
-def classifier_pooling(task: FinetuneTask, name: str, base: str, model_type: str) -> str:
-    """`cls` or `mean` for a classification task (FinetuneTask.pooling says when each applies)."""
+def task_pooling(task: FinetuneTask, name: str, base: str, model_type: str) -> str:
+    """`cls` or `mean` for a classification or token classification task (FinetuneTask.pooling says
+    what each reads and when auto picks which)."""
     if task.pooling == "mean" and model_type not in MEAN_POOLED:
         raise LmforgeError(f"finetune.tasks.{name}.pooling: mean needs a bert base; {base} is a {model_type} model")
     if task.pooling != "auto":
         return task.pooling
-    if model_type == MEAN_BERT:
+    if model_type in (MEAN_BERT, WORDS_BERT):
         return "mean"
+    objective = pretrained_objective(Path(base)) if model_type == "bert" else None
+    if task.kind == "token_classification":  # any encoder lmforge pretrained: one token per CJK character
+        return "mean" if objective is not None else "cls"
     # mlm_nsp trains [CLS] through next-sentence prediction; plain mlm leaves it untrained. Any base
     # lmforge did not pretrain (a hub BERT, say) has its [CLS] trained by its own pretraining.
-    return "mean" if model_type == "bert" and pretrained_objective(Path(base)) == "mlm" else "cls"
+    return "mean" if objective == "mlm" else "cls"
 
 
 def build_task_model(task: FinetuneTask, name: str, base: str, labels: list[str],
@@ -275,7 +283,13 @@ def build_task_model(task: FinetuneTask, name: str, base: str, labels: list[str]
     model: PreTrainedModel
     if task.kind == "generation":
         model = AutoModelForCausalLM.from_pretrained(base, **options)
-    elif task.kind == "classification" and classifier_pooling(task, name, base, config.model_type) == "mean":
+    elif task.kind == "token_classification" and task_pooling(task, name, base, config.model_type) == "mean":
+        word_config = WordPooledBertConfig.of(
+            config, id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+            **{key: value for key, value in options.items() if key != "use_safetensors"},
+        )  # fmt: skip
+        model = BertForWordTagging.from_pretrained(base, config=word_config, use_safetensors=True)
+    elif task.kind == "classification" and task_pooling(task, name, base, config.model_type) == "mean":
         mean_config = MeanPooledBertConfig.of(
             config, id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
             **{key: value for key, value in options.items() if key != "use_safetensors"},
@@ -335,9 +349,7 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
         add_word_starts(data.train + data.val)
     manifest = Manifest.of(paths.dataset)
     training = with_learning_rate(task.training, recipe_learning_rate(task, base_is_ours))
-    pooling = task.pooling
-    if task.kind == "classification":
-        pooling = "mean" if model.config.model_type == MEAN_BERT else "cls"
+    pooling = "mean" if model.config.model_type in (MEAN_BERT, WORDS_BERT) else "cls"
     # the resolved rate and pooling travel with the model
     task = task.model_copy(update={"training": training, "pooling": pooling})
     pad = tokenizer.pad_token_id

@@ -16,6 +16,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     BertConfig,
     BertForMaskedLM,
     BertForPreTraining,
@@ -26,7 +27,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
-from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput
+from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 
 from lmforge.errors import LmforgeError
 from lmforge.schema import ModelArchitecture
@@ -149,6 +150,70 @@ class BertForMeanPooledClassification(BertPreTrainedModel):
 
 AutoConfig.register(MeanPooledBertConfig.model_type, MeanPooledBertConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(MeanPooledBertConfig, BertForMeanPooledClassification, exist_ok=True)
+
+
+class WordPooledBertConfig(MeanPooledBertConfig):
+    model_type = "lmforge_bert_words"
+
+
+def word_means(hidden: torch.Tensor, attention_mask: torch.Tensor, word_starts: torch.Tensor) -> torch.Tensor:
+    """Each position's word's mean state: a word is the pieces from a start mark (token type 1) up
+    to the next one. [CLS] (before the first mark), the last real position ([SEP]) and padding belong
+    to no word; their rows are zeros."""
+    length = attention_mask.sum(dim=1, keepdim=True)
+    positions = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    member = (attention_mask > 0) & (positions < length - 1)
+    word = torch.cumsum(word_starts, dim=1) * member  # 0: no word
+    index = word.unsqueeze(-1).expand_as(hidden)
+    weight = member.unsqueeze(-1).to(hidden.dtype)
+    sums = torch.zeros_like(hidden).scatter_add(1, index, hidden * weight)  # row w: word w's sum (w < length)
+    counts = torch.zeros_like(hidden[..., :1]).scatter_add(1, word.unsqueeze(-1), weight)
+    return (sums / counts.clamp(min=1)).gather(1, index) * weight
+
+
+class BertForWordTagging(BertPreTrainedModel):
+    """BERT whose tagger reads a word's first piece and the mean of all its pieces.
+
+    With one token per Chinese character, a word's tag read at its first character alone sees the
+    rest of the word only through two layers of attention; the mean hands the tagger all of it
+    (People's Daily's majority-tag-per-word baseline shows how much the whole word says). The words
+    come from the word-start marks finetune puts in token_type_ids (add_word_starts).
+    """
+
+    config_class = WordPooledBertConfig
+
+    def __init__(self, config: WordPooledBertConfig) -> None:
+        super().__init__(config)
+        self.num_labels: int = config.num_labels or 2
+        self.bert = BertModel(config, add_pooling_layer=False)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(2 * config.hidden_size, self.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> TokenClassifierOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        # no marks (a base with one token type): every piece is a word
+        starts = token_type_ids if token_type_ids is not None else torch.ones_like(input_ids)
+        features = torch.cat([hidden, word_means(hidden, attention_mask, starts)], dim=-1)
+        logits = self.classifier(self.dropout(features))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+        return TokenClassifierOutput(loss=loss, logits=logits)
+
+
+AutoConfig.register(WordPooledBertConfig.model_type, WordPooledBertConfig, exist_ok=True)
+AutoModelForTokenClassification.register(WordPooledBertConfig, BertForWordTagging, exist_ok=True)
 
 
 def build_pretrain_model(

@@ -359,7 +359,9 @@ class FinetuneTask(Section):
         "auto",
         description="classification: what the classifier reads: cls (the [CLS] state, as BERT does), mean (the mean "
         "of the text's states; bert bases only); auto: mean for lmforge's masked-LM encoders, whose [CLS] "
-        "pretraining never trains, cls for any other base",
+        "pretraining never trains, cls for any other base. token_classification: cls reads a word's first piece (as "
+        "BERT does), mean its first piece and the mean of all its pieces (bert bases only); auto: mean for "
+        "lmforge's encoders, cls for any other base",
     )
     training: TrainingParams = TrainingParams()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from lmforge.artifacts import TaskMeta
 from lmforge.inference import (
     CJK_GAP,
     TaskModel,
+    best_tag_path,
+    bio_transitions,
     class_probabilities,
     continuation_losses,
     continuation_reference,
@@ -173,7 +176,8 @@ def test_class_probabilities_of_no_texts_is_an_empty_table(classifier):
     assert class_probabilities(load_task_model(classifier[0]), []).shape == (0, len(LABELS))
 
 
-TAGS = ["B-LOC", "I-LOC"]  # no "O": a word only gets "O" when it was truncated away
+# No "O", and no BIO prefixes, so nothing constrains the decoding: each word's tag is its argmax.
+TAGS = ["LOC", "PER"]
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +236,63 @@ def test_a_tagger_trained_with_word_starts_sees_the_words_segmentation(tokenizer
     assert first_piece_tags(token_types=True) != first_piece_tags(token_types=False)  # the marks matter here
     assert word_tags(tm, sentences) == first_piece_tags(token_types=True)
     assert word_tags(tm, sentences, batch_size=1) == first_piece_tags(token_types=True)
+
+
+BIO = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+
+
+def is_valid_bio(tags: list[str]) -> bool:
+    before = "O"
+    for tag in tags:
+        if tag.startswith("I-") and before[2:] != tag[2:]:
+            return False
+        before = tag
+    return True
+
+
+def test_bio_decoding_opens_the_entity_an_argmax_would_only_continue():
+    probabilities = np.array([
+        [0.9, 0.02, 0.04, 0.02, 0.02],  # O
+        [0.2, 0.3, 0.5, 0.0, 0.0],  # argmax I-PER after O: seqeval would read a PER of the wrong span
+        [0.05, 0.0, 0.9, 0.0, 0.05],  # I-PER
+    ]) + 1e-6  # fmt: skip
+    path = best_tag_path(np.log(probabilities), *bio_transitions(BIO))
+    assert [BIO[i] for i in path] == ["O", "B-PER", "I-PER"]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_bio_decoding_is_the_best_valid_path_and_the_argmax_when_that_is_valid(seed: int):
+    rng = np.random.default_rng(seed)
+    log_probs = np.log(rng.dirichlet(np.full(len(BIO), 0.3), size=4)).astype(np.float32)
+    valid = [p for p in itertools.product(range(len(BIO)), repeat=4) if is_valid_bio([BIO[i] for i in p])]
+    best = max(valid, key=lambda p: sum(log_probs[i, tag] for i, tag in enumerate(p)))
+    assert best_tag_path(log_probs, *bio_transitions(BIO)) == list(best)
+    argmax = [int(i) for i in log_probs.argmax(axis=1)]
+    if is_valid_bio([BIO[i] for i in argmax]):
+        assert list(best) == argmax
+
+
+def test_tags_without_bio_prefixes_decode_as_their_argmax():
+    log_probs = np.log(np.random.default_rng(0).dirichlet(np.ones(3), size=6))
+    assert best_tag_path(log_probs, *bio_transitions(["n", "v", "I"])) == list(log_probs.argmax(axis=1))
+
+
+def test_word_tags_of_a_bio_tagger_are_valid_where_its_argmax_is_not(tokenizer_dir: Path, tmp_path: Path):
+    torch.manual_seed(0)
+    model = BertForTokenClassification(bert_config(tokenizer_dir, len(BIO)))
+    with torch.no_grad():  # favour the I- tags, so an untrained tagger's argmax continues entities it never opened
+        model.classifier.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0, 1.0]))
+    tm = load_task_model(save_task_model(tmp_path, model, tokenizer_dir, "token_classification", BIO))
+    sentences = [list("今天天气很好"), ["abc", "def", "好"], list("你好世界中文")]
+    encoded = tm.tokenizer(sentences, is_split_into_words=True, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        best = tm.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits.argmax(-1)
+    argmax = [[BIO[int(best[i, encoded.word_ids(i).index(w)])] for w in range(len(words))]
+              for i, words in enumerate(sentences)]  # fmt: skip
+    assert not all(is_valid_bio(tags) for tags in argmax)
+    tags = word_tags(tm, sentences)
+    assert [len(t) for t in tags] == [len(s) for s in sentences]
+    assert all(is_valid_bio(t) for t in tags)
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,15 @@ from transformers import BertConfig, BertForMaskedLM, BertForPreTraining, GPT2LM
 from lmforge.errors import LmforgeError
 from lmforge.models import (
     BertForMeanPooledClassification,
+    BertForWordTagging,
     LSTMForCausalLM,
     MeanPooledBertConfig,
+    WordPooledBertConfig,
     build_pretrain_model,
     count_parameters,
     load_pretrained,
     resolve_base,
+    word_means,
 )
 from lmforge.schema import ModelArchitecture
 
@@ -259,3 +262,39 @@ def test_a_saved_mean_pooled_classifier_loads_through_the_auto_class(tmp_path: P
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "task"), use_safetensors=True)
     assert type(reloaded) is BertForMeanPooledClassification and same_weights(classifier, reloaded)
     assert torch.equal(logits_of(classifier, batch()), logits_of(reloaded.eval(), batch()))
+
+
+# --- the word-pooled tagger -----------------------------------------------------------------------
+
+
+def test_word_means_average_each_words_pieces_and_leave_cls_sep_and_padding_out() -> None:
+    # [CLS] w1a w1b w2 w3a w3b w3c [SEP] pad: starts mark w1a, w2, w3a
+    hidden = torch.arange(9, dtype=torch.float32).reshape(1, 9, 1).repeat(1, 1, 2)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 0]])
+    starts = torch.tensor([[0, 1, 0, 1, 1, 0, 0, 0, 0]])
+    means = word_means(hidden, mask, starts)[0, :, 0].tolist()
+    assert means == [0.0, 1.5, 1.5, 3.0, 5.0, 5.0, 5.0, 0.0, 0.0]
+
+
+def test_a_words_tag_depends_on_all_its_pieces_and_not_on_padding(tmp_path: Path) -> None:
+    folder = save(build("bert-mlm", seed=3), tmp_path / "encoder", "mlm")
+    config = WordPooledBertConfig.of(BertConfig.from_pretrained(str(folder)), id2label={0: "O", 1: "B-PER"})
+    tagger = BertForWordTagging.from_pretrained(str(folder), config=config, use_safetensors=True).eval()
+    with torch.no_grad():  # the marks then change no hidden state: only which pieces make a word
+        embeddings = tagger.bert.embeddings.token_type_embeddings.weight
+        embeddings[1] = embeddings[0]
+    ids = torch.tensor([[CLS, 10, 11, 12, SEP]])
+    one_word, two_words = torch.tensor([[0, 1, 0, 0, 0]]), torch.tensor([[0, 1, 0, 1, 0]])
+    with torch.no_grad():
+        as_one = tagger(input_ids=ids, token_type_ids=one_word).logits
+        as_two = tagger(input_ids=ids, token_type_ids=two_words).logits
+        padded = tagger(input_ids=torch.cat([ids, torch.tensor([[PAD, PAD]])], dim=1),
+                        attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0, 0]]),
+                        token_type_ids=torch.tensor([[0, 1, 0, 0, 0, 0, 0]])).logits  # fmt: skip
+    assert not torch.allclose(as_one[0, 1], as_two[0, 1])  # the word [10 11 12] against [10 11] + [12]
+    assert torch.allclose(as_one[0, :5], padded[0, :5], atol=1e-5)
+    from transformers import AutoModelForTokenClassification
+
+    tagger.save_pretrained(str(tmp_path / "task"), safe_serialization=True)
+    reloaded = AutoModelForTokenClassification.from_pretrained(str(tmp_path / "task"), use_safetensors=True).eval()
+    assert type(reloaded) is BertForWordTagging and same_weights(tagger, reloaded)

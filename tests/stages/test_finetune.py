@@ -65,9 +65,9 @@ def test_prompt_loss_trains_on_the_prompts_own_tokens_too(smoke_run: SmokeRun):
         assert any(label != -100 for label in b["labels"][1:sep])
 
 
-def smoke_task(smoke_models: SmokeRun, **changes) -> object:
+def smoke_task(smoke_models: SmokeRun, task: str = "sentiment", **changes) -> object:
     data = params_to_dict(smoke_models.params)
-    data["finetune"]["tasks"]["sentiment"].update(changes)
+    data["finetune"]["tasks"][task].update(changes)
     from lmforge.params import parse_params
 
     return parse_params(data)
@@ -192,6 +192,20 @@ def test_a_classifier_on_an_mlm_encoder_reads_the_mean_of_its_states(smoke_model
     finetune(smoke_models, smoke_task(smoke_models, pooling="cls"), "sentiment", tmp_path / "cls", tmp_path / "ck")
     assert config_of(tmp_path / "cls")["model_type"] == "bert"
     assert any(name.startswith("bert.pooler") for name in tensor_names(tmp_path / "cls"))
+
+
+def test_a_tagger_on_an_lmforge_encoder_reads_each_words_pieces(smoke_models: SmokeRun, tmp_path: Path):
+    """pooling auto on token classification: a word's first piece and the mean of its pieces; cls when asked."""
+    config_of = lambda folder: json.loads((folder / "config.json").read_text())  # noqa: E731
+    default = smoke_models.root / "models/finetuned/ner"
+    hidden = config_of(default)["hidden_size"]
+    assert config_of(default)["model_type"] == "lmforge_bert_words"
+    assert json.loads((default / "lmforge_task.json").read_text())["pooling"] == "mean"
+    with safe_open(str(default / "model.safetensors"), framework="pt") as handle:
+        assert handle.get_slice("classifier.weight").get_shape()[1] == 2 * hidden
+    finetune(smoke_models, smoke_task(smoke_models, "ner", pooling="cls"), "ner", tmp_path / "cls", tmp_path / "ck")
+    assert config_of(tmp_path / "cls")["model_type"] == "bert"
+    assert json.loads((tmp_path / "cls/lmforge_task.json").read_text())["pooling"] == "cls"
 
 
 def test_mean_pooling_on_a_decoder_fails_naming_the_key(smoke_models: SmokeRun, tmp_path: Path):
