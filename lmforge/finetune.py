@@ -283,18 +283,14 @@ def build_task_model(task: FinetuneTask, name: str, base: str, labels: list[str]
     model: PreTrainedModel
     if task.kind == "generation":
         model = AutoModelForCausalLM.from_pretrained(base, **options)
-    elif task.kind == "token_classification" and task_pooling(task, name, base, config.model_type) == "mean":
-        word_config = WordPooledBertConfig.of(
+    elif task.kind != "generation" and task_pooling(task, name, base, config.model_type) == "mean":
+        head, head_config = ((BertForWordTagging, WordPooledBertConfig) if task.kind == "token_classification"
+                             else (BertForMeanPooledClassification, MeanPooledBertConfig))  # fmt: skip
+        pooled_config = head_config.of(
             config, id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
             **{key: value for key, value in options.items() if key != "use_safetensors"},
         )  # fmt: skip
-        model = BertForWordTagging.from_pretrained(base, config=word_config, use_safetensors=True)
-    elif task.kind == "classification" and task_pooling(task, name, base, config.model_type) == "mean":
-        mean_config = MeanPooledBertConfig.of(
-            config, id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
-            **{key: value for key, value in options.items() if key != "use_safetensors"},
-        )  # fmt: skip
-        model = BertForMeanPooledClassification.from_pretrained(base, config=mean_config, use_safetensors=True)
+        model = head.from_pretrained(base, config=pooled_config, use_safetensors=True)
     else:
         auto = AutoModelForSequenceClassification if task.kind == "classification" else AutoModelForTokenClassification
         model = auto.from_pretrained(

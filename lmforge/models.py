@@ -108,7 +108,21 @@ class MeanPooledBertConfig(BertConfig):
         return cls(**{**own, **changes})
 
 
-class BertForMeanPooledClassification(BertPreTrainedModel):
+class _PooledBertHead(BertPreTrainedModel):
+    """The encoder (no pooler), dropout and a linear classifier over `features` values, named as BERT's
+    heads name them, so the weights load from a pretrained encoder; the subclass says what it pools."""
+
+    def __init__(self, config: BertConfig, features: int) -> None:
+        super().__init__(config)
+        self.num_labels: int = config.num_labels or 2  # typed optional; a config always has it (default 2)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(features, self.num_labels)
+        self.post_init()
+
+
+class BertForMeanPooledClassification(_PooledBertHead):
     """BERT whose classifier reads the mean of the text's final hidden states instead of [CLS].
 
     Masked-LM pretraining never trains the [CLS] position (it is never masked, and nothing reads it),
@@ -120,13 +134,7 @@ class BertForMeanPooledClassification(BertPreTrainedModel):
     config_class = MeanPooledBertConfig
 
     def __init__(self, config: MeanPooledBertConfig) -> None:
-        super().__init__(config)
-        self.num_labels: int = config.num_labels or 2  # typed optional; a config always has it (default 2)
-        self.bert = BertModel(config, add_pooling_layer=False)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(config.hidden_size, self.num_labels)
-        self.post_init()
+        super().__init__(config, config.hidden_size)
 
     def forward(
         self,
@@ -171,7 +179,7 @@ def word_means(hidden: torch.Tensor, attention_mask: torch.Tensor, word_starts: 
     return (sums / counts.clamp(min=1)).gather(1, index) * weight
 
 
-class BertForWordTagging(BertPreTrainedModel):
+class BertForWordTagging(_PooledBertHead):
     """BERT whose tagger reads a word's first piece and the mean of all its pieces.
 
     With one token per Chinese character, a word's tag read at its first character alone sees the
@@ -183,13 +191,7 @@ class BertForWordTagging(BertPreTrainedModel):
     config_class = WordPooledBertConfig
 
     def __init__(self, config: WordPooledBertConfig) -> None:
-        super().__init__(config)
-        self.num_labels: int = config.num_labels or 2
-        self.bert = BertModel(config, add_pooling_layer=False)
-        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(2 * config.hidden_size, self.num_labels)
-        self.post_init()
+        super().__init__(config, 2 * config.hidden_size)
 
     def forward(
         self,
