@@ -249,7 +249,7 @@ class TaskMeta(Artifact):
     prompt_chars: int
     prompt_loss: bool = False
     class_weights: str = "none"
-    pooling: str = "cls"  # (token) classification: what the classifier reads (cls or mean)
+    pooling: str = "cls"  # (token) classification: what the classifier reads (cls, mean or mean_max)
     training: TrainingParams
     base_resolved: str
     seed: int

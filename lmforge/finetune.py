@@ -246,20 +246,31 @@ DROPOUT_KEYS = {  # where each architecture keeps its dropout probabilities
 
 
 def task_pooling(task: FinetuneTask, name: str, base: str, model_type: str) -> str:
-    """`cls` or `mean` for a classification or token classification task (FinetuneTask.pooling says
-    what each reads and when auto picks which)."""
-    if task.pooling == "mean" and model_type not in MEAN_POOLED:
-        raise LmforgeError(f"finetune.tasks.{name}.pooling: mean needs a bert base; {base} is a {model_type} model")
+    """`cls`, `mean` or `mean_max` for a classification or token classification task
+    (FinetuneTask.pooling says what each reads and when auto picks which)."""
+    key = f"finetune.tasks.{name}.pooling"
+    if task.pooling in ("mean", "mean_max") and model_type not in MEAN_POOLED:
+        raise LmforgeError(f"{key}: {task.pooling} needs a bert base; {base} is a {model_type} model")
+    if task.pooling == "mean_max" and task.kind == "token_classification":
+        raise LmforgeError(f"{key}: mean_max pools a whole text (classification); a tagger reads cls or mean")
     if task.pooling != "auto":
         return task.pooling
-    if model_type in (MEAN_BERT, WORDS_BERT):
-        return "mean"
+    ours = model_type in (MEAN_BERT, WORDS_BERT)  # fine-tuned by lmforge: its encoder is lmforge's
     objective = pretrained_objective(Path(base)) if model_type == "bert" else None
     if task.kind == "token_classification":  # any encoder lmforge pretrained: one token per CJK character
-        return "mean" if objective is not None else "cls"
+        return "mean" if ours or objective is not None else "cls"
     # mlm_nsp trains [CLS] through next-sentence prediction; plain mlm leaves it untrained. Any base
     # lmforge did not pretrain (a hub BERT, say) has its [CLS] trained by its own pretraining.
-    return "mean" if objective == "mlm" else "cls"
+    return "mean_max" if ours or objective == "mlm" else "cls"
+
+
+def resolved_pooling(model: PreTrainedModel) -> str:
+    """What the built model's head reads, as task_pooling names it (`cls` for any other head)."""
+    if model.config.model_type == WORDS_BERT:
+        return "mean"
+    if model.config.model_type == MEAN_BERT:
+        return "mean_max" if model.config.pool_max else "mean"
+    return "cls"
 
 
 def build_task_model(task: FinetuneTask, name: str, base: str, labels: list[str],
@@ -283,12 +294,13 @@ def build_task_model(task: FinetuneTask, name: str, base: str, labels: list[str]
     model: PreTrainedModel
     if task.kind == "generation":
         model = AutoModelForCausalLM.from_pretrained(base, **options)
-    elif task.kind != "generation" and task_pooling(task, name, base, config.model_type) == "mean":
+    elif (pooling := task_pooling(task, name, base, config.model_type)) in ("mean", "mean_max"):
         head, head_config = ((BertForWordTagging, WordPooledBertConfig) if task.kind == "token_classification"
                              else (BertForMeanPooledClassification, MeanPooledBertConfig))  # fmt: skip
+        dropouts = {key: value for key, value in options.items() if key != "use_safetensors"}
         pooled_config = head_config.of(
             config, id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
-            **{key: value for key, value in options.items() if key != "use_safetensors"},
+            pool_max=pooling == "mean_max", **dropouts,
         )  # fmt: skip
         model = head.from_pretrained(base, config=pooled_config, use_safetensors=True)
     else:
@@ -345,9 +357,8 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
         add_word_starts(data.train + data.val)
     manifest = Manifest.of(paths.dataset)
     training = with_learning_rate(task.training, recipe_learning_rate(task, base_is_ours))
-    pooling = "mean" if model.config.model_type in (MEAN_BERT, WORDS_BERT) else "cls"
     # the resolved rate and pooling travel with the model
-    task = task.model_copy(update={"training": training, "pooling": pooling})
+    task = task.model_copy(update={"training": training, "pooling": resolved_pooling(model)})
     pad = tokenizer.pad_token_id
     resolved = {"task": name, **task.model_dump(), "base_resolved": base, "seed": seed, "dropout": dropout,
                 "labels": data.labels, "max_length": max_length, "word_start_types": word_start_types}  # fmt: skip

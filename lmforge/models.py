@@ -9,6 +9,7 @@ classifier are registered with the Auto classes here, in our own code, so loadin
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -99,7 +100,14 @@ AutoModelForCausalLM.register(LSTMConfig, LSTMForCausalLM, exist_ok=True)
 
 
 class MeanPooledBertConfig(BertConfig):
+    """BERT's config, plus `pool_max`: the classifier reads the max of the states beside their mean
+    (models saved before it existed read the mean alone, which False keeps)."""
+
     model_type = "lmforge_bert_mean"
+
+    def __init__(self, pool_max: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.pool_max = pool_max
 
     @classmethod
     def of(cls, config: PretrainedConfig, **changes: object) -> MeanPooledBertConfig:
@@ -123,18 +131,22 @@ class _PooledBertHead(BertPreTrainedModel):
 
 
 class BertForMeanPooledClassification(_PooledBertHead):
-    """BERT whose classifier reads the mean of the text's final hidden states instead of [CLS].
+    """BERT whose classifier reads the mean of the text's final hidden states instead of [CLS], and
+    with `config.pool_max` their elementwise max beside it.
 
     Masked-LM pretraining never trains the [CLS] position (it is never masked, and nothing reads it),
     so a [CLS] classifier starts from a vector that says little about the text: on the default
     sentiment task its loss sat at chance for 250-370 steps. The mean of the tokens' states is what
-    MLM did train (sentence-transformers pools the same way).
+    MLM did train (sentence-transformers pools the same way). The mean dilutes the few words that
+    settle a long review's sentiment; the max keeps each feature's strongest token (ULMFiT's and
+    InferSent's concat pooling): macro-F1 0.812 -> 0.828 on the default sentiment task.
     """
 
     config_class = MeanPooledBertConfig
 
     def __init__(self, config: MeanPooledBertConfig) -> None:
-        super().__init__(config, config.hidden_size)
+        super().__init__(config, config.hidden_size * (2 if config.pool_max else 1))
+        self.pool_max = config.pool_max
 
     def forward(
         self,
@@ -149,6 +161,9 @@ class BertForMeanPooledClassification(_PooledBertHead):
         hidden = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        if self.pool_max:
+            peaks = hidden.masked_fill(mask == 0, torch.finfo(hidden.dtype).min).amax(dim=1)
+            pooled = torch.cat([pooled, peaks], dim=-1)
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:

@@ -355,11 +355,12 @@ class FinetuneTask(Section):
         description="classification: balanced weighs each class's loss by the inverse of its share of train; "
         f"auto: balanced where the largest class is at least {SKEWED_CLASSES}x the smallest",
     )
-    pooling: Literal["auto", "cls", "mean"] = Field(
+    pooling: Literal["auto", "cls", "mean", "mean_max"] = Field(
         "auto",
         description="classification: what the classifier reads: cls (the [CLS] state, as BERT does), mean (the mean "
-        "of the text's states; bert bases only); auto: mean for lmforge's masked-LM encoders, whose [CLS] "
-        "pretraining never trains, cls for any other base. token_classification: cls reads a word's first piece (as "
+        "of the text's states; bert bases only), mean_max (their mean and their elementwise max); auto: mean_max for "
+        "lmforge's masked-LM encoders, whose [CLS] pretraining never trains, cls for any other base. "
+        "token_classification: cls reads a word's first piece (as "
         "BERT does), mean its first piece and the mean of all its pieces (bert bases only); auto: mean for "
         "lmforge's encoders, cls for any other base",
     )

@@ -142,7 +142,9 @@ def test_serve_keeps_the_schedule_on_a_server_of_its_own(clone: Path, tmp_path: 
         scheduled = wait_for(booked, 60, "runs booked by the scheduler")
         assert all(run["expected_start_time"][11:16] == "03:00" for run in scheduled)
 
-        now = api(port, "POST", f"/deployments/{deployment['id']}/create_flow_run", {})
+        # retried: a server still busy booking the schedule has answered 503 (database busy)
+        now = wait_for(lambda: api(port, "POST", f"/deployments/{deployment['id']}/create_flow_run", {}), 60,
+                       "the server to create a run")  # fmt: skip
         final = wait_for(lambda: (r := api(port, "GET", f"/flow_runs/{now['id']}"))["state_type"] in
                          {"COMPLETED", "FAILED", "CRASHED"} and r, 180, "the triggered run to end")  # fmt: skip
         assert final["state_type"] == "COMPLETED", final["state"]
@@ -151,6 +153,7 @@ def test_serve_keeps_the_schedule_on_a_server_of_its_own(clone: Path, tmp_path: 
     finally:
         server.send_signal(signal.SIGINT)
         output = server.communicate(timeout=60)[0]
+        print(output[-8000:])  # pytest shows the served process's log when the test fails
     assert f"serving lmforge-retrain on http://127.0.0.1:{port}/api" in output
     assert wait_for(lambda: port_is_free("127.0.0.1", port), 30, "the server to stop")
 

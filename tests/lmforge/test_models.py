@@ -229,8 +229,9 @@ def test_load_pretrained_refuses_pickled_weights(tmp_path: Path) -> None:
 # --- the mean-pooled classifier -------------------------------------------------------------------
 
 
-def mean_pooled_from(folder: Path) -> BertForMeanPooledClassification:
-    config = MeanPooledBertConfig.of(BertConfig.from_pretrained(str(folder)), id2label={0: "a", 1: "b", 2: "c"})
+def mean_pooled_from(folder: Path, pool_max: bool = False) -> BertForMeanPooledClassification:
+    config = MeanPooledBertConfig.of(BertConfig.from_pretrained(str(folder)), id2label={0: "a", 1: "b", 2: "c"},
+                                     pool_max=pool_max)  # fmt: skip
     return BertForMeanPooledClassification.from_pretrained(str(folder), config=config, use_safetensors=True).eval()
 
 
@@ -241,9 +242,10 @@ def test_the_mean_pooled_classifier_starts_from_the_pretrained_encoder(tmp_path:
     assert mine.keys() == pretrained.keys() and all(torch.equal(mine[key], pretrained[key]) for key in mine)
 
 
-def test_the_mean_pooled_classifier_reads_only_the_texts_own_tokens(tmp_path: Path) -> None:
-    """A text scores the same alone as padded beside a longer one: padding is outside the mean."""
-    classifier = mean_pooled_from(save(build("bert-mlm", seed=3), tmp_path / "encoder", "mlm"))
+@pytest.mark.parametrize("pool_max", [False, True])
+def test_the_mean_pooled_classifier_reads_only_the_texts_own_tokens(tmp_path: Path, pool_max: bool) -> None:
+    """A text scores the same alone as padded beside a longer one: padding is outside the mean and the max."""
+    classifier = mean_pooled_from(save(build("bert-mlm", seed=3), tmp_path / "encoder", "mlm"), pool_max)
     short, long = batch()[0, :5], batch()[1]
     padded = torch.stack([torch.cat([short, torch.full((3,), PAD)]), long])
     mask = torch.stack([torch.cat([torch.ones(5), torch.zeros(3)]), torch.ones(8)]).long()
@@ -253,14 +255,29 @@ def test_the_mean_pooled_classifier_reads_only_the_texts_own_tokens(tmp_path: Pa
     assert torch.allclose(alone[0], together[0], atol=1e-5)
 
 
-def test_a_saved_mean_pooled_classifier_loads_through_the_auto_class(tmp_path: Path) -> None:
+def test_with_pool_max_the_classifier_reads_the_mean_and_the_max_of_the_states(tmp_path: Path) -> None:
+    classifier = mean_pooled_from(save(build("bert-mlm", seed=3), tmp_path / "encoder", "mlm"), pool_max=True)
+    ids, mask = batch(), torch.ones(2, 8, dtype=torch.long)
+    mask[0, 5:] = 0
+    with torch.no_grad():
+        hidden = classifier.bert(ids, attention_mask=mask).last_hidden_state
+        real = [hidden[0, :5], hidden[1]]
+        features = torch.stack([torch.cat([states.mean(dim=0), states.amax(dim=0)]) for states in real])
+        assert torch.allclose(classifier(input_ids=ids, attention_mask=mask).logits, classifier.classifier(features),
+                              atol=1e-5)  # fmt: skip
+    assert classifier.classifier.in_features == 2 * classifier.config.hidden_size
+
+
+@pytest.mark.parametrize("pool_max", [False, True])
+def test_a_saved_mean_pooled_classifier_loads_through_the_auto_class(tmp_path: Path, pool_max: bool) -> None:
     """Serving loads it as any classifier (AutoModelForSequenceClassification, safetensors), no remote code."""
     from transformers import AutoModelForSequenceClassification
 
-    classifier = mean_pooled_from(save(build("bert-mlm", seed=3), tmp_path / "encoder", "mlm"))
+    classifier = mean_pooled_from(save(build("bert-mlm", seed=3), tmp_path / "encoder", "mlm"), pool_max)
     classifier.save_pretrained(str(tmp_path / "task"), safe_serialization=True)
     reloaded = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "task"), use_safetensors=True)
     assert type(reloaded) is BertForMeanPooledClassification and same_weights(classifier, reloaded)
+    assert reloaded.config.pool_max is pool_max
     assert torch.equal(logits_of(classifier, batch()), logits_of(reloaded.eval(), batch()))
 
 

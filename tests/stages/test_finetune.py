@@ -183,12 +183,24 @@ def test_class_weights_only_where_classes_are_skewed():
     assert balanced is not None and balanced.tolist() == [1.0, 1.0]
 
 
-def test_a_classifier_on_an_mlm_encoder_reads_the_mean_of_its_states(smoke_models: SmokeRun, tmp_path: Path):
-    """pooling auto: mean for lmforge's masked-LM encoder ([CLS] was never trained); cls when asked."""
+def classifier_width(model_folder: Path) -> int:
+    """How many features the saved model's classifier reads."""
+    with safe_open(str(model_folder / "model.safetensors"), framework="pt") as handle:
+        return handle.get_slice("classifier.weight").get_shape()[1]
+
+
+def test_a_classifier_on_an_mlm_encoder_reads_the_mean_and_max_of_its_states(smoke_models: SmokeRun, tmp_path: Path):
+    """pooling auto: mean_max for lmforge's masked-LM encoder ([CLS] was never trained); mean or cls when asked."""
     config_of = lambda folder: json.loads((folder / "config.json").read_text())  # noqa: E731
     default = smoke_models.root / "models/finetuned/sentiment"
-    assert config_of(default)["model_type"] == "lmforge_bert_mean"
+    hidden = config_of(default)["hidden_size"]
+    assert config_of(default)["model_type"] == "lmforge_bert_mean" and config_of(default)["pool_max"] is True
+    assert classifier_width(default) == 2 * hidden
+    assert json.loads((default / "lmforge_task.json").read_text())["pooling"] == "mean_max"
     assert not any(name.startswith("bert.pooler") for name in tensor_names(default))
+    finetune(smoke_models, smoke_task(smoke_models, pooling="mean"), "sentiment", tmp_path / "mean", tmp_path / "ck")
+    assert config_of(tmp_path / "mean")["pool_max"] is False and classifier_width(tmp_path / "mean") == hidden
+    assert json.loads((tmp_path / "mean/lmforge_task.json").read_text())["pooling"] == "mean"
     finetune(smoke_models, smoke_task(smoke_models, pooling="cls"), "sentiment", tmp_path / "cls", tmp_path / "ck")
     assert config_of(tmp_path / "cls")["model_type"] == "bert"
     assert any(name.startswith("bert.pooler") for name in tensor_names(tmp_path / "cls"))
@@ -201,8 +213,7 @@ def test_a_tagger_on_an_lmforge_encoder_reads_each_words_pieces(smoke_models: Sm
     hidden = config_of(default)["hidden_size"]
     assert config_of(default)["model_type"] == "lmforge_bert_words"
     assert json.loads((default / "lmforge_task.json").read_text())["pooling"] == "mean"
-    with safe_open(str(default / "model.safetensors"), framework="pt") as handle:
-        assert handle.get_slice("classifier.weight").get_shape()[1] == 2 * hidden
+    assert classifier_width(default) == 2 * hidden
     finetune(smoke_models, smoke_task(smoke_models, "ner", pooling="cls"), "ner", tmp_path / "cls", tmp_path / "ck")
     assert config_of(tmp_path / "cls")["model_type"] == "bert"
     assert json.loads((tmp_path / "cls/lmforge_task.json").read_text())["pooling"] == "cls"
@@ -212,3 +223,9 @@ def test_mean_pooling_on_a_decoder_fails_naming_the_key(smoke_models: SmokeRun, 
     params = smoke_task(smoke_models, pooling="mean", base="pretrained:decoder")
     with pytest.raises(LmforgeError, match=r"finetune.tasks.sentiment.pooling: mean needs a bert base"):
         finetune(smoke_models, params, "sentiment", tmp_path / "out", tmp_path / "ck")
+
+
+def test_mean_max_pooling_on_a_tagger_fails_naming_the_key(smoke_models: SmokeRun, tmp_path: Path):
+    params = smoke_task(smoke_models, "ner", pooling="mean_max")
+    with pytest.raises(LmforgeError, match=r"finetune.tasks.ner.pooling: mean_max pools a whole text"):
+        finetune(smoke_models, params, "ner", tmp_path / "out", tmp_path / "ck")
