@@ -16,7 +16,9 @@ import dataclasses
 import multiprocessing
 import os
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import mlflow
 import optuna
 
 from lmforge import tracking
-from lmforge.artifacts import Manifest, OptimizeReport, TaskMeta
+from lmforge.artifacts import FinetuneReport, Manifest, OptimizeReport, TaskMeta
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_output_dir, fingerprint, read_json, sha256_file, write_json
 from lmforge.params import Params
@@ -93,8 +95,6 @@ def work_on_study(study: optuna.Study, params: OptimizeSection, paths: OptimizeP
     the first n_trials live trials, so the count is reached exactly. `log_models` also logs each
     completed trial's model to its run, for workers whose disk the stage cannot read.
     """
-    from lmforge.finetune import FinetunePaths, FinetuneSection, train_task  # torch: only where trials train
-
     task, n_trials = params.name, params.n_trials
     trained: list[int] = []
 
@@ -112,13 +112,7 @@ def work_on_study(study: optuna.Study, params: OptimizeSection, paths: OptimizeP
             trial.set_user_attr("model_dir", str(trial_dir / "model"))
             trial.set_user_attr("worker_pid", os.getpid())
             try:
-                trial_task = params.task.model_copy(update=updates)
-                trial_section = FinetuneSection(name=task, seed=params.seed, task=trial_task)
-                trial_paths = FinetunePaths(paths.dataset, paths.tasks, paths.pretrained, out=trial_dir / "model",
-                                            checkpoints=trial_dir / "checkpoints",
-                                            report=trial_dir / "report.json",
-                                            metrics=trial_dir / "figures.json")  # fmt: skip
-                report = train_task(trial_section, trial_paths, on_eval=pruning_hook(trial), dropout=dropout)
+                report = train_trial(params, paths, trial_dir, updates, dropout, on_eval=pruning_hook(trial))
             except optuna.TrialPruned:
                 mlflow.set_tag("optuna.state", "pruned")
                 raise
@@ -140,6 +134,18 @@ def work_on_study(study: optuna.Study, params: OptimizeSection, paths: OptimizeP
             catch=(SlotTaken,),
         )
     return trained
+
+
+def train_trial(params: OptimizeSection, paths: OptimizePaths, trial_dir: Path, updates: dict[str, Any],
+                dropout: float | None, on_eval: Callable[[float], None] | None = None) -> FinetuneReport:  # fmt: skip
+    """Fine-tune the task with a trial's updates into trial_dir/model, logging to the active MLflow run."""
+    from lmforge.finetune import FinetunePaths, FinetuneSection, train_task  # torch: only where trials train
+
+    trial_section = FinetuneSection(name=params.name, seed=params.seed, task=params.task.model_copy(update=updates))
+    trial_paths = FinetunePaths(paths.dataset, paths.tasks, paths.pretrained, out=trial_dir / "model",
+                                checkpoints=trial_dir / "checkpoints", report=trial_dir / "report.json",
+                                metrics=trial_dir / "figures.json")  # fmt: skip
+    return train_task(trial_section, trial_paths, on_eval=on_eval, dropout=dropout)
 
 
 def worker_main(params: OptimizeSection, paths: OptimizePaths, study_run_id: str,
@@ -227,11 +233,15 @@ def run_study(params: OptimizeSection, paths: OptimizePaths) -> tuple[optuna.Stu
     return study, parent.info.run_id
 
 
-def trial_model(trial: optuna.trial.FrozenTrial, work_dir: Path) -> Path:
-    """The trial's model folder: where it was trained, or, for a worker elsewhere, from its MLflow run.
+def trial_model(trial: optuna.trial.FrozenTrial, work_dir: Path, retrain: Callable[[], Path] | None = None) -> Path:
+    """The trial's model folder: where it was trained, or, for a worker elsewhere, from its MLflow run,
+    or else trained again from the trial's params by `retrain` (without one: an error).
 
     A local folder counts only if its weights are the trial's own (by sha256): trial folders are
-    named by number, so one here may hold another study's trial of the same number.
+    named by number, so one here may hold another study's trial of the same number. The study lives
+    in the repository's optuna.db, its trial folders in one checkout's checkpoints/: a `dvc exp run
+    --temp` copy, or a checkout whose checkpoints were cleared, finds the study complete and the
+    folders gone.
     """
 
     def holds_the_trial(folder: Path) -> bool:
@@ -248,11 +258,32 @@ def trial_model(trial: optuna.trial.FrozenTrial, work_dir: Path) -> Path:
     with contextlib.suppress(Exception):  # not logged (a local worker's trial): reported below
         mlflow.artifacts.download_artifacts(run_id=trial.user_attrs["mlflow_run_id"],
                                             artifact_path=TRIAL_MODEL_ARTIFACT, dst_path=str(target))  # fmt: skip
-    if not holds_the_trial(target / TRIAL_MODEL_ARTIFACT):
-        run_id = trial.user_attrs["mlflow_run_id"]
-        raise LmforgeError(f"optimize: the model of trial {trial.number} is neither in {trained_at} nor in its "
-                           f"MLflow run {run_id} (only flow-run workers log their models)")  # fmt: skip
-    return target / TRIAL_MODEL_ARTIFACT
+    if holds_the_trial(target / TRIAL_MODEL_ARTIFACT):
+        return target / TRIAL_MODEL_ARTIFACT
+    where = f"neither in {trained_at} nor in its MLflow run {trial.user_attrs['mlflow_run_id']}"
+    if retrain is None:
+        raise LmforgeError(f"optimize: the model of trial {trial.number} is {where} "
+                           "(only flow-run workers log their models)")  # fmt: skip
+    print(f"optimize: the model of trial {trial.number} is {where}: training it again from its params",
+          file=sys.stderr)  # fmt: skip
+    retrained = retrain()
+    if not holds_the_trial(retrained):  # the same params and seed, another machine's arithmetic
+        print(f"optimize: trial {trial.number} trained again differs from its first training (another CPU or "
+              "GPU rounds differently); the candidate is scored as it is now", file=sys.stderr)  # fmt: skip
+    return retrained
+
+
+def retrain_trial(trial: optuna.trial.FrozenTrial, params: OptimizeSection, paths: OptimizePaths,
+                  study_run_id: str) -> Path:  # fmt: skip
+    """Train a finished trial again from its params (same seed: the same model on the same machine)
+    into work/trial-NNN-retrained, as a nested run of the study's MLflow run; return its model folder."""
+    updates, dropout = suggest(optuna.trial.FixedTrial(trial.params), params.optimize, params.task)
+    trial_dir = paths.work / f"trial-{trial.number:03d}-retrained"
+    tags = {"stage": "optimize", "task": params.name, "optuna.trial": str(trial.number), "optuna.retrained": "true"}
+    with mlflow.start_run(run_id=study_run_id), mlflow.start_run(run_name=f"trial {trial.number} (trained again)",
+                                                                 nested=True, tags=tags):  # fmt: skip
+        train_trial(params, paths, trial_dir, updates, dropout)
+    return trial_dir / "model"
 
 
 def log_study(study: optuna.Study) -> None:
@@ -321,7 +352,8 @@ def run(params: OptimizeSection, paths: OptimizePaths) -> OptimizeReport:
         pass_on_finetuned(paths, report, trials_table(study))
         return report
     with atomic_output_dir(paths.candidate) as staging:
-        shutil.copytree(trial_model(best, paths.work), staging, dirs_exist_ok=True)
+        model = trial_model(best, paths.work, retrain=lambda: retrain_trial(best, params, paths, run_id))
+        shutil.copytree(model, staging, dirs_exist_ok=True)
         meta = TaskMeta.read(staging / "lmforge_task.json")
         meta.model_copy(update={"optuna_study": study.study_name, "optuna_trial": best.number}).write_into(
             staging / "lmforge_task.json"

@@ -73,8 +73,10 @@ def finished_trials(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def suggest(trial: optuna.Trial, params: OptimizeParams, task: FinetuneTask) -> tuple[dict[str, Any], float | None]:
-    """Sample the search space; return the task's training/LoRA updates and the dropout (or None)."""
+def suggest(trial: optuna.Trial | optuna.trial.FixedTrial, params: OptimizeParams,
+            task: FinetuneTask) -> tuple[dict[str, Any], float | None]:  # fmt: skip
+    """Sample the search space (a FixedTrial replays a finished trial's values); return the task's
+    training/LoRA updates and the dropout (or None)."""
     space = params.search_space
     training: dict[str, Any] = {"max_steps": params.max_steps, "eval_every": params.eval_every,
                                 "checkpoint_every": params.eval_every, "early_stopping_patience": 0}  # fmt: skip

@@ -69,6 +69,17 @@ def test_study_prunes_resumes_and_yields_a_scored_candidate(smoke_evaluated: Smo
         else:
             assert meta["optuna_trial"] is None and weights == (finetuned / "model.safetensors").read_bytes()
 
+    # The study is complete but the trial folders are gone (a `dvc exp run --temp` copy, cleared
+    # checkpoints): the best trial is trained again from its params, to the same weights.
+    trained_first = (tmp_path / f"work/trial-{summary.best_trial:03d}/model/model.safetensors").read_bytes()
+    shutil.rmtree(tmp_path / "work")
+    report = run_in("optimize@sentiment", params, smoke_evaluated.root, finetuned=tmp_path / "finetuned-trial",
+                    out=tmp_path / "out-again", candidate=tmp_path / "candidate-again", work=tmp_path / "work",
+                    report=tmp_path / "again.json")  # fmt: skip
+    assert report.candidate_source == "trial" and report.best_trial == summary.best_trial
+    assert (tmp_path / "candidate-again/model.safetensors").read_bytes() == trained_first
+    assert len(json.loads((tmp_path / "out-again/trials.json").read_text())) == len(trials)  # no new trial
+
     again = run_optimize(params, smoke_evaluated, tmp_path)  # the same study, already complete: no new trial
     assert len(json.loads((tmp_path / "out/trials.json").read_text())) == len(trials)
     assert again.best_trial == summary.best_trial
