@@ -32,6 +32,7 @@ lint: setup
 bench: setup
 	python -m bench.train_speed
 	python -m bench.allocator
+	python -m bench.decoder_loss
 	python -m bench.generate_speed
 	python -m bench.startup
 	python -m bench.preprocess_memory

@@ -36,6 +36,7 @@ from lmforge import tracking
 from lmforge.artifacts import FinetuneReport, Manifest, TaskLabels, TaskMeta
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, write_json
+from lmforge.losses import causal_lm_loss
 from lmforge.models import (
     BertForMeanPooledClassification,
     BertForWordTagging,
@@ -342,9 +343,10 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
     """Fine-tune the task and write the model to paths.out, logging to the active MLflow run.
 
     `on_eval` sees every validation loss (the optimize stage prunes trials with it); `dropout`
-    overrides the base model's dropout (a tuned hyperparameter).
+    (a tuned hyperparameter) overrides the task's, which overrides the base model's.
     """
     task, name, seed = params.task, params.name, params.seed
+    dropout = task.dropout if dropout is None else dropout
     base = resolve_base(task.base, paths.pretrained, f"finetune.tasks.{name}.base")
     tokenizer = load_tokenizer(base, f"finetune.tasks.{name}.base")
     max_length = min(tokenizer.model_max_length, 4096)
@@ -368,7 +370,7 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
     run_fingerprint = fingerprint(resolved, manifest.files, base_files)
 
     weights = class_weights(task, data.labels, data.train)
-    loss_of = model_loss if weights is None else weighted_loss(weights)
+    loss_of = causal_lm_loss if task.kind == "generation" else model_loss if weights is None else weighted_loss(weights)
     if weights is not None:
         counts = Counter(row["label"] for row in data.train)
         shares = ", ".join(f"{label} {counts[i] / len(data.train):.1%}" for i, label in enumerate(data.labels))

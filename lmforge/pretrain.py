@@ -21,6 +21,7 @@ from lmforge import tracking
 from lmforge.artifacts import PretrainReport
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, read_json, write_json
+from lmforge.losses import causal_lm_loss
 from lmforge.models import PRETRAIN_PARAMS, build_pretrain_model, count_parameters
 from lmforge.params import Params
 from lmforge.schema import RECIPE_LR, ModelArchitecture, Section, TrainingParams
@@ -160,7 +161,7 @@ def masked_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> to
 
 
 def loss_for(objective: str) -> LossFn:
-    return masked_lm_loss if objective in ("mlm", "mlm_nsp") else model_loss
+    return masked_lm_loss if objective in ("mlm", "mlm_nsp") else causal_lm_loss
 
 
 def validation_loss(model: torch.nn.Module, make_batch: BatchFn, n_blocks: int, batch_size: int, seed: int,

@@ -90,6 +90,19 @@ def test_lora_trains_adapters_and_merges_them_into_a_plain_model(smoke_models: S
     assert names == tensor_names(smoke_models.root / "models/finetuned/sentiment")
 
 
+def test_the_tasks_dropout_replaces_the_bases_while_fine_tuning(smoke_models: SmokeRun, tmp_path: Path):
+    """dropout null keeps the base's probabilities; a number sets every one of them, and is recorded."""
+    config_of = lambda folder: json.loads((folder / "config.json").read_text())  # noqa: E731
+    base = config_of(smoke_models.root / "models/pretrained/encoder")
+    default = smoke_models.root / "models/finetuned/sentiment"
+    assert config_of(default)["hidden_dropout_prob"] == base["hidden_dropout_prob"] > 0
+    assert json.loads((default / "lmforge_task.json").read_text())["dropout"] is None
+    finetune(smoke_models, smoke_task(smoke_models, dropout=0.25), "sentiment", tmp_path / "d", tmp_path / "ck")
+    config = config_of(tmp_path / "d")
+    assert config["hidden_dropout_prob"] == config["attention_probs_dropout_prob"] == 0.25
+    assert json.loads((tmp_path / "d/lmforge_task.json").read_text())["dropout"] == 0.25
+
+
 def test_local_model_folder_as_base_retokenizes_with_its_tokenizer(smoke_models: SmokeRun, tmp_path: Path):
     local = tmp_path / "my-bert"
     shutil.copytree(smoke_models.root / "models/pretrained/encoder", local)
