@@ -8,9 +8,9 @@ gradient: four passes over a tensor of positions x vocabulary that does not fit 
 
 `causal_lm_loss` gives `GPT2LMHeadModel(**batch).loss` (the same number, up to float rounding)
 while projecting only the positions that have a label, and `linear_cross_entropy` takes the
-softmax and its gradient one cache-sized chunk of rows at a time, in the forward pass (the loss is
-the last operation, so its gradient is known there), keeping only the gradient of the logits in
-the compute dtype for backward's two matmuls.
+softmax, its gradient and backward's two matmuls one cache-sized chunk of rows at a time, in the
+forward pass (the loss is the last operation, so its gradient is known there): nothing of the size
+positions x vocabulary outlives a chunk, so memory stays flat as batches and vocabularies grow.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, w = hidden.to(dtype), weight.to(dtype)
             n = targets.numel()
             wants_grad = hidden.requires_grad or weight.requires_grad
-            grad_logits = torch.empty((n, w.shape[0]), dtype=dtype, device=h.device) if wants_grad else None
+            grad_hidden = torch.empty_like(h) if wants_grad else None
+            grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=h.device) if wants_grad else None
             total = torch.zeros((), dtype=torch.float32, device=h.device)
             for start in range(0, n, chunk_rows):
                 rows = slice(start, start + chunk_rows)
@@ -52,21 +53,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 exps = logits.sub_(row_max).exp_()  # in place: one exp per logit, the chunk still in cache
                 row_sum = exps.sum(dim=-1)
                 total += (row_max.squeeze(1) + row_sum.log() - target_logits).sum()
-                if grad_logits is not None:  # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n
+                if grad_hidden is not None and grad_weight is not None:
+                    # d(mean loss)/d(logits) = (softmax - one_hot(target)) / n, then both matmuls of the
+                    # backward pass on this chunk: nothing of the size rows x vocabulary outlives it
                     scaled = exps.mul_((1.0 / n) / row_sum[:, None])
                     scaled[torch.arange(picked.numel(), device=h.device), picked] -= 1.0 / n
-                    grad_logits[rows] = scaled
-        ctx.save_for_backward(h, w, grad_logits)
+                    grad_chunk = scaled.to(dtype)
+                    grad_hidden[rows] = grad_chunk @ w
+                    grad_weight += (grad_chunk.T @ h[rows]).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
         return total / n
 
     @staticmethod
     def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        h, w, grad_logits = ctx.saved_tensors
+        grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        grad_hidden = (grad_logits @ w).to(hidden_dtype) * grad_loss if ctx.needs_input_grad[0] else None
-        grad_weight = (grad_logits.T @ h).to(weight_dtype) * grad_loss if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None
+        return (grad_hidden.to(hidden_dtype) * grad_loss, grad_weight.to(weight_dtype) * grad_loss, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
