@@ -27,9 +27,10 @@ import torch
 
 from bench.machine import describe
 from lmforge.allocator import keep_freed_memory
-from lmforge.losses import IGNORE_INDEX, causal_lm_loss
+from lmforge.losses import causal_lm_loss
 from lmforge.models import build_pretrain_model
 from lmforge.schema import ModelArchitecture, TrainingParams
+from lmforge.tokenization import IGNORE_INDEX
 from lmforge.training import BatchFn, LossFn, model_loss, train
 
 RESULTS = Path(__file__).resolve().parent / "results"

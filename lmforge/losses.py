@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from transformers import GPT2LMHeadModel
 
-IGNORE_INDEX = -100
+from lmforge.tokenization import IGNORE_INDEX
+
 CHUNK_ROWS = 256  # 256 rows x 8,000 tokens of fp32 logits: 8 MB, within a server CPU's L3
 
 
