@@ -49,7 +49,7 @@ def task_model(folder: Path) -> tuple[TaskModel, list[str]]:
         model.lm_head.weight[vocab["[SEP]"]].zero_()
     model.save_pretrained(str(folder / "model"))
     TaskMeta(
-        task="bench", dataset="bench", kind="generation", base="pretrained:decoder", method="full", lora=LoraParams(),
+        task="bench", dataset="bench", kind="generation", base="decoder", method="full", lora=LoraParams(),
         prompt_chars=PROMPT_CHARS, training=TrainingParams(), base_resolved="-", seed=0, dropout=None, labels=[],
         max_length=MAX_LENGTH, test_sha256="0" * 64, finetune_run_id=None,
     ).write(folder / "model" / "lmforge_task.json")  # fmt: skip

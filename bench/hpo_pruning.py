@@ -86,7 +86,7 @@ def main() -> None:
                                                             "max_eval_samples": args.eval_samples}}}},
         })  # fmt: skip
         data_params = parse_params(smoke)
-        base = data_params.finetune.tasks[args.task].base.removeprefix("pretrained:")
+        base = data_params.finetune.tasks[args.task].base
         for address in ("ingest", "validate", "preprocess", f"pretrain@{base}", f"finetune@{args.task}"):
             run_stage(address, data_params, root, commands)
         for pruner in (args.pruner, "none"):

@@ -105,7 +105,7 @@ def main() -> None:
                 scale_raw(root / "raw1", root / f"raw{factor}", factor)
             stats = preprocess(root / f"raw{factor}", root / "validation", root / f"out{factor}")
             train = stats["pretrain"]["train"]
-            task_tokens = sum(s["train"]["tokens"] for s in stats["tasks"].values())
+            task_tokens = sum(s["train"]["tokens"] for s in stats["datasets"].values())
             tokenizer = root / f"out{factor}/processed/tokenizer/tokenizer.json"
             corpus = root / f"raw{factor}/corpus/train.txt"
             encode = raw_encode_seconds(tokenizer, corpus, params.preprocess.batch_size)

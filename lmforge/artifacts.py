@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from lmforge.errors import DataError
 from lmforge.io import write_json, write_json_atomic
-from lmforge.schema import LoraParams, TrainingParams
+from lmforge.schema import DatasetKind, LoraParams, TrainingParams
 
 
 class Artifact(BaseModel):
@@ -55,8 +55,11 @@ class Artifact(BaseModel):
 
 def training_figures(report: PretrainReport | FinetuneReport) -> dict[str, float]:
     """What a training run is compared by: where it ended, how fast, how long."""
-    return {"val_loss": report.val_loss, "tokens_per_s": float(report.tokens_per_second), "seconds": report.seconds}
+    ended = {} if report.val_loss is None else {"val_loss": report.val_loss}
+    return {**ended, "tokens_per_s": float(report.tokens_per_second), "seconds": report.seconds}
 
+
+SPLITS = ("train", "val", "test")  # every dataset's splits, as ingest writes them
 
 SECONDARY_METRIC = {  # kind -> (its column in the DVC metrics files, the metric)
     "classification": ("accuracy", "accuracy"),
@@ -83,7 +86,7 @@ class Manifest(Artifact):
     """data/raw/<dataset>/manifest.json: what ingest wrote, and the frozen test split's sha256."""
 
     dataset: str
-    task: str  # the dataset's kind: classification, token_classification or corpus (ingest.datasets.<d>.task)
+    kind: DatasetKind  # ingest.datasets.<dataset>.kind
     source: SourceInfo
     seed: int
     split_fractions: dict[str, float]
@@ -179,20 +182,52 @@ class ValidateReport(Artifact):
 # --- preprocess -----------------------------------------------------------------------------------
 
 
-class TaskLabels(Artifact):
-    """data/processed/tasks/<dataset>/labels.json: the label set the task data was tokenized with."""
+class DatasetLabels(Artifact):
+    """data/processed/datasets/<dataset>/labels.json: the label set the dataset was tokenized with."""
 
-    task: str
+    kind: DatasetKind
     labels: list[str]
     test_sha256: str
+
+
+class TokenizerInfo(Artifact):
+    kind: str
+    vocab_size: int
+
+
+class PackedBlocks(Artifact):
+    """One side (train or val) of the packed pretraining corpus: data/processed/pretrain/<file>."""
+
+    file: str
+    dtype: str
+    block_size: int
+    documents: int
+    tokens: int
+    blocks: int
+    padding_fraction: float
+    unknown_fraction: float
+
+
+class PackedCorpus(Artifact):
+    """data/processed/pretrain/meta.json: where the packed blocks are and what they hold."""
+
+    train: PackedBlocks
+    val: PackedBlocks
+
+
+class TokenizedSplit(Artifact):
+    rows: int
+    tokens: int
+    truncated_fraction: float
+    unknown_fraction: float
 
 
 class PreprocessReport(Artifact):
     """reports/preprocess.json."""
 
-    tokenizer: dict[str, Any]
-    pretrain: dict[str, dict[str, Any]]  # side -> packing stats (data/processed/pretrain/meta.json)
-    tasks: dict[str, dict[str, dict[str, Any]]]  # dataset -> split -> rows, tokens
+    tokenizer: TokenizerInfo
+    pretrain: PackedCorpus
+    datasets: dict[str, dict[str, TokenizedSplit]]  # dataset -> split -> rows, tokens
     seconds_tokenizer: float
     seconds_pack: float
     seconds: float
@@ -203,10 +238,11 @@ class PreprocessReport(Artifact):
 
 
 class PretrainReport(Artifact):
-    """reports/pretrain/<model>.json."""
+    """reports/pretrain/<model>.json. A Hugging Face model copied in (architecture hf) trained no steps:
+    no validation loss."""
 
-    val_loss: float
-    val_perplexity: float
+    val_loss: float | None
+    val_perplexity: float | None
     steps: int
     tokens: int
     seconds: float

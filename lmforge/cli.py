@@ -224,9 +224,9 @@ def _print_reports(reports: list[tuple[str, Path]]) -> None:
                 typer.echo(f"validate    {dataset}: {state} ({passed.evaluated} expectations)")
         elif name == "preprocess":
             stats = PreprocessReport.read(path)
-            train = stats.pretrain["train"]
-            typer.echo(f"preprocess  tokenizer {stats.tokenizer['kind']} vocab {stats.tokenizer['vocab_size']}; "
-                       f"pretraining corpus {train['tokens']:,} tokens in {train['blocks']:,} blocks; "
+            train = stats.pretrain.train
+            typer.echo(f"preprocess  tokenizer {stats.tokenizer.kind} vocab {stats.tokenizer.vocab_size}; "
+                       f"pretraining corpus {train.tokens:,} tokens in {train.blocks:,} blocks; "
                        f"peak RSS {stats.peak_rss_mb} MB")  # fmt: skip
         elif name == "evaluate":
             m = EvalReport.read(path)

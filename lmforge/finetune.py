@@ -1,12 +1,13 @@
 """finetune: a base model + a task dataset -> models/finetuned/<task>/ (HF format, safetensors).
 
-Sequence classification, token classification or generation. The base is `pretrained:<name>`
-(models/pretrained/<name>), a local HF model folder, or a hub id. Full fine-tuning or LoRA (merged
-into the weights at the end, so the output is a plain model). Same checkpoints and resume as pretrain.
+Sequence classification, token classification or generation. The base is a model of pretrain.models
+(models/pretrained/<name>): one lmforge pretrained, or a Hugging Face model the pretrain stage copied
+there. Full fine-tuning or LoRA (merged into the weights at the end, so the output is a plain model).
+Same checkpoints and resume as pretrain.
 
-Task examples are token-id lists. When the base model is one of ours (`pretrained:<name>`) they come
-straight from data/processed/tasks (same tokenizer); any other base brings its own tokenizer, so the
-raw splits are tokenized again with it, by the same code preprocess uses.
+Task examples are token-id lists. When lmforge pretrained the base they come straight from
+data/processed/datasets/<dataset> (same tokenizer); a Hugging Face base brings its own tokenizer, so
+the raw splits are tokenized again with it, by the same code preprocess uses.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from transformers import (
 )
 
 from lmforge import tracking
-from lmforge.artifacts import FinetuneReport, Manifest, TaskLabels, TaskMeta
+from lmforge.artifacts import DatasetLabels, FinetuneReport, Manifest, TaskMeta
 from lmforge.errors import LmforgeError
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, write_json
 from lmforge.losses import causal_lm_loss
@@ -42,9 +43,9 @@ from lmforge.models import (
     BertForWordTagging,
     MeanPooledBertConfig,
     WordPooledBertConfig,
+    base_folder,
     count_parameters,
     pretrained_objective,
-    resolve_base,
 )
 from lmforge.params import Params
 from lmforge.schema import RECIPE_LR, SKEWED_CLASSES, FinetuneTask, Section
@@ -56,8 +57,8 @@ from lmforge.training import BatchFn, LossFn, model_loss, pick_device, train, wi
 @dataclass(frozen=True)
 class FinetunePaths:
     dataset: Path = dep("data/raw/<dataset>: the task's splits and manifest")
-    tasks: Path = dep("data/processed/tasks: tokenized task datasets")
-    pretrained: Path = dep("models/pretrained: where pretrained:<name> bases are")
+    tokenized: Path = dep("data/processed/datasets/<dataset>: the dataset tokenized by preprocess")
+    base: Path = dep("models/pretrained/<base>: the model to start from")
     out: Path = output("models/finetuned/<task>: the model in HF format")
     checkpoints: Path = scratch("checkpoints/finetune/<task>: resumable checkpoints")
     report: Path = output("reports/finetune/<task>.json")
@@ -117,7 +118,7 @@ def generation_rows(raw_split: Path, tokenizer: PreTrainedTokenizerBase, prompt_
 
 
 def load_task_data(task: FinetuneTask, name: str, base_is_ours: bool, tokenizer: PreTrainedTokenizerBase,
-                   dataset_dir: Path, tasks_dir: Path, work_dir: Path, max_length: int) -> TaskData:  # fmt: skip
+                   dataset_dir: Path, tokenized_dir: Path, work_dir: Path, max_length: int) -> TaskData:  # fmt: skip
     """Training and validation examples for the task, tokenized for this base model."""
     limits = {"train": task.training.max_train_samples, "val": task.training.max_eval_samples}
     if task.kind == "generation":
@@ -127,20 +128,20 @@ def load_task_data(task: FinetuneTask, name: str, base_is_ours: bool, tokenizer:
                for split in ("train", "val")},
             labels=[],
         )  # fmt: skip
-    task_dir = tasks_dir / task.dataset
+    task_dir = tokenized_dir
     if not (task_dir / "labels.json").is_file():
         raise LmforgeError(f"finetune.tasks.{name}.dataset: {task_dir} holds no tokenized {task.dataset!r} data")
-    meta = TaskLabels.read(task_dir / "labels.json")
-    if meta.task != task.kind:
+    meta = DatasetLabels.read(task_dir / "labels.json")
+    if meta.kind != task.kind:
         raise LmforgeError(f"finetune.tasks.{name}.kind: {task.kind} needs a {task.kind} dataset; "
-                           f"{task.dataset!r} is {meta.task}")  # fmt: skip
+                           f"{task.dataset!r} is {meta.kind}")  # fmt: skip
     if not base_is_ours:  # another vocabulary: tokenize the raw splits with the base's own tokenizer
         backend = tokenizer.backend_tokenizer
         backend.enable_truncation(max_length=max_length)
         task_dir = work_dir / "tokenized"
         task_dir.mkdir(parents=True, exist_ok=True)
         for split in ("train", "val"):
-            tokenize_split(backend, meta.task, dataset_dir / f"{split}.parquet",
+            tokenize_split(backend, meta.kind, dataset_dir / f"{split}.parquet",
                            task_dir / f"{split}.parquet", meta.labels, batch_size=1000)  # fmt: skip
     return TaskData(
         train=read_rows(task_dir / "train.parquet", limits["train"]),
@@ -347,11 +348,11 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
     """
     task, name, seed = params.task, params.name, params.seed
     dropout = task.dropout if dropout is None else dropout
-    base = resolve_base(task.base, paths.pretrained, f"finetune.tasks.{name}.base")
+    base = base_folder(paths.base, f"finetune.tasks.{name}.base")
     tokenizer = load_tokenizer(base, f"finetune.tasks.{name}.base")
     max_length = min(tokenizer.model_max_length, 4096)
-    base_is_ours = task.base.startswith("pretrained:")
-    data = load_task_data(task, name, base_is_ours, tokenizer, paths.dataset, paths.tasks, paths.checkpoints,
+    base_is_ours = pretrained_objective(Path(base)) is not None
+    data = load_task_data(task, name, base_is_ours, tokenizer, paths.dataset, paths.tokenized, paths.checkpoints,
                           max_length)  # fmt: skip
     model = build_task_model(task, name, base, data.labels, tokenizer, seed, dropout)
     word_start_types = marks_word_starts(task, model)
@@ -422,7 +423,7 @@ def run(params: FinetuneSection, paths: FinetunePaths) -> FinetuneReport:
     task, name = params.task, params.name
     # Fail on a bad base before an MLflow run opens, so the error stays one line on stderr.
     key = f"finetune.tasks.{name}.base"
-    load_tokenizer(resolve_base(task.base, paths.pretrained, key), key)
+    load_tokenizer(base_folder(paths.base, key), key)
     with tracking.stage_run("finetune", {"task": name, **task.model_dump(), "seed": params.seed}, item=name):
         return train_task(params, paths)
 

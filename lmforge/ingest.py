@@ -44,7 +44,7 @@ def ingest_dataset(name: str, spec: DatasetSpec, params: IngestParams, root: Pat
     files = {f"{split}.parquet": write_parquet(splits[split], out_dir / f"{split}.parquet") for split in SPLITS}
     manifest = Manifest(
         dataset=name,
-        task=spec.task,
+        kind=spec.kind,
         source=SourceInfo(kind=spec.source.kind, description=source.description, sha256=source.sha256),
         seed=params.seed,
         split_fractions={"val": params.split.val, "test": params.split.test},
@@ -56,7 +56,7 @@ def ingest_dataset(name: str, spec: DatasetSpec, params: IngestParams, root: Pat
         },
         labels=LabelInfo(
             declared=list(spec.labels) if spec.labels is not None else None,
-            counts={split: label_counts(splits[split], spec.task) for split in SPLITS},
+            counts={split: label_counts(splits[split], spec.kind) for split in SPLITS},
         ),
         files=files,
         test_sha256=files["test.parquet"],

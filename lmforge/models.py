@@ -285,24 +285,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def resolve_base(base: str, pretrained_root: Path, key: str) -> str:
-    """Where a fine-tuning task starts: `pretrained:<name>`, a local folder, or a hub id.
-
-    A hub id is passed through to from_pretrained; offline it fails there with a clear message.
-    """
-    if base.startswith("pretrained:"):
-        folder = pretrained_root / base.removeprefix("pretrained:")
-        if not (folder / "config.json").is_file():
-            raise LmforgeError(f"{key}: {folder} holds no pretrained model (run the pretrain stage)")
-        return str(folder)
-    folder = Path(base)
-    if folder.exists():
-        if not (folder / "config.json").is_file():
-            raise LmforgeError(f"{key}: {folder} is not a Hugging Face model folder (no config.json)")
-        return str(folder)
-    if base.startswith((".", "/")) or base.count("/") > 1:
-        raise LmforgeError(f"{key}: local model folder {base} does not exist")
-    return base
+def base_folder(folder: Path, key: str) -> str:
+    """The folder a fine-tuning task starts from (models/pretrained/<base>), checked to hold a model."""
+    if not (folder / "config.json").is_file():
+        raise LmforgeError(f"{key}: {folder} holds no model (run the pretrain stage)")
+    return str(folder)
 
 
 PRETRAIN_PARAMS = "lmforge_params.json"  # the pretrain stage's resolved config, beside the model it wrote

@@ -43,8 +43,8 @@ FINAL_FLOW_RUN_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 @dataclass(frozen=True)
 class OptimizePaths:
     dataset: Path = dep("data/raw/<dataset>: the task's splits and manifest")
-    tasks: Path = dep("data/processed/tasks: tokenized task datasets")
-    pretrained: Path = dep("models/pretrained: where pretrained:<name> bases are")
+    tokenized: Path = dep("data/processed/datasets/<dataset>: the dataset tokenized by preprocess")
+    base: Path = dep("models/pretrained/<base>: the model trials start from")
     finetuned: Path = dep("models/finetuned/<task>: the candidate when no trial beats it")
     evaluated: Path = dep("reports/evaluate/<task>: its scores on the frozen test split")
     out: Path = output("reports/optimize/<task>: best_params.json, trials.json, candidate/ (the candidate's scores)")
@@ -142,7 +142,7 @@ def train_trial(params: OptimizeSection, paths: OptimizePaths, trial_dir: Path, 
     from lmforge.finetune import FinetunePaths, FinetuneSection, train_task  # torch: only where trials train
 
     trial_section = FinetuneSection(name=params.name, seed=params.seed, task=params.task.model_copy(update=updates))
-    trial_paths = FinetunePaths(paths.dataset, paths.tasks, paths.pretrained, out=trial_dir / "model",
+    trial_paths = FinetunePaths(paths.dataset, paths.tokenized, paths.base, out=trial_dir / "model",
                                 checkpoints=trial_dir / "checkpoints", report=trial_dir / "report.json",
                                 metrics=trial_dir / "figures.json")  # fmt: skip
     return train_task(trial_section, trial_paths, on_eval=on_eval, dropout=dropout)

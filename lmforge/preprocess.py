@@ -2,7 +2,7 @@
 
 - tokenizer/             the tokenizer trained on the pretraining corpus (PreTrainedTokenizerFast)
 - pretrain/{train,val}.bin + meta.json   packed token blocks, memory-mappable
-- tasks/<dataset>/{train,val,test}.parquet + labels.json   tokenized task datasets
+- datasets/<dataset>/{train,val,test}.parquet + labels.json   the tokenized datasets fine-tuning reads
 A dataset is only processed if its validation report says it passed (or on_failure is warn).
 """
 
@@ -14,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.artifacts import Manifest, PreprocessReport, TaskLabels, ValidationReport
-from lmforge.data.splits import SPLITS
+from lmforge.artifacts import SPLITS, DatasetLabels, Manifest, PackedCorpus, PreprocessReport, ValidationReport
 from lmforge.errors import DataError
-from lmforge.io import atomic_output_dir, write_json
+from lmforge.io import atomic_output_dir
 from lmforge.params import Params
 from lmforge.schema import PreprocessParams
 from lmforge.stage import Stage, dep, output
@@ -30,7 +29,7 @@ UNKNOWN_WARNING = 0.05  # share of a dataset's train tokens that are [UNK] befor
 class PreprocessPaths:
     raw: Path = dep("data/raw: the ingested datasets and the pretraining corpus")
     validation: Path = dep("reports/validation: only datasets that passed are processed")
-    out: Path = output("data/processed: tokenizer/, pretrain/, tasks/")
+    out: Path = output("data/processed: tokenizer/, pretrain/, datasets/")
     report: Path = output("tokenizer, token counts, time and peak memory")
 
 
@@ -67,10 +66,10 @@ def validated_manifest(raw_dir: Path, validation_dir: Path, dataset: str) -> Man
 
 
 def run(params: PreprocessParams, paths: PreprocessPaths) -> PreprocessReport:
-    """Train the tokenizer, pack the pretraining corpus, tokenize every validated task dataset."""
+    """Train the tokenizer, pack the pretraining corpus, tokenize every validated dataset."""
     raw_dir, validation_dir = paths.raw, paths.validation
     started = time.perf_counter()
-    stats: dict[str, Any] = {"tasks": {}}
+    stats: dict[str, Any] = {"datasets": {}}
     with atomic_output_dir(paths.out) as staging:
         corpus = raw_dir / "corpus"
         tokenizer = train_tokenizer(params.tokenizer, corpus / "train.txt", params.batch_size, params.max_length)
@@ -89,7 +88,7 @@ def run(params: PreprocessParams, paths: PreprocessPaths) -> PreprocessReport:
             )
             for side in ("train", "val")
         }
-        write_json(staging / "pretrain" / "meta.json", packed)
+        PackedCorpus(**packed).write_into(staging / "pretrain" / "meta.json")
         stats["pretrain"] = packed
         stats["seconds_pack"] = round(time.perf_counter() - started - stats["seconds_tokenizer"], 2)
 
@@ -98,20 +97,20 @@ def run(params: PreprocessParams, paths: PreprocessPaths) -> PreprocessReport:
             if dataset == "corpus":
                 continue
             manifest = validated_manifest(raw_dir, validation_dir, dataset)
-            if manifest.task == "corpus":
+            if manifest.kind == "corpus":
                 continue
-            task_dir = staging / "tasks" / dataset
-            task_dir.mkdir(parents=True)
+            dataset_dir = staging / "datasets" / dataset
+            dataset_dir.mkdir(parents=True)
             labels = manifest.label_set()
-            TaskLabels(task=manifest.task, labels=labels, test_sha256=manifest.test_sha256).write_into(
-                task_dir / "labels.json"
+            DatasetLabels(kind=manifest.kind, labels=labels, test_sha256=manifest.test_sha256).write_into(
+                dataset_dir / "labels.json"
             )
-            stats["tasks"][dataset] = {
+            stats["datasets"][dataset] = {
                 split: tokenize_split(
                     tokenizer,
-                    manifest.task,
+                    manifest.kind,
                     raw_dir / dataset / f"{split}.parquet",
-                    task_dir / f"{split}.parquet",
+                    dataset_dir / f"{split}.parquet",
                     labels,
                     params.batch_size,
                 )
@@ -125,16 +124,16 @@ def run(params: PreprocessParams, paths: PreprocessPaths) -> PreprocessReport:
 
 
 def summary(report: PreprocessReport, paths: PreprocessPaths) -> str:
-    train = report.pretrain["train"]
+    train = report.pretrain.train
     lines = [
-        f"preprocess: tokenizer {report.tokenizer}; pretrain train: {train['tokens']} tokens in "
-        f"{train['blocks']} blocks of {train['block_size']} (padding {train['padding_fraction']:.2%}, "
-        f"unknown {train['unknown_fraction']:.2%})"
+        f"preprocess: tokenizer {report.tokenizer.kind} vocab {report.tokenizer.vocab_size}; pretrain train: "
+        f"{train.tokens} tokens in {train.blocks} blocks of {train.block_size} (padding {train.padding_fraction:.2%}, "
+        f"unknown {train.unknown_fraction:.2%})"
     ]
-    for dataset, splits in report.tasks.items():
-        counts = ", ".join(f"{split} {v['rows']} rows/{v['tokens']} tokens" for split, v in splits.items())
+    for dataset, splits in report.datasets.items():
+        counts = ", ".join(f"{split} {v.rows} rows/{v.tokens} tokens" for split, v in splits.items())
         lines.append(f"preprocess: {dataset}: {counts}")
-        unknown = splits["train"].get("unknown_fraction", 0.0)
+        unknown = splits["train"].unknown_fraction
         if unknown > UNKNOWN_WARNING:  # e.g. a script the corpus never showed the tokenizer
             lines.append(f"preprocess: warning: {unknown:.1%} of {dataset}'s train tokens are {UNK}: the tokenizer "
                          f"barely covers its text; keep ingest.datasets.{dataset}.in_corpus: true, raise "

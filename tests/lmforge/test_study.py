@@ -32,7 +32,7 @@ def _no_storage_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def task(method: str = "full") -> FinetuneTask:
     training = TrainingParams(learning_rate=0.123, batch_size=7, epochs=5, grad_accumulation=3, schedule="cosine",
                               max_steps=999, eval_every=11, checkpoint_every=13, early_stopping_patience=4)  # fmt: skip
-    return FinetuneTask(dataset="sentiment", kind="classification", base="pretrained:encoder", method=method,
+    return FinetuneTask(dataset="sentiment", kind="classification", base="encoder", method=method,
                         lora=LoraParams(r=2, alpha=3, dropout=0.25), training=training)  # fmt: skip
 
 

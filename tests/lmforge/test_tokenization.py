@@ -116,7 +116,7 @@ def test_pack_corpus_blocks_start_with_cls_and_only_the_last_is_padded(corpus: P
 
 
 def test_smoke_task_datasets_align_one_label_per_word(smoke_run: SmokeRun):
-    processed = smoke_run.processed / "tasks" / "people_daily"
+    processed = smoke_run.processed / "datasets" / "people_daily"
     tokenized = pq.read_table(processed / "test.parquet").to_pylist()
     raw = pq.read_table(smoke_run.raw / "people_daily" / "test.parquet").to_pylist()
     max_length = smoke_run.params.preprocess.max_length
@@ -125,5 +125,5 @@ def test_smoke_task_datasets_align_one_label_per_word(smoke_run: SmokeRun):
         assert row["labels"][0] == IGNORE_INDEX and row["labels"][-1] == IGNORE_INDEX
         if len(row["input_ids"]) < max_length:  # not truncated: every word labelled exactly once
             assert sum(label != IGNORE_INDEX for label in row["labels"]) == len(source["tokens"])
-    sentiment = pq.read_table(smoke_run.processed / "tasks" / "sentiment" / "train.parquet")
+    sentiment = pq.read_table(smoke_run.processed / "datasets" / "sentiment" / "train.parquet")
     assert set(sentiment.column("label").to_pylist()) == {0, 1}

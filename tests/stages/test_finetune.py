@@ -39,7 +39,7 @@ def test_the_word_starts_trained_on_are_those_inference_marks(smoke_run: SmokeRu
     from lmforge.finetune import add_word_starts, read_rows
     from lmforge.tokenization import word_starts
 
-    rows = read_rows(smoke_run.processed / "tasks/people_daily/train.parquet", limit=50)
+    rows = read_rows(smoke_run.processed / "datasets/people_daily/train.parquet", limit=50)
     add_word_starts(rows)
     tokenizer = AutoTokenizer.from_pretrained(str(smoke_run.processed / "tokenizer"))
     sentences = pd.read_parquet(smoke_run.raw / "people_daily/train.parquet")["tokens"].head(50)
@@ -74,11 +74,13 @@ def smoke_task(smoke_models: SmokeRun, task: str = "sentiment", **changes) -> ob
 
 
 def finetune(smoke_models: SmokeRun, params: object, task: str, out: Path, checkpoints: Path,
-             pretrained: Path | None = None) -> object:  # fmt: skip
-    """finetune@task on the smoke run's data, writing to out and checkpoints."""
+             base: Path | None = None) -> object:  # fmt: skip
+    """finetune@task on the smoke run's data, writing to out and checkpoints, from `base` (else the folder
+    of the pretrain.models entry the params name, as dvc.yaml would give it)."""
+    base = base or smoke_models.root / "models/pretrained" / params.finetune.tasks[task].base  # type: ignore[attr-defined]
     return run_in(f"finetune@{task}", params, smoke_models.root, out=out, checkpoints=checkpoints,  # type: ignore[arg-type]
                   report=out.parent / f"{out.name}.json", metrics=out.parent / f"{out.name}.figures.json",
-                  pretrained=pretrained or smoke_models.root / "models/pretrained")  # fmt: skip
+                  base=base)  # fmt: skip
 
 
 def test_lora_trains_adapters_and_merges_them_into_a_plain_model(smoke_models: SmokeRun, tmp_path: Path):
@@ -103,13 +105,52 @@ def test_the_tasks_dropout_replaces_the_bases_while_fine_tuning(smoke_models: Sm
     assert json.loads((tmp_path / "d/lmforge_task.json").read_text())["dropout"] == 0.25
 
 
-def test_local_model_folder_as_base_retokenizes_with_its_tokenizer(smoke_models: SmokeRun, tmp_path: Path):
-    local = tmp_path / "my-bert"
-    shutil.copytree(smoke_models.root / "models/pretrained/encoder", local)
-    params = smoke_task(smoke_models, base=str(local))
-    finetune(smoke_models, params, "sentiment", tmp_path / "out", tmp_path / "ck", pretrained=tmp_path / "nowhere")
-    assert json.loads((tmp_path / "out/lmforge_task.json").read_text())["base_resolved"] == str(local)
-    assert (tmp_path / "ck/tokenized/train.parquet").is_file()
+def hf_model(smoke_models: SmokeRun, folder: Path) -> Path:
+    """A Hugging Face model folder as another library saves one: config, safetensors weights, tokenizer."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    encoder = smoke_models.root / "models/pretrained/encoder"
+    AutoModelForMaskedLM.from_pretrained(str(encoder)).save_pretrained(str(folder), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(encoder)).save_pretrained(str(folder))
+    return folder
+
+
+def test_a_hugging_face_model_is_copied_in_and_fine_tuned_with_its_own_tokenizer(smoke_models: SmokeRun,
+                                                                                 tmp_path: Path):  # fmt: skip
+    local = hf_model(smoke_models, tmp_path / "my-bert")
+    data = params_to_dict(smoke_models.params)
+    data["pretrain"]["models"]["mine"] = {"architecture": "hf", "source": str(local)}
+    data["finetune"]["tasks"]["sentiment"]["base"] = "mine"
+    from lmforge.params import parse_params
+
+    params = parse_params(data)
+    base = tmp_path / "pretrained/mine"
+    report = run_in("pretrain@mine", params, smoke_models.root, like="pretrain@encoder", out=base,
+                    checkpoints=tmp_path / "pck", report=tmp_path / "mine.json",
+                    metrics=tmp_path / "mine.figures.json")  # fmt: skip
+    assert report.steps == 0 and report.val_loss is None and report.n_parameters > 0
+    copied = {path.name for path in base.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "lmforge_source.json"} <= copied
+    assert "lmforge_params.json" not in copied  # not pretrained here: its tokenizer is its own
+    finetune(smoke_models, params, "sentiment", tmp_path / "out", tmp_path / "ck", base=base)
+    assert json.loads((tmp_path / "out/lmforge_task.json").read_text())["base_resolved"] == str(base)
+    assert (tmp_path / "ck/tokenized/train.parquet").is_file()  # the raw splits, tokenized with the base's tokenizer
+
+
+def test_a_hub_model_offline_is_a_transient_failure_in_one_line(smoke_models: SmokeRun, tmp_path: Path):
+    data = params_to_dict(smoke_models.params)
+    data["pretrain"]["models"]["hub"] = {"architecture": "hf", "source": "bert-base-chinese"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    result = run_stage("pretrain", "--params", tmp_path / "params.yaml", "--model", "hub",
+                       "--blocks", smoke_models.processed / "pretrain",
+                       "--tokenizer", smoke_models.processed / "tokenizer",
+                       "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--report", tmp_path / "r.json",
+                       "--metrics", tmp_path / "m.json",
+                       env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
+    assert result.returncode == 75, result.stderr[-1500:]
+    (line,) = result.stderr.strip().splitlines()
+    assert "pretrain.models.hub.source: cannot download 'bert-base-chinese'" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_checkpoint_of_another_base_is_never_resumed(smoke_models: SmokeRun, tmp_path: Path):
@@ -117,16 +158,16 @@ def test_a_checkpoint_of_another_base_is_never_resumed(smoke_models: SmokeRun, t
     import torch
     from safetensors.torch import load_file, save_file
 
-    pretrained = tmp_path / "pretrained"
-    shutil.copytree(smoke_models.root / "models/pretrained", pretrained)
+    base = tmp_path / "encoder"
+    shutil.copytree(smoke_models.root / "models/pretrained/encoder", base)
     params = smoke_task(smoke_models)
-    run = lambda out: finetune(smoke_models, params, "sentiment", tmp_path / out, tmp_path / "ck", pretrained)  # noqa: E731
+    run = lambda out: finetune(smoke_models, params, "sentiment", tmp_path / out, tmp_path / "ck", base)  # noqa: E731
     run("first")
     again = run("again")  # same base, same data: the finished checkpoint is reused, nothing retrains
     assert again.steps == 10
     assert (tmp_path / "again/model.safetensors").read_bytes() == (tmp_path / "first/model.safetensors").read_bytes()
 
-    weights = pretrained / "encoder/model.safetensors"
+    weights = base / "model.safetensors"
     save_file({name: tensor + 0.01 * torch.randn_like(tensor) for name, tensor in load_file(weights).items()},
               str(weights), metadata={"format": "pt"})  # fmt: skip
     run("new-base")
@@ -135,7 +176,7 @@ def test_a_checkpoint_of_another_base_is_never_resumed(smoke_models: SmokeRun, t
 
 def test_generation_from_an_encoder_fails_naming_the_key(smoke_models: SmokeRun, tmp_path: Path):
     data = params_to_dict(smoke_models.params)
-    data["finetune"]["tasks"]["continuation"]["base"] = "pretrained:encoder"
+    data["finetune"]["tasks"]["continuation"]["base"] = "encoder"
     from lmforge.params import parse_params
 
     with pytest.raises(LmforgeError, match=r"finetune.tasks.continuation.base: generation needs a decoder"):
@@ -147,10 +188,11 @@ def cli(smoke_models: SmokeRun, tmp_path: Path, task: str, base: str | None = No
     if base is not None:
         data["finetune"]["tasks"]["sentiment"]["base"] = base
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
-    dataset = smoke_models.raw / smoke_models.params.finetune.tasks["sentiment"].dataset
-    return run_stage("finetune", "--params", tmp_path / "params.yaml", "--task", task, "--dataset", dataset,
-                     "--tasks", smoke_models.processed / "tasks",
-                     "--pretrained", smoke_models.root / "models/pretrained",
+    dataset = smoke_models.params.finetune.tasks["sentiment"].dataset
+    return run_stage("finetune", "--params", tmp_path / "params.yaml", "--task", task,
+                     "--dataset", smoke_models.raw / dataset,
+                     "--tokenized", smoke_models.processed / "datasets" / dataset,
+                     "--base", smoke_models.root / "models/pretrained/encoder",
                      "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--report", tmp_path / "m.json",
                      "--metrics", tmp_path / "figures.json",
                      env=env)  # fmt: skip
@@ -162,13 +204,14 @@ def cli(smoke_models: SmokeRun, tmp_path: Path, task: str, base: str | None = No
         ("nope", None, "finetune.tasks: no task named 'nope' (have: sentiment, ner, continuation)"),
         (
             "sentiment",
-            "./no/such/model",
-            "finetune.tasks.sentiment.base: local model folder ./no/such/model does not exist",
+            "pretrained:encoder",
+            "finetune.tasks.sentiment.base: 'pretrained:encoder': name the pretrain.models entry alone (encoder)",
         ),
         (
             "sentiment",
             "bert-base-chinese",
-            "finetune.tasks.sentiment.base: cannot load a tokenizer from 'bert-base-chinese'",
+            "finetune.tasks.sentiment.base: 'bert-base-chinese' is not in pretrain.models; to start from a Hugging "
+            "Face model declare it there",
         ),
     ],
 )
@@ -185,7 +228,7 @@ def test_class_weights_only_where_classes_are_skewed():
     from lmforge.finetune import class_weights
     from lmforge.schema import FinetuneTask
 
-    task = FinetuneTask(dataset="d", kind="classification", base="pretrained:encoder")
+    task = FinetuneTask(dataset="d", kind="classification", base="encoder")
     skewed = [{"label": 0}] * 90 + [{"label": 1}] * 10
     weights = class_weights(task, ["big", "small"], skewed)
     assert weights is not None and weights.tolist() == pytest.approx([100 / (2 * 90), 100 / (2 * 10)])
@@ -233,7 +276,7 @@ def test_a_tagger_on_an_lmforge_encoder_reads_each_words_pieces(smoke_models: Sm
 
 
 def test_mean_pooling_on_a_decoder_fails_naming_the_key(smoke_models: SmokeRun, tmp_path: Path):
-    params = smoke_task(smoke_models, pooling="mean", base="pretrained:decoder")
+    params = smoke_task(smoke_models, pooling="mean", base="decoder")
     with pytest.raises(LmforgeError, match=r"finetune.tasks.sentiment.pooling: mean needs a bert base"):
         finetune(smoke_models, params, "sentiment", tmp_path / "out", tmp_path / "ck")
 

@@ -15,7 +15,7 @@ from tests.conftest import REPO, SmokeRun, run_stage, tree_digest
 def test_smoke_ingest_writes_splits_and_manifests(smoke_run: SmokeRun):
     for dataset, task in (("sentiment", "classification"), ("people_daily", "token_classification")):
         manifest = pd.read_json(smoke_run.raw / dataset / "manifest.json", typ="series")
-        assert manifest["task"] == task
+        assert manifest["kind"] == task
         rows = manifest["rows"]
         assert rows["train"] + rows["val"] + rows["test"] == rows["kept"]
         assert rows["kept"] == smoke_run.params.ingest.datasets[dataset].max_rows
@@ -54,7 +54,7 @@ def clear_tasks(data: dict) -> None:
 def local_params(tmp_path: Path, file_name: str, task: str = "classification", **source) -> Path:
     data = params_to_dict(Params())
     data["ingest"]["datasets"] = {
-        "mine": {"task": task, "source": {"kind": "local", "path": file_name, **source}, "labels": None}
+        "mine": {"kind": task, "source": {"kind": "local", "path": file_name, **source}, "labels": None}
     }
     clear_tasks(data)
     path = tmp_path / "params.yaml"
@@ -145,7 +145,7 @@ def test_unknown_params_key_fails_before_touching_outputs(good_ingest):
 def test_hub_dataset_offline_fails_clearly(tmp_path: Path):
     data = params_to_dict(Params())
     data["ingest"]["datasets"] = {
-        "imdb": {"task": "classification", "source": {"kind": "hf", "name": "stanfordnlp/imdb"}}
+        "imdb": {"kind": "classification", "source": {"kind": "hf", "name": "stanfordnlp/imdb"}}
     }
     clear_tasks(data)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data))

@@ -95,8 +95,9 @@ def test_a_killed_trial_is_failed_and_retried_never_left_running(smoke_evaluated
     run = smoke_evaluated
     root = run.root
     command = [sys.executable, "-m", "stages.optimize", "--params", str(params_file), "--task", "sentiment",
-               "--dataset", str(run.raw / "sentiment"), "--tasks", str(run.processed / "tasks"),
-               "--pretrained", str(root / "models/pretrained"), "--finetuned", str(root / "models/finetuned/sentiment"),
+               "--dataset", str(run.raw / "sentiment"), "--tokenized", str(run.processed / "datasets/sentiment"),
+               "--base", str(root / "models/pretrained/encoder"),
+               "--finetuned", str(root / "models/finetuned/sentiment"),
                "--evaluated", str(root / "reports/evaluate/sentiment"),
                "--out", str(tmp_path / "out"), "--candidate", str(tmp_path / "candidate"),
                "--work", str(tmp_path / "work"), "--report", str(tmp_path / "m.json")]  # fmt: skip

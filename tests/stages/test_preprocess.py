@@ -26,7 +26,7 @@ def test_smoke_preprocess_outputs(smoke_run: SmokeRun):
     tokenizer = AutoTokenizer.from_pretrained(str(smoke_run.processed / "tokenizer"))
     assert len(tokenizer) == stats["tokenizer"]["vocab_size"] <= smoke_run.params.preprocess.tokenizer.vocab_size
     assert int(train.max()) < len(tokenizer)
-    labels = json.loads((smoke_run.processed / "tasks" / "people_daily" / "labels.json").read_text())
+    labels = json.loads((smoke_run.processed / "datasets" / "people_daily" / "labels.json").read_text())
     assert labels["labels"] == smoke_run.params.ingest.datasets["people_daily"].labels
     assert stats["peak_rss_mb"] > 0
 
@@ -50,7 +50,7 @@ def test_a_dataset_in_a_script_the_tokenizer_never_saw_is_warned_about(smoke_run
     import pandas as pd
     from tokenizers import Tokenizer
 
-    from lmforge.artifacts import PreprocessReport
+    from lmforge.artifacts import PreprocessReport, TokenizedSplit
     from lmforge.tokenization import tokenize_split
 
     source = tmp_path / "train.parquet"
@@ -61,9 +61,11 @@ def test_a_dataset_in_a_script_the_tokenizer_never_saw_is_warned_about(smoke_run
 
     report = PreprocessReport.read(smoke_run.root / "reports" / "preprocess.json")
     paths = PreprocessPaths(smoke_run.raw, smoke_run.validation, smoke_run.processed, tmp_path / "report.json")
-    warned = report.model_copy(update={"tasks": {**report.tasks, "orders": {"train": stats}}})
+    warned = report.model_copy(update={"datasets": {**report.datasets, "orders": {"train": TokenizedSplit(**stats)}}})
     lines = preprocess.summary(warned, paths).splitlines()
     (line,) = [line for line in lines if "warning" in line and "orders" in line]
     assert "ingest.datasets.orders.in_corpus" in line and "preprocess.tokenizer.vocab_size" in line
-    covered = report.model_copy(update={"tasks": {"orders": {"train": {**stats, "unknown_fraction": 0.01}}}})
+    covered = report.model_copy(
+        update={"datasets": {"orders": {"train": TokenizedSplit(**{**stats, "unknown_fraction": 0.01})}}}
+    )
     assert "warning" not in preprocess.summary(covered, paths)

@@ -53,12 +53,12 @@ def test_a_small_skewed_intent_set_does_not_collapse_to_the_majority_class(tmp_p
     # The default encoder's size (the smoke profile's is too small to learn 21 classes), smoke pretraining.
     smoke["pretrain"]["models"] = {"encoder": params_to_dict(Params())["pretrain"]["models"]["encoder"]}
     user = {  # what the README's walkthrough declares, plus the class-share floor its validation asks for
-        "ingest": {"datasets": {"intents": {"task": "classification", "source": {
+        "ingest": {"datasets": {"intents": {"kind": "classification", "source": {
             "kind": "local", "path": str(tmp_path / "data/external/intents.csv"), "text_column": "utterance",
             "label_column": "intent"}}}},
         "validate": {"min_class_fraction": 0.005},
         "finetune": {"tasks": {"intent": {"dataset": "intents", "kind": "classification",
-                                          "base": "pretrained:encoder"}}},
+                                          "base": "encoder"}}},
         "evaluate": {"max_test_samples": None},
     }  # fmt: skip
     params = parse_params(deep_merge(smoke, user))

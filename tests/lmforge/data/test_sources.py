@@ -18,8 +18,8 @@ from lmforge.errors import DataError
 from lmforge.schema import DatasetSpec, HuggingFaceSource, LocalSource
 
 
-def local(task: str, path: str, **options) -> DatasetSpec:
-    return DatasetSpec(task=task, source=LocalSource(path=path, **options))
+def local(kind: str, path: str, **options) -> DatasetSpec:
+    return DatasetSpec(kind=kind, source=LocalSource(path=path, **options))
 
 
 def test_tagged_line_parses_words_and_tags_and_rejects_a_token_without_a_tag():
@@ -113,7 +113,7 @@ def test_huggingface_dataset_from_a_local_save_to_disk_folder(tmp_path: Path):
     )
     saved.save_to_disk(str(tmp_path / "hf_reviews"))
     spec = DatasetSpec(
-        task="classification",
+        kind="classification",
         source=HuggingFaceSource(name="hf_reviews", text_column="sentence", label_column="polarity"),
     )
     data = load_source("reviews", spec, tmp_path)
@@ -127,5 +127,5 @@ def test_huggingface_dataset_from_a_folder_of_data_files(tmp_path: Path):
     folder = tmp_path / "hf_files"
     folder.mkdir()
     pd.DataFrame({"text": ["x", "y"], "label": ["a", "b"]}).to_parquet(folder / "train.parquet")
-    spec = DatasetSpec(task="classification", source=HuggingFaceSource(name="hf_files"))
+    spec = DatasetSpec(kind="classification", source=HuggingFaceSource(name="hf_files"))
     assert load_source("files", spec, tmp_path).table["label"].tolist() == ["a", "b"]
