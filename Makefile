@@ -23,6 +23,7 @@ run: setup
 test: setup
 	ruff check .
 	mypy
+	site="$$(mktemp -d)"; trap 'rm -rf "$$site"' EXIT; NO_MKDOCS_2_WARNING=1 mkdocs build --strict --site-dir "$$site"
 	pytest
 
 lint: setup

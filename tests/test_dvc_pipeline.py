@@ -73,6 +73,13 @@ def test_repro_runs_then_skips_then_reruns_only_what_a_param_touches(clone: Path
     assert ran(second.stdout) == []
     assert "Data and pipelines are up to date" in second.stdout
 
+    losses = clone / "lmforge/losses.py"  # code the training stages import, through training or finetune
+    original = losses.read_text()
+    losses.write_text(original + "\n# an edit\n")
+    changed_stages = [stage for stage in STAGES if f"\n{stage}:" in "\n" + sh("dvc", "status", cwd=clone).stdout]
+    assert changed_stages == ["pretrain@encoder", "finetune@sentiment", "optimize@sentiment"]
+    losses.write_text(original)
+
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["promote"]["max_latency_ratio"] = 2.0
     (clone / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))

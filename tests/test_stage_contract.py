@@ -151,3 +151,17 @@ def test_code_deps_are_every_lmforge_module_the_stage_imports(name: str):
         f"dvc.yaml stage {name}: deps miss {missing}, list {extra} it does not import; its code deps are:\n"
         + "\n".join(f"      - {path}" for path in sorted(imported))
     )
+
+
+@pytest.mark.parametrize("stage", [s for s in RESOLVED if s.addressing.split("@")[0] in ("finetune", "optimize")],
+                         ids=lambda stage: stage.addressing)  # fmt: skip
+def test_a_task_depends_on_its_own_base_and_dataset_only(stage: Any):
+    """Retraining the decoder does not re-fine-tune the encoder's tasks; a new dataset does not re-fine-tune
+    the tasks of the others."""
+    task = load_params(REPO / "params.yaml").finetune.tasks[stage.addressing.partition("@")[2]]
+    paths = {dep.def_path for dep in stage.deps}
+    assert {path for path in paths if path.startswith("models/pretrained")} == {f"models/pretrained/{task.base}"}
+    assert {path for path in paths if path.startswith("data/")} == {
+        f"data/raw/{task.dataset}",
+        f"data/processed/datasets/{task.dataset}",
+    }

@@ -1,6 +1,7 @@
-"""The README's "Your own data" walkthrough, command by command, in a fresh clone (smoke profile).
+"""The docs' "Your own data" walkthrough, command by command, in a fresh clone (smoke profile).
 
-The commands and the YAML are read from README.md itself, so the section cannot drift from what works.
+The commands and the YAML are read from docs/your-own-data.md itself (its "Walkthrough" section: every
+bash line is a command, the one yaml block is what the user adds), so the page cannot drift from what works.
 The data is an English intent set that is not bundled: imbalanced classes and duplicate rows.
 """
 
@@ -44,9 +45,10 @@ def write_intents(path: Path, rows: int = 300, seed: int = 0) -> pd.DataFrame:
     return frame
 
 
-def readme_section(title: str) -> str:
-    text = (REPO / "README.md").read_text(encoding="utf-8")
-    return text.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+def docs_section(page: str, title: str) -> str:
+    """The text of `## <title>` in docs/<page>, up to the next `## ` heading."""
+    text = (REPO / "docs" / page).read_text(encoding="utf-8")
+    return text.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
 def blocks(section: str, language: str) -> list[str]:
@@ -54,14 +56,14 @@ def blocks(section: str, language: str) -> list[str]:
 
 
 def test_the_readme_walkthrough_trains_registers_and_gates_a_new_task(tmp_path: Path):
-    section = readme_section("Your own data")
+    section = docs_section("your-own-data.md", "Walkthrough")
     commands = [line for block in blocks(section, "bash") for line in block.splitlines() if line.strip()]
     (declared,) = blocks(section, "yaml")
     clone = clone_working_tree(tmp_path)
 
     for command in commands:
         args = shlex.split(command)
-        if args[0] == "cp":  # the user's own file: this test writes one where the README copies it to
+        if args[0] == "cp":  # the user's own file: this test writes one where the walkthrough copies it to
             write_intents(clone / args[-1])
             continue
         if args[:2] == ["lmforge", "params"]:  # before the check, the user edits params.yaml as step 2 says
