@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from lmforge import tracking
-from lmforge.artifacts import EvalReport, PromotionReport
+from lmforge.artifacts import EvaluateReport, PromoteReport
 from lmforge.params import load_params
 from lmforge.schema import OrchestrateParams
 from lmforge.stage import dvc_commands, report_files
@@ -113,17 +113,14 @@ def summary_markdown(results: list[dict[str, Any]], experiment_id: str, parent_r
         "",
         "## Metrics (frozen test split)",
         "",
-        "| task | metric | value | 95% CI | baseline |",
-        "|---|---|---|---|---|",
+        "| task | primary metric [95% CI]; baseline on the same examples |",
+        "|---|---|",
     ]
     reports = [(stage.name, path) for stage, path in report_files().values() if path.is_file()]
-    for m in (EvalReport.read(path) for name, path in reports if name == "evaluate"):
-        base = m.baseline.value(m.primary_metric)
-        lines.append(f"| {m.task} | {m.primary_metric} | {m.primary:.4f} | "
-                     f"[{m.primary_ci_low:.4f}, {m.primary_ci_high:.4f}] | "
-                     f"{'-' if base is None else f'{base:.4f}'} |")  # fmt: skip
+    for m in (EvaluateReport.read(path) for name, path in reports if name == "evaluate"):
+        lines.append(f"| {m.task} | {m.headline()} |")
     lines += ["", "## Promotion"]
-    for report in (PromotionReport.read(path) for name, path in reports if name == "promote"):
+    for report in (PromoteReport.read(path) for name, path in reports if name == "promote"):
         name, version = report.registered_model, report.version
         version_link = mlflow_link(f"models/{name}/versions/{version}", f"models:/{name}/{version}")
         lines += ["", f"**{name} v{version}: {report.decision.upper()}** ({version_link})", ""]
@@ -150,10 +147,8 @@ def pipeline(params_path: str = "params.yaml", force_stages: list[str] | None = 
     ensure_gpu_limit(settings.gpu_concurrency)
     experiment_id = tracking.setup()
     client = mlflow.MlflowClient()
-    parent = client.create_run(experiment_id, run_name=f"pipeline {tracking.git_commit()[:7]}",
-                               tags={"lmforge.kind": "pipeline", "git_commit": tracking.git_commit(),
-                                     "prefect.flow_run_id": str(flow_run.id)})  # fmt: skip
-    env = {**os.environ, tracking.PARENT_ENV: parent.info.run_id, "LMFORGE_PREFECT_FLOW_RUN_ID": str(flow_run.id),
+    parent = tracking.create_pipeline_run(experiment_id, {"prefect.flow_run_id": str(flow_run.id)})
+    env = {**os.environ, tracking.PARENT_ENV: parent, tracking.FLOW_RUN_ENV: str(flow_run.id),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
     results: list[dict[str, Any]] = []
     stages = dag_stages()
@@ -162,14 +157,32 @@ def pipeline(params_path: str = "params.yaml", force_stages: list[str] | None = 
             results.append(stage_task(stage, settings)(stage, env, stage in (force_stages or [])))
     finally:
         failed = len(results) < len(stages)
-        client.set_terminated(parent.info.run_id, status="FAILED" if failed else "FINISHED")
-        create_markdown_artifact(summary_markdown(results, experiment_id, parent.info.run_id),
+        client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
+        create_markdown_artifact(summary_markdown(results, experiment_id, parent),
                                  key="lmforge-pipeline-summary", description="stages, metrics, promotion")  # fmt: skip
     return results
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.pipeline [--force]` (what `lmforge run` starts): the flow on a temporary local
+    Prefect server unless PREFECT_API_URL names one; prints each stage's status and seconds."""
+    import argparse
+
     from flows.server import ephemeral_api_settings
 
+    parser = argparse.ArgumentParser(prog="python -m flows.pipeline", description=main.__doc__)
+    parser.add_argument("--force", action="store_true", help="re-run every stage, changed or not")
+    args = parser.parse_args(argv)
     with ephemeral_api_settings():
-        pipeline()
+        state = pipeline(force_stages=dag_stages() if args.force else [], return_state=True)
+    if not state.is_completed():
+        print(f"error: the pipeline flow failed: {state.message}", file=sys.stderr)
+        return 1
+    print(f"{'stage':<24} {'status':<20} {'seconds':>8}")
+    for result in state.result():
+        print(f"{result['stage']:<24} {result['status']:<20} {result['seconds']:>8}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,9 +3,9 @@
 By default glibc serves every allocation above 128 KB-32 MB with its own mmap and returns it to the
 kernel on free, and trims the heap whenever 128 KB lie free at its top. A training step allocates and
 frees the same activations, gradients and logits every step, so each step faults fresh zeroed pages
-in again: on the default decoder a quarter of the CPU time was the kernel's. Serving allocations up
-to 32 MB (glibc's ceiling) from the heap and keeping up to 1 GB of freed memory made the decoder's
-pretraining 1.30x faster and the encoder's 1.04x (bench/allocator.py, 2026-11-30, a 2-core Xeon).
+in again, and the kernel's page faults take a large share of the CPU time. Serving allocations up
+to 32 MB (glibc's ceiling) from the heap and keeping up to 1 GB of freed memory lets every step reuse
+the pages of the one before (bench/allocator.py measures the gain; docs/performance.md quotes it).
 The price is memory kept by the process after its peak, which a training process reaches every step
 anyway.
 

@@ -1,6 +1,6 @@
 """The files stages pass to each other, as typed models: written and read through the same class.
 
-A stage never reads another stage's JSON by key: it reads `Manifest.read(path)`, `EvalReport.read(path)`
+A stage never reads another stage's JSON by key: it reads `Manifest.read(path)`, `EvaluateReport.read(path)`
 and so on, so a renamed or missing field fails at once, naming the file, instead of as a KeyError
 three stages later. Each model writes exactly the JSON it reads (indented, key-sorted).
 """
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, RootModel, ValidationError
 
 from lmforge.errors import DataError
 from lmforge.io import write_json, write_json_atomic
@@ -152,7 +152,7 @@ class ExpectationResult(Artifact):
         )
 
 
-class ValidationReport(Artifact):
+class DatasetValidation(Artifact):
     """reports/validation/<dataset>.json: every expectation's result for one dataset."""
 
     dataset: str
@@ -256,6 +256,38 @@ class PretrainReport(Artifact):
         return training_figures(self)
 
 
+class EvalPoint(Artifact):
+    """One validation-loss evaluation during training."""
+
+    step: int
+    val_loss: float
+    val_perplexity: float
+
+
+class TrainingHistory(RootModel[list[EvalPoint]]):
+    """history.json beside a trained model: every validation loss, by step (evaluate plots it as curve.json)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @classmethod
+    def read(cls, path: Path) -> TrainingHistory:
+        try:
+            return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            raise DataError(f"{path}: not found (run the stage that writes it)") from None
+        except (json.JSONDecodeError, ValidationError) as error:
+            raise DataError(f"{path}: not a training history ({' '.join(str(error).split())[:120]})") from None
+
+    @property
+    def best_val_loss(self) -> float:
+        if not self.root:
+            raise DataError("the training history holds no validation loss")
+        return min(point.val_loss for point in self.root)
+
+    def data(self) -> list[dict[str, Any]]:
+        return self.model_dump(mode="json")
+
+
 class FinetuneReport(Artifact):
     """reports/finetune/<task>.json."""
 
@@ -302,7 +334,7 @@ class TaskMeta(Artifact):
 # --- evaluate -------------------------------------------------------------------------------------
 
 
-class Baseline(Artifact):
+class BaselineScores(Artifact):
     """A simple model scored on the same test split (its primary metric under the same name)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)  # the baseline's metric names depend on the kind
@@ -316,7 +348,7 @@ class Baseline(Artifact):
         return None if found is None else float(found)
 
 
-class EvalReport(Artifact):
+class EvaluateReport(Artifact):
     """reports/evaluate/<task>/metrics.json: the task's metrics on the frozen test split.
 
     The common fields are typed; the kind's own scores (accuracy, per_class, entity_f1, bleu_char,
@@ -334,7 +366,7 @@ class EvalReport(Artifact):
     primary_ci_low: float
     primary_ci_high: float
     higher_is_better: bool
-    baseline: Baseline
+    baseline: BaselineScores
     latency_ms_p50: float
     latency_ms_p95: float
     throughput_per_s: float
@@ -360,6 +392,14 @@ class EvalReport(Artifact):
         if value is not None:
             figures[column] = value
         return {**figures, "p95_ms": self.latency_ms_p95}
+
+    def headline(self) -> str:
+        """`macro_f1 0.8280 [0.8100, 0.8460]; baseline tfidf_logreg 0.8530`: the primary metric with its
+        interval, beside the baseline's on the same split."""
+        base = self.baseline.value(self.primary_metric)
+        baseline = f"; baseline {self.baseline.name} {base:.4f}" if base is not None else ""
+        interval = f"[{self.primary_ci_low:.4f}, {self.primary_ci_high:.4f}]"
+        return f"{self.primary_metric} {self.primary:.4f} {interval}{baseline}"
 
     def numbers(self) -> dict[str, float]:
         """Every numeric metric (bools and nested tables left out): what goes to MLflow."""
@@ -407,25 +447,30 @@ class OptimizeReport(Artifact):
     mlflow_run_id: str | None = None
     trial_mlflow_run_id: str | None = None
     finetuned_val_loss: float | None = None
-    candidate_source: str | None = None  # trial | finetune
+    candidate_source: Literal["trial", "finetune"] | None = None
 
 
 # --- promote --------------------------------------------------------------------------------------
 
 
+# pass: the candidate moved @champion (or would have, in a DVC experiment); fail: it did not; unchanged: it
+# already held @champion; skipped: a baseline that contends only while nothing serves.
+GateDecision = Literal["pass", "fail", "unchanged", "skipped"]
+
+
 class VersionRef(Artifact):
     version: str
-    decision: str | None
+    decision: str | None  # the version's gate.decision tag, as the registry holds it
     run_id: str | None
 
 
-class PromotionReport(Artifact):
+class PromoteReport(Artifact):
     """reports/promote/<task>.json: the gate's decision and every reason."""
 
     task: str
     registered_model: str
     version: str
-    decision: str  # pass | fail | unchanged
+    decision: GateDecision
     reasons: list[str]
     checks: dict[str, bool]
     champion_before: str | None
@@ -437,7 +482,7 @@ class PromotionReport(Artifact):
     champion_primary: float | None = None
     mlflow_run_id: str
     baseline_version: str | None = None  # the task's baseline, registered as a contender
-    baseline_decision: str | None = None  # its gate as the first contender (skipped once a champion serves)
+    baseline_decision: GateDecision | None = None  # its gate as the first contender
 
     def figures(self) -> dict[str, float]:
         """Did the candidate pass, which version serves, by how much the candidate beat the champion."""

@@ -1,7 +1,7 @@
 """The `lmforge` command. Every subcommand has --help.
 
-The one lmforge module that may reach up: `lmforge run` starts the Prefect flow (flows/), and the
-other commands run stage cores through lmforge with the paths dvc.yaml gives them.
+`lmforge run` starts the Prefect flow (flows/pipeline.py) as its own process: lmforge never imports
+flows/ or stages/. The other commands run stage cores through lmforge with the paths dvc.yaml gives them.
 """
 
 from __future__ import annotations
@@ -70,19 +70,13 @@ def run_pipeline(
     The default runs flows/pipeline.py (one Prefect task per dvc.yaml stage, on a temporary local
     Prefect server unless PREFECT_API_URL points at one); `--engine dvc` runs `dvc repro` directly.
     """
-    if engine == "prefect":
-        from flows.pipeline import dag_stages, pipeline
-        from flows.server import ephemeral_api_settings
+    if engine == "prefect":  # the flow lives in flows/, above lmforge: started as its own process
+        import subprocess
+        import sys
 
-        with ephemeral_api_settings():
-            state = pipeline(force_stages=dag_stages() if force else [], return_state=True)
-        if not state.is_completed():
-            typer.echo(f"error: the pipeline flow failed: {state.message}", err=True)
-            raise typer.Exit(1)
-        results = state.result()
-        typer.echo(f"{'stage':<24} {'status':<20} {'seconds':>8}")
-        for result in results:
-            typer.echo(f"{result['stage']:<24} {result['status']:<20} {result['seconds']:>8}")
+        flow = subprocess.run([sys.executable, "-m", "flows.pipeline", *(["--force"] if force else [])])
+        if flow.returncode != 0:
+            raise typer.Exit(flow.returncode)
     elif engine == "dvc":
         _run_with_dvc(force)
     else:
@@ -102,20 +96,15 @@ def _run_with_dvc(force: bool) -> None:
 
     from lmforge import tracking
 
-    experiment_id = tracking.setup()
-    client = mlflow.MlflowClient()
-    parent = client.create_run(
-        experiment_id, run_name=f"pipeline {tracking.git_commit()[:7]}",
-        tags={"lmforge.kind": "pipeline", "git_commit": tracking.git_commit()},
-    )  # fmt: skip
-    env = {**os.environ, tracking.PARENT_ENV: parent.info.run_id}
+    parent = tracking.create_pipeline_run()
+    env = {**os.environ, tracking.PARENT_ENV: parent}
     result = subprocess.run(["dvc", "repro", *(["--force"] if force else [])], env=env)
-    client.set_terminated(parent.info.run_id, status="FINISHED" if result.returncode == 0 else "FAILED")
+    mlflow.MlflowClient().set_terminated(parent, status="FINISHED" if result.returncode == 0 else "FAILED")
     if result.returncode != 0:
         typer.echo(f"error: the pipeline failed (dvc repro exit {result.returncode}); see the stage's message above",
                    err=True)  # fmt: skip
         raise typer.Exit(result.returncode)
-    typer.echo(f"MLflow pipeline run: {parent.info.run_id}")
+    typer.echo(f"MLflow pipeline run: {parent}")
 
 
 TASK_OPTION = typer.Option(..., "--task", "-t", help="a key of finetune.tasks")
@@ -181,9 +170,7 @@ def compare(
     reference = evidence["champion"]
     for label, mv in rows[1:]:
         other = evidence[label]
-        same_examples = (other.metrics.test_sha256, other.examples) == (reference.metrics.test_sha256,
-                                                                        reference.examples)  # fmt: skip
-        if mv.version == champion.version or not same_examples:
+        if mv.version == champion.version or not other.same_examples(reference):
             continue
         delta, lower = paired_bootstrap(other, reference, settings.bootstrap_samples, settings.confidence)
         typer.echo(f"{label} vs champion: improvement {delta:+.4f}, {settings.confidence:.0%} lower bound "
@@ -212,7 +199,7 @@ def rollback_champion(
 
 def _print_reports(reports: list[tuple[str, Path]]) -> None:
     """The key figures of each stage report that exists, by stage."""
-    from lmforge.artifacts import EvalReport, OptimizeReport, PreprocessReport, PromotionReport, ValidateReport
+    from lmforge.artifacts import EvaluateReport, OptimizeReport, PreprocessReport, PromoteReport, ValidateReport
 
     if not any(name == "validate" for name, _ in reports):
         typer.echo("no results yet: run `make run` (or `dvc repro`)")
@@ -229,19 +216,16 @@ def _print_reports(reports: list[tuple[str, Path]]) -> None:
                        f"pretraining corpus {train.tokens:,} tokens in {train.blocks:,} blocks; "
                        f"peak RSS {stats.peak_rss_mb} MB")  # fmt: skip
         elif name == "evaluate":
-            m = EvalReport.read(path)
-            base = m.baseline.value(m.primary_metric)
-            baseline = f"; baseline {m.baseline.name} {base:.4f}" if base is not None else ""
-            typer.echo(f"evaluate    {m.task}: {m.primary_metric} {m.primary:.4f} "
-                       f"[{m.primary_ci_low:.4f}, {m.primary_ci_high:.4f}] on {m.test_examples} test examples"
-                       f"{baseline}; p95 latency {m.latency_ms_p95:.1f} ms")  # fmt: skip
+            m = EvaluateReport.read(path)
+            typer.echo(f"evaluate    {m.task}: {m.headline()} on {m.test_examples} test examples; "
+                       f"p95 latency {m.latency_ms_p95:.1f} ms")  # fmt: skip
         elif name == "optimize":
             best = OptimizeReport.read(path)
             if best.tuned:
                 typer.echo(f"optimize    {best.task}: best of {best.finished_trials} trials: val loss "
                            f"{best.best_val_loss:.4f} with {best.best_params}")  # fmt: skip
         elif name == "promote":
-            report = PromotionReport.read(path)
+            report = PromoteReport.read(path)
             champion = report.champion_after.version if report.champion_after else "-"
             typer.echo(f"promote     {report.registered_model} v{report.version}: gate {report.decision.upper()}; "
                        f"@champion is v{champion}")  # fmt: skip

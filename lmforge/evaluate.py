@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from lmforge import tracking
-from lmforge.artifacts import EvalReport, Manifest, ModelRef, PerExample
+from lmforge.artifacts import EvaluateReport, Manifest, ModelRef, PerExample, TrainingHistory
 from lmforge.baselines import Baseline, MajorityTag, NgramLM, TfidfLogReg
 from lmforge.errors import LmforgeError
 from lmforge.inference import (
@@ -35,7 +35,7 @@ from lmforge.inference import (
     load_task_model,
     word_tags,
 )
-from lmforge.io import atomic_output_dir, read_json, sha256_file, write_json
+from lmforge.io import atomic_output_dir, sha256_file, write_json
 from lmforge.metrics import (
     bootstrap_ci,
     char_bleu,
@@ -65,7 +65,7 @@ class EvaluatePaths:
 class Evaluation:
     """What scoring one model gives: the metrics, and the records behind them."""
 
-    metrics: dict[str, Any]  # the kind's metrics, under the names EvalReport and MLflow use
+    metrics: dict[str, Any]  # the kind's metrics, under the names EvaluateReport and MLflow use
     per_example: PerExample  # what the gate's paired bootstrap resamples
     confusion: list[dict[str, str]]  # (actual, predicted) pairs: the DVC confusion plot
     samples: list[dict[str, str]] | None = None  # generation: prompts, references, generations
@@ -252,7 +252,7 @@ class ScoredBaseline:
     """The task's baseline and its scores on the same test examples as the model."""
 
     model: Baseline
-    report: EvalReport
+    report: EvaluateReport
     evaluation: Evaluation
 
 
@@ -260,7 +260,7 @@ class ScoredBaseline:
 class Scores:
     """A task model and its baseline, scored on the same frozen test examples."""
 
-    report: EvalReport
+    report: EvaluateReport
     evaluation: Evaluation
     task_model: TaskModel
     test: pd.DataFrame
@@ -291,15 +291,17 @@ def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path)
                                   params)  # fmt: skip
         base = score_generation(baseline.continuation_losses, baseline.generate, tokenizer, test, prompt_chars, params)
 
-    def report_of(evaluation: Evaluation) -> EvalReport:
-        return EvalReport.model_validate({"task": task, "kind": tm.kind, "test_examples": len(test),
+    def report_of(evaluation: Evaluation) -> EvaluateReport:
+        return EvaluateReport.model_validate({"task": task, "kind": tm.kind, "test_examples": len(test),
                                           "test_sha256": tm.meta.test_sha256, **evaluation.metrics})  # fmt: skip
 
     result = with_baseline(result, base, baseline.name)
     return Scores(report_of(result), result, tm, test, ScoredBaseline(baseline, report_of(base), base))
 
 
-def evaluate_model(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path, out_dir: Path) -> EvalReport:
+def evaluate_model(
+    params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path, out_dir: Path
+) -> EvaluateReport:
     """Score a task model and its baseline; log each to MLflow as a pyfunc with its evidence; write out_dir.
 
     out_dir/baseline/ holds the baseline (model/, its metrics and per-example records, model.json):
@@ -309,7 +311,7 @@ def evaluate_model(params: EvaluateParams, task: str, model_dir: Path, dataset_d
 
     scores = score(params, task, model_dir, dataset_dir)
     report, result, tm, test = scores.report, scores.evaluation, scores.task_model, scores.test
-    history = read_json(model_dir / "history.json")
+    history = TrainingHistory.read(model_dir / "history.json")
     example = str(test["text"].iloc[0])
     with atomic_output_dir(out_dir) as staging:
         folder = staging / "baseline"
@@ -336,7 +338,7 @@ def evaluate_model(params: EvaluateParams, task: str, model_dir: Path, dataset_d
             report.write_into(staging / "metrics.json")
             result.per_example.write_into(staging / "per_example.json")
             write_json(staging / "confusion.json", result.confusion)
-            write_json(staging / "curve.json", history)
+            write_json(staging / "curve.json", history.data())
             if result.samples:
                 write_json(staging / "samples.json", result.samples)
             ModelRef(model_uri=model_uri, run_id=mlflow_run.info.run_id,
@@ -345,19 +347,14 @@ def evaluate_model(params: EvaluateParams, task: str, model_dir: Path, dataset_d
     return report
 
 
-def run(params: EvaluateSection, paths: EvaluatePaths) -> EvalReport:
+def run(section: EvaluateSection, paths: EvaluatePaths) -> EvaluateReport:
     """Score one task's fine-tuned model on its frozen test split; log it to MLflow as a pyfunc."""
-    return evaluate_model(params.evaluate, params.name, paths.model, paths.dataset, paths.out)
+    return evaluate_model(section.evaluate, section.name, paths.model, paths.dataset, paths.out)
 
 
-def summary(report: EvalReport, paths: EvaluatePaths) -> str:
-    base_value = report.baseline.value(report.primary_metric)
-    return (
-        f"evaluate: {report.task}: {report.primary_metric} {report.primary:.4f} "
-        f"[{report.primary_ci_low:.4f}, {report.primary_ci_high:.4f}]"
-        + (f"; baseline {report.baseline.name} {base_value:.4f}" if base_value is not None else "")
-        + f"; latency p50 {report.latency_ms_p50:.1f} ms, p95 {report.latency_ms_p95:.1f} ms"
-    )
+def summary(report: EvaluateReport, paths: EvaluatePaths) -> str:
+    return (f"evaluate: {report.task}: {report.headline()}; latency p50 {report.latency_ms_p50:.1f} ms, "
+            f"p95 {report.latency_ms_p95:.1f} ms")  # fmt: skip
 
 
 class EvaluateSection(Section):

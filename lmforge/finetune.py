@@ -418,14 +418,14 @@ def train_task(params: FinetuneSection, paths: FinetunePaths, on_eval: Callable[
     return report
 
 
-def run(params: FinetuneSection, paths: FinetunePaths) -> FinetuneReport:
+def run(section: FinetuneSection, paths: FinetunePaths) -> FinetuneReport:
     """Fine-tune one task of finetune.tasks from its base, in its own MLflow stage run."""
-    task, name = params.task, params.name
+    task, name = section.task, section.name
     # Fail on a bad base before an MLflow run opens, so the error stays one line on stderr.
     key = f"finetune.tasks.{name}.base"
     load_tokenizer(base_folder(paths.base, key), key)
-    with tracking.stage_run("finetune", {"task": name, **task.model_dump(), "seed": params.seed}, item=name):
-        return train_task(params, paths)
+    with tracking.stage_run("finetune", {"task": name, **task.model_dump(), "seed": section.seed}, item=name):
+        return train_task(section, paths)
 
 
 def summary(report: FinetuneReport, paths: FinetunePaths) -> str:

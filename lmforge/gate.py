@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmforge.artifacts import EvalReport, PerExample
+from lmforge.artifacts import EvaluateReport, PerExample
 from lmforge.metrics import f1_from_counts, macro_f1_statistic
 from lmforge.schema import PromoteParams
 
 
 @dataclass(frozen=True)
 class Evidence:
-    metrics: EvalReport
+    metrics: EvaluateReport
     per_example: PerExample
     baseline: Evidence | None = None  # the task's baseline, scored on the same examples by the same evaluate
     is_baseline: bool = False  # this is the baseline itself (registered as lmforge.model_kind=baseline)
@@ -37,6 +37,11 @@ class Evidence:
     def examples(self) -> int:
         """How many test examples the per-example records cover (generation skips too-short texts)."""
         return self.per_example.examples
+
+    def same_examples(self, other: Evidence) -> bool:
+        """Scored on the same test examples, so a paired bootstrap may compare the two."""
+        return (self.metrics.test_sha256, self.examples, self.metrics.kind) == (
+            other.metrics.test_sha256, other.examples, other.metrics.kind)  # fmt: skip
 
 
 @dataclass
@@ -89,8 +94,7 @@ def check_against_baseline(decision: Decision, candidate: Evidence, baseline: Ev
     """Nothing significantly worse than the task's baseline serves: the baseline's paired lower bound of
     beating the candidate must not be above zero."""
     metric, name = candidate.metrics.primary_metric, candidate.metrics.baseline.name
-    same = baseline.metrics.test_sha256 == candidate.metrics.test_sha256 and baseline.examples == candidate.examples
-    if not same:
+    if not baseline.same_examples(candidate):
         decision.check("baseline", False, f"the baseline {name} was scored on other test examples")
         return
     delta, lower = paired_bootstrap(baseline, candidate, params.bootstrap_samples, params.confidence)
@@ -132,9 +136,7 @@ def decide(candidate: Evidence, champion: Evidence | None, params: PromoteParams
                 "floor", ok, f"{value} {relation} floor {floor}" if ok else f"{value} misses the floor {floor}"
             )
     else:
-        same = (champion.metrics.test_sha256 == candidate.metrics.test_sha256
-                and champion.examples == candidate.examples
-                and champion.metrics.kind == candidate.metrics.kind)  # fmt: skip
+        same = champion.same_examples(candidate)
         decision.check("same_test", same, "champion and candidate scored on the same test examples" if same
                        else "the champion was scored on another test split: re-score it before comparing")  # fmt: skip
         if same:

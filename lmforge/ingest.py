@@ -65,19 +65,19 @@ def ingest_dataset(name: str, spec: DatasetSpec, params: IngestParams, root: Pat
     return manifest
 
 
-def run(params: IngestParams, paths: IngestPaths) -> IngestReport:
+def run(section: IngestParams, paths: IngestPaths) -> IngestReport:
     """Ingest every dataset into data/raw (built aside and swapped in only if all succeed)."""
     datasets: dict[str, IngestedDataset] = {}
     with atomic_output_dir(paths.out) as staging:
         corpus_texts: list[tuple[str, str]] = []
-        for name, spec in params.datasets.items():
+        for name, spec in section.datasets.items():
             started = time.perf_counter()
-            manifest = ingest_dataset(name, spec, params, paths.root, staging / name)
+            manifest = ingest_dataset(name, spec, section, paths.root, staging / name)
             datasets[name] = IngestedDataset(rows=manifest.rows, seconds=round(time.perf_counter() - started, 2))
             if spec.in_corpus:
                 train = pd.read_parquet(staging / name / "train.parquet", columns=["text"])
                 corpus_texts.extend((name, text) for text in train["text"])
-        corpus = CorpusManifest(**write_corpus(corpus_texts, staging / "corpus", params.corpus_val_fraction))
+        corpus = CorpusManifest(**write_corpus(corpus_texts, staging / "corpus", section.corpus_val_fraction))
         corpus.write_into(staging / "corpus" / "manifest.json")
     return IngestReport(datasets=datasets, corpus=corpus.documents)
 

@@ -27,9 +27,9 @@ import mlflow
 import optuna
 
 from lmforge import tracking
-from lmforge.artifacts import FinetuneReport, Manifest, OptimizeReport, TaskMeta
+from lmforge.artifacts import FinetuneReport, Manifest, OptimizeReport, TaskMeta, TrainingHistory
 from lmforge.errors import LmforgeError
-from lmforge.io import atomic_output_dir, fingerprint, read_json, sha256_file, write_json
+from lmforge.io import atomic_output_dir, fingerprint, sha256_file, write_json
 from lmforge.params import Params
 from lmforge.schema import EvaluateParams, FinetuneTask, OptimizeParams, Section
 from lmforge.stage import Stage, dep, item_of, output, scratch
@@ -324,21 +324,21 @@ def pass_on_finetuned(paths: OptimizePaths, report: OptimizeReport, trials: list
         write_json(staging / "trials.json", trials)
 
 
-def run(params: OptimizeSection, paths: OptimizePaths) -> OptimizeReport:
+def run(section: OptimizeSection, paths: OptimizePaths) -> OptimizeReport:
     """Tune the task's hyperparameters; the best trial, or the fine-tuned model, is the candidate."""
     from lmforge.evaluate import evaluate_model
 
-    task, n_trials = params.name, params.n_trials
+    task, n_trials = section.name, section.n_trials
     if n_trials == 0:
         report = OptimizeReport(task=task, tuned=False, n_trials=0, best_params={})
         pass_on_finetuned(paths, report, [])
         return report
 
-    study, run_id = run_study(params, paths)
+    study, run_id = run_study(section, paths)
     if not [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]:
         raise LmforgeError(f"optimize: study {study.study_name} has no completed trial (all pruned or failed)")
     best = study.best_trial
-    finetuned_loss = min(point["val_loss"] for point in read_json(paths.finetuned / "history.json"))
+    finetuned_loss = TrainingHistory.read(paths.finetuned / "history.json").best_val_loss
     assert best.value is not None  # a complete trial has a value
     report = OptimizeReport(
         task=task, tuned=True, study=study.study_name, n_trials=n_trials, finished_trials=finished_trials(study),
@@ -352,14 +352,14 @@ def run(params: OptimizeSection, paths: OptimizePaths) -> OptimizeReport:
         pass_on_finetuned(paths, report, trials_table(study))
         return report
     with atomic_output_dir(paths.candidate) as staging:
-        model = trial_model(best, paths.work, retrain=lambda: retrain_trial(best, params, paths, run_id))
+        model = trial_model(best, paths.work, retrain=lambda: retrain_trial(best, section, paths, run_id))
         shutil.copytree(model, staging, dirs_exist_ok=True)
         meta = TaskMeta.read(staging / "lmforge_task.json")
         meta.model_copy(update={"optuna_study": study.study_name, "optuna_trial": best.number}).write_into(
             staging / "lmforge_task.json"
         )
     with atomic_output_dir(paths.out) as staging:
-        evaluate_model(params.evaluate, task, paths.candidate, paths.dataset, staging / "candidate")
+        evaluate_model(section.evaluate, task, paths.candidate, paths.dataset, staging / "candidate")
         report.write_into(staging / "best_params.json")
         write_json(staging / "trials.json", trials_table(study))
     return report

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmforge.artifacts import SPLITS, DatasetLabels, Manifest, PackedCorpus, PreprocessReport, ValidationReport
+from lmforge.artifacts import SPLITS, DatasetLabels, DatasetValidation, Manifest, PackedCorpus, PreprocessReport
 from lmforge.errors import DataError
 from lmforge.io import atomic_output_dir
 from lmforge.params import Params
@@ -53,7 +53,7 @@ def validated_manifest(raw_dir: Path, validation_dir: Path, dataset: str) -> Man
     report_path = validation_dir / f"{dataset}.json"
     if not report_path.is_file():
         raise DataError(f"{report_path}: no validation report for dataset {dataset!r} (run the validate stage)")
-    report = ValidationReport.read(report_path)
+    report = DatasetValidation.read(report_path)
     if not report.covers(manifest):
         raise DataError(
             f"{report_path}: validated a different test split than {raw_dir / dataset} holds; re-run validate"
@@ -65,16 +65,16 @@ def validated_manifest(raw_dir: Path, validation_dir: Path, dataset: str) -> Man
     return manifest
 
 
-def run(params: PreprocessParams, paths: PreprocessPaths) -> PreprocessReport:
+def run(section: PreprocessParams, paths: PreprocessPaths) -> PreprocessReport:
     """Train the tokenizer, pack the pretraining corpus, tokenize every validated dataset."""
     raw_dir, validation_dir = paths.raw, paths.validation
     started = time.perf_counter()
     stats: dict[str, Any] = {"datasets": {}}
     with atomic_output_dir(paths.out) as staging:
         corpus = raw_dir / "corpus"
-        tokenizer = train_tokenizer(params.tokenizer, corpus / "train.txt", params.batch_size, params.max_length)
-        save_hf_tokenizer(tokenizer, staging / "tokenizer", params.max_length)
-        stats["tokenizer"] = {"kind": params.tokenizer.kind, "vocab_size": tokenizer.get_vocab_size()}
+        tokenizer = train_tokenizer(section.tokenizer, corpus / "train.txt", section.batch_size, section.max_length)
+        save_hf_tokenizer(tokenizer, staging / "tokenizer", section.max_length)
+        stats["tokenizer"] = {"kind": section.tokenizer.kind, "vocab_size": tokenizer.get_vocab_size()}
         stats["seconds_tokenizer"] = round(time.perf_counter() - started, 2)
 
         (staging / "pretrain").mkdir()
@@ -83,8 +83,8 @@ def run(params: PreprocessParams, paths: PreprocessPaths) -> PreprocessReport:
                 tokenizer,
                 corpus / f"{side}.txt",
                 staging / "pretrain" / f"{side}.bin",
-                params.block_size,
-                params.batch_size,
+                section.block_size,
+                section.batch_size,
             )
             for side in ("train", "val")
         }
@@ -112,14 +112,14 @@ def run(params: PreprocessParams, paths: PreprocessPaths) -> PreprocessReport:
                     raw_dir / dataset / f"{split}.parquet",
                     dataset_dir / f"{split}.parquet",
                     labels,
-                    params.batch_size,
+                    section.batch_size,
                 )
                 for split in SPLITS
             }
         stats["seconds"] = round(time.perf_counter() - started, 2)
         stats["peak_rss_mb"] = peak_rss_mb()
     # Timings and memory go to the report (reports/preprocess.json), never into data/processed: the
-    # same corpus and params must give byte-identical outputs, or DVC would re-run everything downstream.
+    # same corpus and section must give byte-identical outputs, or DVC would re-run everything downstream.
     return PreprocessReport(**stats)
 
 

@@ -250,14 +250,14 @@ def copy_hf_model(params: PretrainSection, model: HFModel, paths: PretrainPaths)
     return report
 
 
-def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
+def run(section: PretrainSection, paths: PretrainPaths) -> PretrainReport:
     """Pretrain one model of pretrain.models on the packed blocks and write it in HF format (safetensors);
     a Hugging Face model (architecture hf) is copied in as it is."""
     from transformers import AutoTokenizer
 
-    name, arch = params.name, params.model
+    name, arch = section.name, section.model
     if isinstance(arch, HFModel):
-        return copy_hf_model(params, arch, paths)
+        return copy_hf_model(section, arch, paths)
     meta = PackedCorpus.read(paths.blocks / "meta.json")
     block_size = meta.train.block_size
     if arch.max_length < block_size:
@@ -271,23 +271,23 @@ def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
     val_blocks = read_blocks(paths.blocks / meta.val.file, meta.val.dtype, block_size)
     own = ("max_steps", "epochs", "batch_size")  # the model's own budget, where it sets one
     budget = {key: getattr(arch, key) for key in own if getattr(arch, key) is not None}
-    training = with_learning_rate(params.training, RECIPE_LR["pretrain"]).model_copy(update=budget)
+    training = with_learning_rate(section.training, RECIPE_LR["pretrain"]).model_copy(update=budget)
     n_val = min(len(val_blocks), training.max_eval_samples or len(val_blocks))
 
-    model = build_pretrain_model(arch, len(tokenizer), ids.pad, ids.cls, ids.sep, params.seed)
-    make_batch = batch_maker(arch.objective, train_blocks, ids, params.mlm_probability)
-    make_val_batch = batch_maker(arch.objective, val_blocks, ids, params.mlm_probability)
+    model = build_pretrain_model(arch, len(tokenizer), ids.pad, ids.cls, ids.sep, section.seed)
+    make_batch = batch_maker(arch.objective, train_blocks, ids, section.mlm_probability)
+    make_val_batch = batch_maker(arch.objective, val_blocks, ids, section.mlm_probability)
     # The token files and tokenizer themselves, not only their counts: a checkpoint trained on other
     # tokens (a retrained tokenizer, new data of the same size) is never resumed.
     inputs = files_sha256(paths.blocks, "*.bin") | files_sha256(paths.tokenizer, "tokenizer.json")
-    run_fingerprint = fingerprint(arch.model_dump(), training.model_dump(), params.seed, params.mlm_probability,
+    run_fingerprint = fingerprint(arch.model_dump(), training.model_dump(), section.seed, section.mlm_probability,
                                   meta.data(), inputs)  # fmt: skip
     resolved = {
         "model": name,
         **arch.model_dump(),
         "training": training.model_dump(),
-        "seed": params.seed,
-        "mlm_probability": params.mlm_probability,
+        "seed": section.seed,
+        "mlm_probability": section.mlm_probability,
         "vocab_size": len(tokenizer),
         "block_size": block_size,
     }
@@ -298,8 +298,8 @@ def run(params: PretrainSection, paths: PretrainPaths) -> PretrainReport:
         mlflow.log_param("n_parameters", count_parameters(model))
         result = train(
             model, len(train_blocks), make_batch,
-            lambda m: validation_loss(m, make_val_batch, n_val, training.batch_size, params.seed, loss_of),
-            training, params.seed, paths.checkpoints, run_fingerprint,
+            lambda m: validation_loss(m, make_val_batch, n_val, training.batch_size, section.seed, loss_of),
+            training, section.seed, paths.checkpoints, run_fingerprint,
             log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
             description=f"pretrain {name} ({arch.architecture}, {arch.objective})", device=device, loss_of=loss_of,
         )  # fmt: skip

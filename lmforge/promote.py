@@ -19,15 +19,13 @@ import mlflow
 import pandas as pd
 
 from lmforge import registry, tracking
-from lmforge.artifacts import Manifest, ModelRef, OptimizeReport, PromotionReport, ValidationReport
+from lmforge.artifacts import DatasetValidation, GateDecision, Manifest, ModelRef, OptimizeReport, PromoteReport
 from lmforge.errors import DataError
 from lmforge.gate import decide
 from lmforge.io import files_sha256, fingerprint
 from lmforge.params import Params
 from lmforge.schema import PromoteParams, Section
 from lmforge.stage import Stage, dep, item_of, output
-
-PREFECT_ENV = "LMFORGE_PREFECT_FLOW_RUN_ID"
 
 
 @dataclass(frozen=True)
@@ -69,8 +67,8 @@ def lineage_tags(params: PromoteSection, paths: PromotePaths) -> dict[str, str]:
     }
     if best is not None and best.tuned:
         tags.update({"optuna.study": str(best.study), "optuna.trial": str(best.best_trial)})
-    if os.environ.get(PREFECT_ENV):
-        tags["prefect.flow_run_id"] = os.environ[PREFECT_ENV]
+    if os.environ.get(tracking.FLOW_RUN_ENV):
+        tags["prefect.flow_run_id"] = os.environ[tracking.FLOW_RUN_ENV]
     return tags
 
 
@@ -87,12 +85,12 @@ def log_test_dataset(test: pd.DataFrame, dataset_dir: Path, dataset: str) -> str
 def validation_passed(report_path: Path, manifest: Manifest) -> bool:
     if not report_path.is_file():
         return False
-    report = ValidationReport.read(report_path)
+    report = DatasetValidation.read(report_path)
     return report.success and report.covers(manifest)
 
 
 def gate_version(params: PromoteSection, version: str, dataset_dir: Path, validation: Path,
-                 first_contender: bool = False) -> PromotionReport:  # fmt: skip
+                 first_contender: bool = False) -> PromoteReport:  # fmt: skip
     """Run the gate on an already registered version; move the aliases; record the decision.
 
     `first_contender` (the task's baseline): gate it only while no version holds @champion.
@@ -110,7 +108,7 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
         candidate = registry.evidence_of(client, mv)
         champion_version = registry.alias_version(client, name, registry.CHAMPION)
         if first_contender and champion_version is not None:
-            return PromotionReport(
+            return PromoteReport(
                 task=task, registered_model=name, version=version, decision="skipped",
                 reasons=[f"version {champion_version.version} holds @champion: the baseline contends only first"],
                 checks={}, champion_before=str(champion_version.version),
@@ -118,7 +116,7 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
             )  # fmt: skip
         if champion_version is not None and str(champion_version.version) == version:
             # Re-running promote on the model that already serves changes nothing.
-            return PromotionReport(
+            return PromoteReport(
                 task=task, registered_model=name, version=version, decision="unchanged",
                 reasons=[f"version {version} already holds @champion"], checks={}, champion_before=version,
                 champion_after=registry.describe(champion_version), mlflow_run_id=run.info.run_id,
@@ -135,7 +133,7 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
             candidate, champion, params.promote, params.promote.floors.get(task),
             validation_passed(validation, manifest), manifest.test_sha256, loads, latency,
         )  # fmt: skip
-        verdict = "pass" if decision.passed else "fail"
+        verdict: GateDecision = "pass" if decision.passed else "fail"
         experiment = tracking.dvc_experiment()
         reasons = decision.reasons + ([f"held: DVC experiment {experiment!r} is a what-if, so @champion does not move "
                                        f"(to serve it: lmforge promote --task {task} --version {version})"]
@@ -154,7 +152,7 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
             registry.crown(client, name, version)
         else:
             client.set_registered_model_alias(name, registry.CHALLENGER, version)
-        report = PromotionReport(
+        report = PromoteReport(
             task=task, registered_model=name, version=version, decision=verdict,
             reasons=reasons, checks=decision.checks,
             champion_before=str(champion_version.version) if champion_version else None,
@@ -168,19 +166,19 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
     return report
 
 
-def run(params: PromoteSection, paths: PromotePaths) -> PromotionReport:
+def run(section: PromoteSection, paths: PromotePaths) -> PromoteReport:
     """Register the task's candidate (reports/optimize/<task>/candidate) and gate it."""
     model = ModelRef.read(paths.optimized / "candidate" / "model.json")
-    if Manifest.of(paths.dataset).dataset != params.dataset:
-        raise DataError(f"{paths.dataset}: is not dataset {params.dataset!r} (finetune.tasks.{params.name}.dataset)")
-    name = registry.model_name(params.promote.model_prefix, params.name)
+    if Manifest.of(paths.dataset).dataset != section.dataset:
+        raise DataError(f"{paths.dataset}: is not dataset {section.dataset!r} (finetune.tasks.{section.name}.dataset)")
+    name = registry.model_name(section.promote.model_prefix, section.name)
     client = registry.client()
-    lineage = lineage_tags(params, paths)
+    lineage = lineage_tags(section, paths)
     mv = registry.register(client, name, model.model_uri, model.run_id,
                            {**lineage, registry.MODEL_KIND_TAG: registry.TRAINED_KIND})  # fmt: skip
     baseline = register_baseline(client, name, paths.optimized / "candidate" / "baseline", lineage)
-    first = gate_version(params, baseline, paths.dataset, paths.validation, first_contender=True) if baseline else None
-    report = gate_version(params, str(mv.version), paths.dataset, paths.validation)
+    first = gate_version(section, baseline, paths.dataset, paths.validation, first_contender=True) if baseline else None
+    report = gate_version(section, str(mv.version), paths.dataset, paths.validation)
     return report.model_copy(update={"baseline_version": baseline, "baseline_decision": first and first.decision})
 
 
@@ -197,7 +195,7 @@ def register_baseline(client: mlflow.MlflowClient, name: str, folder: Path, line
     return str(registry.register(client, name, ref.model_uri, ref.run_id, tags).version)
 
 
-def summary(report: PromotionReport, paths: PromotePaths) -> str:
+def summary(report: PromoteReport, paths: PromotePaths) -> str:
     champion = report.champion_after.version if report.champion_after else "-"
     lines = [f"promote: {report.registered_model} version {report.version}: gate {report.decision.upper()}; "
              f"@champion is version {champion}"]  # fmt: skip

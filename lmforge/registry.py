@@ -26,7 +26,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from lmforge import tracking
-from lmforge.artifacts import EvalReport, PerExample, VersionRef
+from lmforge.artifacts import EvaluateReport, PerExample, VersionRef
 from lmforge.errors import LmforgeError, TransientError
 from lmforge.gate import Evidence
 
@@ -119,9 +119,9 @@ def evidence_of(mlflow_client: mlflow.MlflowClient, version: ModelVersion) -> Ev
             raise unavailable(f"reading the evidence of {where} (evaluate run {tagged})", error) from None
         baseline = None
         if (local / "baseline" / "per_example.json").is_file():  # the task's baseline on the same examples
-            baseline = Evidence(EvalReport.read(local / "baseline" / "metrics.json"),
+            baseline = Evidence(EvaluateReport.read(local / "baseline" / "metrics.json"),
                                 PerExample.read(local / "baseline" / "per_example.json"), is_baseline=True)  # fmt: skip
-        return Evidence(EvalReport.read(local / "metrics.json"), PerExample.read(local / "per_example.json"),
+        return Evidence(EvaluateReport.read(local / "metrics.json"), PerExample.read(local / "per_example.json"),
                         baseline, is_baseline=version.tags.get(MODEL_KIND_TAG) == BASELINE_KIND)  # fmt: skip
 
 

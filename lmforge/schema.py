@@ -211,8 +211,7 @@ class PreprocessParams(Section):
 
 
 # The learning rates a task gets when it sets none: a small model trained from scratch here learns
-# at a rate that would wreck a large hub model, and a small dataset must not starve the new head
-# (600 rows at 5e-4 ended at macro-F1 0.60 where 2e-3 reached the TF-IDF baseline's 0.95).
+# at a rate that would wreck a large hub model, and a small dataset must not starve the new head.
 RECIPE_LR = {"pretrain": 1e-3, "ours": 2e-3, "full": 5e-5, "lora": 5e-4}
 
 
@@ -312,8 +311,8 @@ PretrainModel = Annotated[ModelArchitecture | HFModel, Field(discriminator="arch
 def _default_models() -> dict[str, PretrainModel]:
     return {
         "encoder": ModelArchitecture(architecture="bert", objective="mlm", epochs=1),
-        # No dropout for the decoder: at 800 steps (under half a pass) it only slows learning (validation
-        # loss 5.15 against 5.24 with 0.1; continuation perplexity 73.4 against 74.4 fine-tuned alike).
+        # No dropout for the decoder: under half a pass over the corpus cannot overfit, so dropout only
+        # slows its learning.
         "decoder": ModelArchitecture(architecture="gpt", objective="causal", max_steps=800, batch_size=8, dropout=0.0),
     }
 
@@ -328,11 +327,10 @@ class PretrainParams(Section):
         description="models to pretrain (or, architecture hf, to copy from Hugging Face), by name: "
         "models/pretrained/<name>",
     )
-    # The default budget (README, "Quality and budget"): one pass over the corpus (1.9 M tokens, 464
-    # steps of 32 x 128) for the encoder (a second bought sentiment nothing; 16-block batches lowered
-    # its loss but not NER's F1); 800 steps of 8 for the decoder, whose continuation task gains more
-    # from fine-tuning on its reviews (the same tokens as 200 steps of 32: validation loss 5.24 against
-    # 6.27); bf16 where the CPU computes it.
+    # The default budget fits the whole pipeline in about 15 minutes on 2 CPU cores: one pass over the
+    # corpus for the encoder; 800 small steps for the decoder, whose continuation task gains more from
+    # fine-tuning on its reviews; bf16 where the CPU computes it. docs/quality-and-budget.md gives what
+    # each budget scores.
     training: TrainingParams = TrainingParams(
         max_steps=2000,
         batch_size=32,
@@ -409,12 +407,12 @@ class FinetuneTask(Section):
 
 
 def _default_tasks() -> dict[str, FinetuneTask]:
-    # The default budget (README, "Quality and budget"): every training row; two passes for sentiment
-    # (early stopping on the validation loss); four for NER without early stopping (its validation
-    # loss, mostly O tags, stops falling long before entity F1 stops rising; with the word-pooled
-    # tagger four passes gave 0.872, significantly above the baseline, two 0.853, not significantly);
-    # 1,800 steps of 16 for continuation, trained on the prompt's tokens too, without dropout (69.4
-    # against the trigram's 74.6; 73.1 at 1,400 steps): NER's passes pay for them by dropping its dropout.
+    # The default budget (docs/quality-and-budget.md gives what each scores): every training row; two
+    # passes for sentiment (early stopping on the validation loss); four for NER without early stopping
+    # (its validation loss, mostly O tags, stops falling long before entity F1 stops rising; two passes
+    # do not beat the baseline significantly); 1,800 steps of 16 for continuation, trained on the
+    # prompt's tokens too. NER and continuation train without dropout: neither overfits in its passes,
+    # and dropping it pays for those passes.
     sentiment_training = TrainingParams(max_steps=2000, epochs=2, learning_rate=1e-3, max_eval_samples=1000,
                                         eval_every=100, checkpoint_every=100)  # fmt: skip
     ner_training = TrainingParams(max_steps=4000, epochs=4, learning_rate=2e-3, max_eval_samples=1000, eval_every=500,
@@ -429,7 +427,7 @@ def _default_tasks() -> dict[str, FinetuneTask]:
             dataset="people_daily",
             kind="token_classification",
             base="encoder",
-            dropout=0.0,  # the same entity F1 as with the encoder's 0.1 (0.877 against 0.874), 1.3x the tokens/s
+            dropout=0.0,  # the same entity F1 as with the encoder's 0.1, in less time
             training=ner_training,
         ),
         "continuation": FinetuneTask(
@@ -437,7 +435,7 @@ def _default_tasks() -> dict[str, FinetuneTask]:
             kind="generation",
             base="decoder",
             prompt_loss=True,
-            dropout=0.0,  # 1.6 passes over the reviews do not overfit: perplexity 74.4 against 80.2 with 0.1
+            dropout=0.0,  # under two passes over the reviews do not overfit: dropout only slows learning
             training=decoder_training,
         ),
     }

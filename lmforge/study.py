@@ -50,8 +50,8 @@ def open_study(params: OptimizeParams, study_name: str) -> optuna.Study:
         raise LmforgeError(f"optimize.storage: cannot open the {scheme} study storage ({reason})") from None
     pruners = {
         # A trial goes on while its best loss so far is in the best third (percentile) or half (median)
-        # of the other trials' at the same evaluation. The best third saved 44-47% of the trial steps
-        # against 33-47% for the median, at the same best loss to 0.05% (bench/hpo_pruning.py, 3 seeds).
+        # of the other trials' at the same evaluation. The best third prunes more steps than the median
+        # at the same best loss (bench/hpo_pruning.py; docs/performance.md).
         "percentile": optuna.pruners.PercentilePruner(100 / 3, n_startup_trials=2, n_warmup_steps=1),
         "median": optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
         "hyperband": optuna.pruners.HyperbandPruner(

@@ -24,6 +24,7 @@ import yaml
 EXPERIMENT = "lmforge"
 PARENT_ENV = "LMFORGE_PARENT_RUN_ID"
 PARAMS_ENV = "LMFORGE_PARAMS_FILE"  # set by the stage command line (lmforge/stage.py) to its --params
+FLOW_RUN_ENV = "LMFORGE_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow: the flow run a stage runs in
 SECRET_WORDS = ("password", "secret", "token", "key")  # never logged as params
 # MLflow's INFO lines and download bars would bury a stage's one-line error on stderr.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
@@ -132,14 +133,22 @@ def pipeline_parent(experiment_id: str) -> str:
     )
     if found:
         return found[0].info.run_id
-    client = mlflow.MlflowClient()
-    run = client.create_run(
-        experiment_id,
+    run_id = create_pipeline_run(experiment_id, {"lmforge.pipeline_key": key_hex})
+    mlflow.MlflowClient().set_terminated(run_id)
+    return run_id
+
+
+def create_pipeline_run(experiment_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """A new pipeline run, the parent of one pipeline's stage runs, named for the git commit; its id.
+    Whoever runs the stages (`lmforge run --engine dvc`, the Prefect flow) ends it."""
+    import mlflow
+
+    run = mlflow.MlflowClient().create_run(
+        experiment_id or setup(),
         run_name=f"pipeline {git_commit()[:7]}",
-        tags={"lmforge.pipeline_key": key_hex, "lmforge.kind": "pipeline", "git_commit": git_commit()},
+        tags={"lmforge.kind": "pipeline", "git_commit": git_commit(), **(tags or {})},
     )
-    client.set_terminated(run.info.run_id)
-    return run.info.run_id
+    return str(run.info.run_id)
 
 
 @contextmanager

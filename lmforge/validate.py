@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from lmforge.artifacts import SPLITS, ExpectationResult, Manifest, ValidateReport, ValidationReport, ValidationSummary
+from lmforge.artifacts import SPLITS, DatasetValidation, ExpectationResult, Manifest, ValidateReport, ValidationSummary
 from lmforge.errors import DataError, ValidationFailed
 from lmforge.io import atomic_output_dir
 from lmforge.params import Params
@@ -167,9 +167,9 @@ def load_splits(dataset_dir: Path) -> dict[str, pd.DataFrame]:
 
 
 def summarize(dataset: str, manifest: Manifest, outcomes: list[ExpectationResult],
-              params: ValidateParams) -> ValidationReport:  # fmt: skip
+              params: ValidateParams) -> DatasetValidation:  # fmt: skip
     failed = [outcome for outcome in outcomes if not outcome.success]
-    return ValidationReport(
+    return DatasetValidation(
         dataset=dataset,
         success=not failed,
         on_failure=params.on_failure,
@@ -202,22 +202,22 @@ def dataset_dirs(raw_dir: Path) -> list[Path]:
     return found
 
 
-def run(params: ValidateParams, paths: ValidatePaths) -> ValidateReport:
+def run(section: ValidateParams, paths: ValidatePaths) -> ValidateReport:
     """Validate every dataset; write reports; raise ValidationFailed when one fails and on_failure is fail.
 
     reports/validate.json keeps, per dataset, whether it passed and how many expectations failed; it
     is written before a failure is raised, so `lmforge status` says what failed.
     """
-    reports: dict[str, ValidationReport] = {}
+    reports: dict[str, DatasetValidation] = {}
     failures: list[str] = []
     with atomic_output_dir(paths.out) as staging:
         for dataset_dir in dataset_dirs(paths.raw):
             dataset = dataset_dir.name
             manifest = Manifest.of(dataset_dir)
-            views = build_views(manifest, load_splits(dataset_dir), params)
-            outcomes = run_suites(dataset, views, params, staging / "data_docs" / dataset)
-            outcomes = [explain_balance(outcome, views, params) for outcome in outcomes]
-            report = summarize(dataset, manifest, outcomes, params)
+            views = build_views(manifest, load_splits(dataset_dir), section)
+            outcomes = run_suites(dataset, views, section, staging / "data_docs" / dataset)
+            outcomes = [explain_balance(outcome, views, section) for outcome in outcomes]
+            report = summarize(dataset, manifest, outcomes, section)
             report.write_into(staging / f"{dataset}.json")
             reports[dataset] = report
             if not report.success:
@@ -225,7 +225,7 @@ def run(params: ValidateParams, paths: ValidatePaths) -> ValidateReport:
     passed = ValidateReport(datasets={name: ValidationSummary(success=r.success, evaluated=r.evaluated, failed=r.failed)
                                       for name, r in reports.items()})  # fmt: skip
     passed.write(paths.report)
-    if failures and params.on_failure == "fail":
+    if failures and section.on_failure == "fail":
         raise ValidationFailed(failures[0] + f"; see {paths.out}/")
     for line in failures:
         print(f"warning: {line} (validate.on_failure is warn)")

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from lmforge.artifacts import PromotionReport
+from lmforge.artifacts import PromoteReport
 from lmforge.params import deep_merge
 from tests.conftest import REPO, clone_working_tree, sh
 
@@ -76,7 +76,7 @@ def test_the_readme_walkthrough_trains_registers_and_gates_a_new_task(tmp_path: 
             status = sh("git", "status", "--porcelain", cwd=clone).stdout
             assert "?? data/external/intents.csv.dvc" in status and "intents.csv\n" not in status
 
-    report = PromotionReport.read(clone / "reports/promote/intent.json")
+    report = PromoteReport.read(clone / "reports/promote/intent.json")
     assert report.baseline_decision == "pass" and report.decision in ("pass", "fail")
     assert report.champion_after is not None  # the baseline at least: a new task needs no floor
     assert any("baseline" in reason for reason in report.reasons)

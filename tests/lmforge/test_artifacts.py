@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from lmforge.artifacts import Baseline, EvalReport, Manifest, PerExample, TaskMeta, ValidationReport
+from lmforge.artifacts import BaselineScores, DatasetValidation, EvaluateReport, Manifest, PerExample, TaskMeta
 from lmforge.errors import DataError
 from lmforge.schema import LoraParams, TrainingParams
 
@@ -138,15 +138,15 @@ def test_artifacts_are_frozen() -> None:
 
 def test_eval_report_keeps_extra_metrics_through_a_round_trip(tmp_path: Path) -> None:
     path = write_raw(tmp_path / "metrics.json", eval_data(accuracy=0.8, entity_f1=1))
-    report = EvalReport.read(path)
+    report = EvaluateReport.read(path)
     assert report.score("accuracy") == pytest.approx(0.8)
     assert isinstance(report.score("entity_f1"), float) and report.score("entity_f1") == 1.0
     report.write(tmp_path / "again.json")
-    assert EvalReport.read(tmp_path / "again.json").score("accuracy") == pytest.approx(0.8)
+    assert EvaluateReport.read(tmp_path / "again.json").score("accuracy") == pytest.approx(0.8)
 
 
 def test_eval_report_score_reads_typed_fields_and_refuses_non_numbers() -> None:
-    report = EvalReport.model_validate(eval_data(note="text", per_class={"pos": {"recall": 1.0}}, flag=True))
+    report = EvaluateReport.model_validate(eval_data(note="text", per_class={"pos": {"recall": 1.0}}, flag=True))
     assert report.score("primary") == pytest.approx(0.75)
     assert report.score("latency_ms_p95") == pytest.approx(4.0)
     assert report.score("higher_is_better") is None  # a bool is not a metric
@@ -158,16 +158,16 @@ def test_eval_report_score_reads_typed_fields_and_refuses_non_numbers() -> None:
 
 
 def test_eval_report_numbers_leave_out_bools_strings_and_tables() -> None:
-    report = EvalReport.model_validate(eval_data(accuracy=0.8, flag=False, per_class={"pos": {"recall": 1.0}}))
+    report = EvaluateReport.model_validate(eval_data(accuracy=0.8, flag=False, per_class={"pos": {"recall": 1.0}}))
     numbers = report.numbers()
     assert numbers["accuracy"] == pytest.approx(0.8) and numbers["test_examples"] == 10.0
     assert not {"higher_is_better", "flag", "per_class", "task", "baseline"} & set(numbers)
 
 
 def test_baseline_value_reads_its_extra_metric() -> None:
-    report = EvalReport.model_validate(eval_data(baseline={"name": "majority", "macro_f1": 1, "ci_low": 0.4}))
+    report = EvaluateReport.model_validate(eval_data(baseline={"name": "majority", "macro_f1": 1, "ci_low": 0.4}))
     baseline = report.baseline
-    assert isinstance(baseline, Baseline)
+    assert isinstance(baseline, BaselineScores)
     value = baseline.value("macro_f1")
     assert isinstance(value, float) and value == 1.0
     assert baseline.value("accuracy") is None
@@ -203,5 +203,5 @@ def test_validation_report_covers_only_the_manifest_with_its_test_split() -> Non
     manifest = Manifest.model_validate(manifest_data())
     report = {"dataset": "sentiment", "success": True, "on_failure": "fail", "evaluated": 3, "failed": 0,
               "expectations": []}  # fmt: skip
-    assert ValidationReport.model_validate({**report, "test_sha256": "c" * 64}).covers(manifest)
-    assert not ValidationReport.model_validate({**report, "test_sha256": "d" * 64}).covers(manifest)
+    assert DatasetValidation.model_validate({**report, "test_sha256": "c" * 64}).covers(manifest)
+    assert not DatasetValidation.model_validate({**report, "test_sha256": "d" * 64}).covers(manifest)

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from lmforge.baselines import MajorityTag, NgramLM, TfidfLogReg, is_baseline, load_baseline
@@ -59,19 +58,6 @@ def test_majority_tag_picks_the_most_frequent_tag_and_o_for_unseen_words(tmp_pat
     model.save(tmp_path / "tags")
     assert json.loads((tmp_path / "tags/baseline.json").read_text())["kind"] == "token_classification"
     assert load_baseline(tmp_path / "tags").predict([["北京", "上海"]]) == [["B-LOC", "O"]]
-
-
-def test_the_pyfunc_serves_a_baseline_like_a_task_model(tmp_path: Path):
-    """lmforge/serving.py loads a baseline folder and answers the same predict contract."""
-    from types import SimpleNamespace
-
-    from lmforge.serving import LmforgeTextModel
-
-    TfidfLogReg.fit(POSITIVE + NEGATIVE, ["pos"] * 5 + ["neg"] * 5, ["neg", "pos"]).save(tmp_path / "m")
-    served = LmforgeTextModel()
-    served.load_context(SimpleNamespace(artifacts={"model_dir": str(tmp_path / "m")}))
-    answer = served.predict(None, pd.DataFrame({"text": ["真好真好", "真差真差"]}))
-    assert answer["label"].tolist() == ["pos", "neg"] and answer["score"].between(0.5, 1).all()
 
 
 # --- the generation baseline: an n-gram LM over the task model's own tokens ---------------------
@@ -151,16 +137,3 @@ def test_ngram_scores_exactly_the_continuation_tokens_a_task_model_is_scored_on(
     _, ngram_counts = fit_ngram(char_tokenizer).continuation_losses(pairs)
     assert ngram_counts.tolist() == model_counts.tolist()
     assert model_counts.tolist()[-1] == 32 - 4  # [CLS] 明天 [SEP] before the continuation fills the rest
-
-
-def test_the_pyfunc_serves_the_ngram_baseline_with_a_max_new_tokens_request_param(char_tokenizer, tmp_path: Path):
-    from types import SimpleNamespace
-
-    from lmforge.serving import LmforgeTextModel
-
-    fit_ngram(char_tokenizer).save(tmp_path / "m")
-    served = LmforgeTextModel()
-    served.load_context(SimpleNamespace(artifacts={"model_dir": str(tmp_path / "m")}))
-    request = pd.DataFrame({"text": ["明天"]})
-    assert served.predict(None, request)["continuation"].tolist() == ["天气很好"]
-    assert served.predict(None, request, params={"max_new_tokens": 2})["continuation"].tolist() == ["天气"]

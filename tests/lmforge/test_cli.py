@@ -17,7 +17,7 @@ import yaml
 from typer.testing import CliRunner
 
 from lmforge import registry, tracking
-from lmforge.artifacts import Baseline, EvalReport, PerExample, PromotionReport, ValidateReport, VersionRef
+from lmforge.artifacts import BaselineScores, EvaluateReport, PerExample, PromoteReport, ValidateReport, VersionRef
 from lmforge.cli import app
 
 REPO = Path(__file__).resolve().parents[2]
@@ -161,11 +161,11 @@ def invoke(*args: str) -> Any:
     return CliRunner().invoke(app, list(args), catch_exceptions=False)
 
 
-def eval_report(task: str, primary: float, test_sha256: str = "sha-test") -> EvalReport:
-    return EvalReport(
+def eval_report(task: str, primary: float, test_sha256: str = "sha-test") -> EvaluateReport:
+    return EvaluateReport(
         task=task, kind="classification", test_examples=4, test_sha256=test_sha256, primary_metric="macro_f1",
         primary=primary, primary_ci_low=primary - 0.25, primary_ci_high=min(primary + 0.25, 1.0),
-        higher_is_better=True, baseline=Baseline(name="majority", macro_f1=0.4), latency_ms_p50=1.0,
+        higher_is_better=True, baseline=BaselineScores(name="majority", macro_f1=0.4), latency_ms_p50=1.0,
         latency_ms_p95=2.5, throughput_per_s=100.0,
     )  # fmt: skip
 
@@ -203,7 +203,7 @@ def test_status_reads_each_report_where_dvc_yaml_puts_it(project: Path):
         "people_daily": {"success": False, "evaluated": 9, "failed": 2},
     }}).write(project / "reports/validate.json")  # fmt: skip
     eval_report("sentiment", 0.75).write(project / "reports/evaluate/sentiment/metrics.json")
-    PromotionReport(
+    PromoteReport(
         task="sentiment", registered_model="lmforge-sentiment", version="3", decision="pass", reasons=["ok: beats 0.6"],
         checks={"floor": True}, champion_before=None, champion_after=VersionRef(version="3", decision="pass",
         run_id=None), mlflow_run_id="r",
@@ -235,7 +235,7 @@ def prefix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return prefix
 
 
-def register_evaluated(name: str, report: EvalReport, y_pred: list[int], kind: str = registry.TRAINED_KIND) -> str:
+def register_evaluated(name: str, report: EvaluateReport, y_pred: list[int], kind: str = registry.TRAINED_KIND) -> str:
     """A version of `name` registered with an evaluation run's evidence (y_true is 0, 1, 0, 1)."""
     with mlflow.start_run(experiment_id=tracking.setup()) as run:
         mlflow.log_text("flavors: {}\n", "model/MLmodel")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score
 
-from lmforge.artifacts import EvalReport, PerExample
+from lmforge.artifacts import EvaluateReport, PerExample
 from lmforge.gate import Evidence, decide, paired_bootstrap
 from lmforge.schema import PromoteParams
 
@@ -19,7 +19,7 @@ def evidence(metrics: dict, per_example: dict) -> Evidence:
     """Evidence as the evaluate stage writes it; the fields the gate does not read are placeholders."""
     filler = {"task": "t", "primary_ci_low": 0.0, "primary_ci_high": 1.0, "baseline": {"name": "none"},
               "latency_ms_p50": 1.0, "latency_ms_p95": 5.0, "throughput_per_s": 1.0}  # fmt: skip
-    return Evidence(EvalReport.model_validate({**filler, **metrics}), PerExample.model_validate(per_example))
+    return Evidence(EvaluateReport.model_validate({**filler, **metrics}), PerExample.model_validate(per_example))
 
 
 def records(item: Evidence) -> dict:

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from lmforge import registry, tracking
-from lmforge.artifacts import Baseline, EvalReport, PerExample, VersionRef
+from lmforge.artifacts import BaselineScores, EvaluateReport, PerExample, VersionRef
 from lmforge.errors import LmforgeError
 
 # smoke_load imports this module as a pyfunc flavor: see _load_pyfunc below.
@@ -181,11 +181,11 @@ def test_describe_gives_the_version_its_gate_decision_and_run(client, model_uri)
     )
 
 
-def _eval_report() -> EvalReport:
-    return EvalReport(
+def _eval_report() -> EvaluateReport:
+    return EvaluateReport(
         task="sentiment", kind="classification", test_examples=4, test_sha256="abc", primary_metric="macro_f1",
         primary=0.75, primary_ci_low=0.5, primary_ci_high=1.0, higher_is_better=True,
-        baseline=Baseline(name="majority", macro_f1=0.4), latency_ms_p50=1.0, latency_ms_p95=2.0,
+        baseline=BaselineScores(name="majority", macro_f1=0.4), latency_ms_p50=1.0, latency_ms_p95=2.0,
         throughput_per_s=100.0, accuracy=0.75,
     )  # fmt: skip
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from lmforge import promote, registry
-from lmforge.artifacts import PromotionReport
+from lmforge.artifacts import PromoteReport
 from lmforge.params import Params, deep_merge, params_to_dict, parse_params
 from lmforge.promote import PromotePaths
 from tests.conftest import REPO, SmokeRun, run_in
@@ -39,7 +39,7 @@ def candidates(smoke_evaluated: SmokeRun, tmp_path_factory: pytest.TempPathFacto
     return {"a": root / "a", "b": root / "b"}
 
 
-def gate(params: Params, run: SmokeRun, optimized: Path) -> PromotionReport:
+def gate(params: Params, run: SmokeRun, optimized: Path) -> PromoteReport:
     """promote@sentiment of the candidate in `optimized` (reports/optimize/<task>-like)."""
     return promote.run(promote.section(params, "sentiment"), PromotePaths(
         optimized, run.raw / "sentiment", run.validation / "sentiment.json", optimized / "report.json",
@@ -51,7 +51,7 @@ def settings(smoke_run: SmokeRun, prefix: str, **promote_params) -> Params:
                                                                                   **promote_params}}))  # fmt: skip
 
 
-def version_of(report: dict | PromotionReport) -> str:
+def version_of(report: dict | PromoteReport) -> str:
     return str(report["version"] if isinstance(report, dict) else report.version)
 
 

@@ -1,22 +1,25 @@
 """A user's small, skewed dataset trains into a model that predicts more than the majority class.
 
 The set is made up here: about 600 training rows of English intents in 21 classes, from 110 rows down
-to 4, declared as the README's "Your own data" says (a task entry with no training keys). Before the
+to 4, declared as docs/your-own-data.md says (a task entry with no training keys). Before the
 small-data recipe (min_steps, class_weights) the default took 19 optimizer steps on it, and a real
 set of that shape ended at macro-F1 0.02 (every prediction the majority class).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from lmforge.params import Params, deep_merge, params_to_dict, parse_params, profile_params
-from tests.conftest import paths_for, run_in
+from lmforge.params import Params, deep_merge, params_to_dict, parse_params, profile_params, render_params_yaml
+from lmforge.stage import dvc_paths
+from tests.conftest import REPO, run_in, sh
 
 pytestmark = pytest.mark.slow
 
@@ -44,6 +47,15 @@ def write_skewed_intents(path: Path, seed: int = 0) -> pd.DataFrame:
     return frame
 
 
+def dvc_repo(root: Path, params: Params) -> Path:
+    """A DVC repository holding this dvc.yaml and `params` as its params.yaml (nothing else)."""
+    root.mkdir()
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(render_params_yaml(params, "smoke"), encoding="utf-8")
+    sh("dvc", "init", "--no-scm", "-q", cwd=root)
+    return root
+
+
 def test_a_small_skewed_intent_set_does_not_collapse_to_the_majority_class(tmp_path: Path):
     frame = write_skewed_intents(tmp_path / "data/external/intents.csv")
     smoke = params_to_dict(profile_params("smoke"))
@@ -52,7 +64,7 @@ def test_a_small_skewed_intent_set_does_not_collapse_to_the_majority_class(tmp_p
     smoke["optimize"]["n_trials"], smoke["promote"]["floors"] = {}, {}
     # The default encoder's size (the smoke profile's is too small to learn 21 classes), smoke pretraining.
     smoke["pretrain"]["models"] = {"encoder": params_to_dict(Params())["pretrain"]["models"]["encoder"]}
-    user = {  # what the README's walkthrough declares, plus the class-share floor its validation asks for
+    user = {  # the walkthrough's declaration (docs/your-own-data.md), with the class-share floor it asks for
         "ingest": {"datasets": {"intents": {"kind": "classification", "source": {
             "kind": "local", "path": str(tmp_path / "data/external/intents.csv"), "text_column": "utterance",
             "label_column": "intent"}}}},
@@ -64,9 +76,10 @@ def test_a_small_skewed_intent_set_does_not_collapse_to_the_majority_class(tmp_p
     params = parse_params(deep_merge(smoke, user))
     for stage in ("ingest", "validate", "preprocess", "pretrain@encoder"):
         run_in(stage, params, tmp_path)
-    for stage in ("finetune", "evaluate"):  # dvc.yaml names the bundled tasks: take ner's paths, renamed
-        moved = {name: Path(str(path).replace("people_daily", "intents").replace("/ner", "/intent"))
-                 for name, path in vars(paths_for(f"{stage}@ner", tmp_path)).items()}  # fmt: skip
+    repo = dvc_repo(tmp_path / "repo", params)
+    for stage in ("finetune", "evaluate"):  # the paths dvc.yaml gives the new task, resolved by DVC from these params
+        paths = dvc_paths(f"{stage}@intent", repo)
+        moved = {field.name: tmp_path / getattr(paths, field.name) for field in dataclasses.fields(paths)}
         run_in(f"{stage}@intent", params, tmp_path, like=f"{stage}@ner", **moved)
 
     finetuned = json.loads((tmp_path / "reports/finetune/intent.json").read_text())
