@@ -9,7 +9,7 @@ classifier are registered with the Auto classes here, in our own code, so loadin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -27,11 +27,12 @@ from transformers import (
     GPT2LMHeadModel,
     PretrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 from transformers.modeling_outputs import CausalLMOutput, SequenceClassifierOutput, TokenClassifierOutput
 
 from lmforge.errors import LmforgeError
-from lmforge.schema import ModelArchitecture
+from lmforge.schema import FinetuneTask, ModelArchitecture
 
 
 class LSTMConfig(PretrainedConfig):
@@ -312,3 +313,111 @@ def load_pretrained(folder: Path) -> PreTrainedModel:
         raise FileNotFoundError(f"{folder / PRETRAIN_PARAMS}: not a model the pretrain stage wrote")
     auto = {"mlm": AutoModelForMaskedLM, "mlm_nsp": AutoModelForPreTraining, "causal": AutoModelForCausalLM}
     return auto[objective].from_pretrained(str(folder), use_safetensors=True)
+
+
+# --- task models: a base with the head of a fine-tuning task ---------------------------------------
+
+MEAN_BERT = MeanPooledBertConfig.model_type
+WORDS_BERT = WordPooledBertConfig.model_type
+ENCODER_ONLY = {"bert", MEAN_BERT, WORDS_BERT, "roberta", "albert", "distilbert", "electra", "ernie"}
+MEAN_POOLED = {"bert", MEAN_BERT, WORDS_BERT}  # model types a mean-pooled classifier or tagger can start from
+LORA_TARGETS = {"bert": ["query", "value"], MEAN_BERT: ["query", "value"], WORDS_BERT: ["query", "value"],
+                "gpt2": ["c_attn"], "roberta": ["query", "value"]}  # fmt: skip
+
+
+DROPOUT_KEYS = {  # where each architecture keeps its dropout probabilities
+    "bert": ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    MEAN_BERT: ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    WORDS_BERT: ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    "gpt2": ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+    "lmforge_lstm": ("dropout",),
+}
+
+
+def task_pooling(task: FinetuneTask, name: str, base: str, model_type: str) -> str:
+    """`cls`, `mean` or `mean_max` for a classification or token classification task
+    (FinetuneTask.pooling says what each reads and when auto picks which)."""
+    key = f"finetune.tasks.{name}.pooling"
+    if task.pooling in ("mean", "mean_max") and model_type not in MEAN_POOLED:
+        raise LmforgeError(f"{key}: {task.pooling} needs a bert base; {base} is a {model_type} model")
+    if task.pooling == "mean_max" and task.kind == "token_classification":
+        raise LmforgeError(f"{key}: mean_max pools a whole text (classification); a tagger reads cls or mean")
+    if task.pooling != "auto":
+        return task.pooling
+    ours = model_type in (MEAN_BERT, WORDS_BERT)  # fine-tuned by lmforge: its encoder is lmforge's
+    objective = pretrained_objective(Path(base)) if model_type == "bert" else None
+    if task.kind == "token_classification":  # any encoder lmforge pretrained: one token per CJK character
+        return "mean" if ours or objective is not None else "cls"
+    # mlm_nsp trains [CLS] through next-sentence prediction; plain mlm leaves it untrained. Any base
+    # lmforge did not pretrain (a hub BERT, say) has its [CLS] trained by its own pretraining.
+    return "mean_max" if ours or objective == "mlm" else "cls"
+
+
+def resolved_pooling(model: PreTrainedModel) -> str:
+    """What the built model's head reads, as task_pooling names it (`cls` for any other head)."""
+    if model.config.model_type == WORDS_BERT:
+        return "mean"
+    if model.config.model_type == MEAN_BERT:
+        return "mean_max" if model.config.pool_max else "mean"
+    return "cls"
+
+
+def build_task_model(task: FinetuneTask, name: str, base: str, labels: list[str],
+                     tokenizer: PreTrainedTokenizerBase, seed: int,
+                     dropout: float | None = None) -> PreTrainedModel:  # fmt: skip
+    """The base model with the task's head (new heads seeded), LoRA-wrapped when asked."""
+    key = f"finetune.tasks.{name}.base"
+    try:
+        config = AutoConfig.from_pretrained(base)
+    except OSError as error:
+        raise LmforgeError(f"{key}: cannot load model {base!r} (offline, or not a model?): "
+                           f"{' '.join(str(error).split())[:160]}") from None  # fmt: skip
+    if task.kind == "generation" and config.model_type in ENCODER_ONLY:
+        raise LmforgeError(f"{key}: generation needs a decoder (gpt, lstm); {base} is a {config.model_type} encoder")
+    if task.kind != "generation" and config.model_type == "lmforge_lstm":
+        raise LmforgeError(f"{key}: the LSTM baseline is a language model only; use a bert or gpt base for {task.kind}")
+    torch.manual_seed(seed)
+    options: dict[str, Any] = {"use_safetensors": True}
+    if dropout is not None:
+        options.update({key: dropout for key in DROPOUT_KEYS.get(config.model_type, ())})
+    model: PreTrainedModel
+    if task.kind == "generation":
+        model = AutoModelForCausalLM.from_pretrained(base, **options)
+    elif (pooling := task_pooling(task, name, base, config.model_type)) in ("mean", "mean_max"):
+        head, head_config = ((BertForWordTagging, WordPooledBertConfig) if task.kind == "token_classification"
+                             else (BertForMeanPooledClassification, MeanPooledBertConfig))  # fmt: skip
+        dropouts = {key: value for key, value in options.items() if key != "use_safetensors"}
+        pooled_config = head_config.of(
+            config, id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
+            pool_max=pooling == "mean_max", **dropouts,
+        )  # fmt: skip
+        model = head.from_pretrained(base, config=pooled_config, use_safetensors=True)
+    else:
+        auto = AutoModelForSequenceClassification if task.kind == "classification" else AutoModelForTokenClassification
+        model = auto.from_pretrained(
+            base, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)}, **options,
+        )  # fmt: skip
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if task.method == "lora":
+        model = wrap_lora(model, task, name)
+    return model
+
+
+def wrap_lora(model: PreTrainedModel, task: FinetuneTask, name: str) -> PreTrainedModel:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = task.lora.target_modules or LORA_TARGETS.get(model.config.model_type)
+    if not targets:
+        raise LmforgeError(f"finetune.tasks.{name}.lora.target_modules: set it for a {model.config.model_type} model")
+    task_type = {"classification": TaskType.SEQ_CLS, "token_classification": TaskType.TOKEN_CLS,
+                 "generation": TaskType.CAUSAL_LM}[task.kind]  # fmt: skip
+    config = LoraConfig(task_type=task_type, r=task.lora.r, lora_alpha=task.lora.alpha,
+                        lora_dropout=task.lora.dropout, target_modules=targets)  # fmt: skip
+    # A PeftModel wraps the model and forwards to it; training and saving treat it as the model.
+    return cast(PreTrainedModel, get_peft_model(model, config))
+
+
+def trainable_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -139,13 +139,12 @@ def work_on_study(study: optuna.Study, params: OptimizeSection, paths: OptimizeP
 def train_trial(params: OptimizeSection, paths: OptimizePaths, trial_dir: Path, updates: dict[str, Any],
                 dropout: float | None, on_eval: Callable[[float], None] | None = None) -> FinetuneReport:  # fmt: skip
     """Fine-tune the task with a trial's updates into trial_dir/model, logging to the active MLflow run."""
-    from lmforge.finetune import FinetunePaths, FinetuneSection, train_task  # torch: only where trials train
+    from lmforge.task_training import TaskFolders, train_task  # torch: only where trials train
 
-    trial_section = FinetuneSection(name=params.name, seed=params.seed, task=params.task.model_copy(update=updates))
-    trial_paths = FinetunePaths(paths.dataset, paths.tokenized, paths.base, out=trial_dir / "model",
-                                checkpoints=trial_dir / "checkpoints", report=trial_dir / "report.json",
-                                metrics=trial_dir / "figures.json")  # fmt: skip
-    return train_task(trial_section, trial_paths, on_eval=on_eval, dropout=dropout)
+    folders = TaskFolders(
+        paths.dataset, paths.tokenized, paths.base, out=trial_dir / "model", checkpoints=trial_dir / "checkpoints"
+    )
+    return train_task(params.name, params.task.model_copy(update=updates), params.seed, folders, on_eval, dropout)
 
 
 def worker_main(params: OptimizeSection, paths: OptimizePaths, study_run_id: str,
@@ -326,7 +325,7 @@ def pass_on_finetuned(paths: OptimizePaths, report: OptimizeReport, trials: list
 
 def run(section: OptimizeSection, paths: OptimizePaths) -> OptimizeReport:
     """Tune the task's hyperparameters; the best trial, or the fine-tuned model, is the candidate."""
-    from lmforge.evaluate import evaluate_model
+    from lmforge.scoring import evaluate_model
 
     task, n_trials = section.name, section.n_trials
     if n_trials == 0:

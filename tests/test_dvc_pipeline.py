@@ -8,6 +8,7 @@ import time
 import uuid
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -82,11 +83,28 @@ def test_repro_runs_then_skips_then_reruns_only_what_a_param_touches(clone: Path
 
     params = yaml.safe_load((clone / "params.yaml").read_text())
     params["promote"]["max_latency_ratio"] = 2.0
-    (clone / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
     third = sh("dvc", "repro", cwd=clone)
     assert ran(third.stdout) == ["promote@sentiment"]
     assert "promote.max_latency_ratio" in sh("dvc", "params", "diff", cwd=clone).stdout
     assert sh("dvc", "status", cwd=clone).stdout.strip().endswith("Data and pipelines are up to date.")
+
+    # A new dataset kept out of the pretraining corpus re-runs the data stages, and nothing it does not feed.
+    # (Declared after the others: the corpus follows the order of ingest.datasets, which DVC does not see.)
+    rows = [{"text": f"{word} order number {n}", "label": word} for n in range(40) for word in ("refund", "delivery")]
+    pd.DataFrame(rows).to_csv(clone / "data/external/extra.csv", index=False)
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    source = {"kind": "local", "path": "data/external/extra.csv"}
+    params["ingest"]["datasets"]["extra"] = {"kind": "classification", "in_corpus": False, "source": source}
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    fourth = sh("dvc", "repro", "preprocess", cwd=clone)  # the data stages, upstream first
+    assert ran(fourth.stdout) == ["ingest", "validate", "preprocess"]
+    assert (clone / "data/processed/datasets/extra/labels.json").is_file()
+    status = sh("dvc", "status", cwd=clone).stdout
+    assert status.strip().endswith("Data and pipelines are up to date."), status
+    del params["ingest"]["datasets"]["extra"]  # the next tests run on the cut smoke pipeline alone
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
+    (clone / "data/external/extra.csv").unlink()
 
 
 def exp_metrics(shown: list[dict], path: str) -> dict[str, dict]:

@@ -215,7 +215,7 @@ def test_status_reads_each_report_where_dvc_yaml_puts_it(project: Path):
     assert lines[:5] == [  # validate.json is written key-sorted
         "validate    people_daily: FAILED (9 expectations)",
         "validate    sentiment: passed (12 expectations)",
-        "evaluate    sentiment: macro_f1 0.7500 [0.5000, 1.0000] on 4 test examples; baseline majority 0.4000; "
+        "evaluate    sentiment: macro_f1 0.7500 [0.5000, 1.0000]; baseline majority 0.4000 on 4 test examples; "
         "p95 latency 2.5 ms",
         "promote     lmforge-sentiment v3: gate PASS; @champion is v3",
         "              ok: beats 0.6",

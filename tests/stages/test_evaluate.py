@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from lmforge import evaluate
+from lmforge import scoring
 from lmforge.errors import LmforgeError
 from tests.conftest import SmokeRun
 
@@ -104,6 +104,6 @@ def test_a_test_split_that_changed_since_it_was_frozen_is_refused(evaluated: Smo
     test = pd.read_parquet(raw / "sentiment/test.parquet")
     test.iloc[1:].to_parquet(raw / "sentiment/test.parquet", index=False)
     with pytest.raises(LmforgeError, match="does not match the sha256 frozen in its manifest"):
-        evaluate.evaluate_model(evaluated.params.evaluate, "sentiment", evaluated.root / "models/finetuned/sentiment",
+        scoring.evaluate_model(evaluated.params.evaluate, "sentiment", evaluated.root / "models/finetuned/sentiment",
                                 raw / "sentiment", tmp_path / "eval")  # fmt: skip
     assert not (tmp_path / "eval").exists()

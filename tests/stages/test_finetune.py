@@ -36,7 +36,7 @@ def test_the_word_starts_trained_on_are_those_inference_marks(smoke_run: SmokeRu
     import pandas as pd
     from transformers import AutoTokenizer
 
-    from lmforge.finetune import add_word_starts, read_rows
+    from lmforge.task_training import add_word_starts, read_rows
     from lmforge.tokenization import word_starts
 
     rows = read_rows(smoke_run.processed / "datasets/people_daily/train.parquet", limit=50)
@@ -52,7 +52,7 @@ def test_the_word_starts_trained_on_are_those_inference_marks(smoke_run: SmokeRu
 def test_prompt_loss_trains_on_the_prompts_own_tokens_too(smoke_run: SmokeRun):
     from transformers import AutoTokenizer
 
-    from lmforge.finetune import generation_rows
+    from lmforge.task_training import generation_rows
 
     tokenizer = AutoTokenizer.from_pretrained(str(smoke_run.processed / "tokenizer"))
     source, special = smoke_run.raw / "sentiment/train.parquet", set(tokenizer.all_special_ids)
@@ -225,8 +225,8 @@ def test_bad_task_or_base_gives_one_line(smoke_models: SmokeRun, tmp_path: Path,
 
 
 def test_class_weights_only_where_classes_are_skewed():
-    from lmforge.finetune import class_weights
     from lmforge.schema import FinetuneTask
+    from lmforge.task_training import class_weights
 
     task = FinetuneTask(dataset="d", kind="classification", base="encoder")
     skewed = [{"label": 0}] * 90 + [{"label": 1}] * 10
