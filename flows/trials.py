@@ -12,21 +12,94 @@ its own. The stage sends its params section and its (relative) paths; the traini
 
 from __future__ import annotations
 
+import dataclasses
+import multiprocessing
+import time
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
+from lmforge.errors import LmforgeError
+from lmforge.optimize import OptimizePaths, OptimizeSection, worker_main
+
 TRIAL_WORKER = "lmforge-trial-worker/lmforge-trial-worker"
+FINAL_FLOW_RUN_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @flow(name="lmforge-trial-worker", log_prints=True)
 def trial_worker(section: dict[str, Any], paths: dict[str, str], study_run_id: str) -> int:
     """Train trials of the task's study until it has n_trials finished ones; return how many this run trained."""
-    from lmforge.optimize import OptimizePaths, OptimizeSection, worker_main
-
     params = OptimizeSection.model_validate(section)
     trained = worker_main(params, OptimizePaths(**{name: Path(value) for name, value in paths.items()}),
                           study_run_id, log_models=True)  # fmt: skip
     print(f"trial worker for {params.name}: trained trials {trained}")
     return len(trained)
+
+
+def start_trial_workers(section: OptimizeSection, paths: OptimizePaths, study_run_id: str) -> None:
+    """The optimize stage's trial workers beyond its own process (lmforge.optimize.TrialWorkers): flow runs
+    of `optimize.worker_deployment` on its work pool, or else `optimize.workers` local processes."""
+    settings = section.optimize
+    if settings.worker_deployment:
+        run_worker_flow_runs(settings.worker_deployment, settings.workers, section, paths, study_run_id)
+    else:  # N processes that start together, so the trials spread over all of them
+        run_worker_processes(settings.workers, section, paths, study_run_id)
+
+
+def run_worker_processes(count: int, section: OptimizeSection, paths: OptimizePaths, study_run_id: str) -> None:
+    """`count` local processes working on the same study (their trial runs nest under the study's run)."""
+    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch or MLflow state
+    workers = [spawn.Process(target=worker_main, args=(section, paths, study_run_id)) for _ in range(count)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    codes = [worker.exitcode for worker in workers]
+    if any(codes):
+        raise LmforgeError(f"optimize: {sum(1 for c in codes if c)} trial worker(s) failed (exit codes {codes})")
+
+
+def run_trial_flow_runs(deployment: str, count: int, parameters: dict[str, Any],
+                        poll_s: float = 2.0) -> dict[str, str]:  # fmt: skip
+    """Create `count` runs of the trial-worker deployment, wait for all; return flow-run id -> final state.
+
+    No deadline of its own: the flow's per-stage timeout (orchestrate.timeouts_s.optimize) bounds it.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    try:
+        runs = [run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False) for _ in range(count)]
+    except ObjectNotFound:
+        api_url = PREFECT_API_URL.value() or "(none: set PREFECT_API_URL)"
+        raise LmforgeError(f"optimize.worker_deployment: no deployment {deployment!r} on the Prefect API at "
+                           f"{api_url}; `prefect deploy` it first") from None  # fmt: skip
+    states: dict[str, str] = {}
+    with get_client(sync_client=True) as client:
+        while True:
+            for flow_run in runs:
+                state = client.read_flow_run(flow_run.id).state  # type: ignore[union-attr]
+                if state is not None and state.type.value in FINAL_FLOW_RUN_STATES:
+                    states[str(flow_run.id)] = state.type.value  # type: ignore[union-attr]
+            if len(states) == len(runs):
+                return states
+            time.sleep(poll_s)
+
+
+def run_worker_flow_runs(deployment: str, count: int, section: OptimizeSection, paths: OptimizePaths,
+                         study_run_id: str) -> None:  # fmt: skip
+    """`count` runs of the trial-worker deployment on its Prefect work pool (flows/trials.py).
+
+    The worker gets this stage's section and (relative) paths, so it needs the inputs in its own
+    checkout, not the params file.
+    """
+    print(f"optimize: {count} runs of {deployment} wait for a worker on its pool (`prefect worker start --pool ...`)")
+    fields = {field.name: str(getattr(paths, field.name)) for field in dataclasses.fields(paths)}
+    parameters = {"section": section.model_dump(mode="json"), "paths": fields, "study_run_id": study_run_id}
+    states = run_trial_flow_runs(deployment, count, parameters)
+    failed = {run: state for run, state in states.items() if state != "COMPLETED"}
+    if failed:
+        raise LmforgeError(f"optimize: {len(failed)} trial worker flow run(s) of {deployment} failed: {failed}")

@@ -9,13 +9,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, RootModel, ValidationError
 
 from lmforge.errors import DataError
 from lmforge.io import write_json, write_json_atomic
 from lmforge.schema import DatasetKind, LoraParams, TrainingParams
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+
+def read_model(model: type[ModelT], path: Path) -> ModelT:
+    """Read and check a JSON file as `model`; a missing or malformed one is a one-line DataError naming it."""
+    try:
+        return model.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (run the stage that writes it)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise DataError(f"{path}: {where}: {first['msg']} (written by another lmforge version?)") from None
 
 
 class Artifact(BaseModel):
@@ -26,16 +42,7 @@ class Artifact(BaseModel):
     @classmethod
     def read(cls, path: Path) -> Self:
         """Read and check the file; a missing or malformed one is a one-line DataError naming it."""
-        try:
-            return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise DataError(f"{path}: not found (run the stage that writes it)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise DataError(f"{path}: not valid JSON ({error})") from None
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise DataError(f"{path}: {where}: {first['msg']} (written by another lmforge version?)") from None
+        return read_model(cls, path)
 
     def data(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -271,12 +278,7 @@ class TrainingHistory(RootModel[list[EvalPoint]]):
 
     @classmethod
     def read(cls, path: Path) -> TrainingHistory:
-        try:
-            return cls.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
-        except FileNotFoundError:
-            raise DataError(f"{path}: not found (run the stage that writes it)") from None
-        except (json.JSONDecodeError, ValidationError) as error:
-            raise DataError(f"{path}: not a training history ({' '.join(str(error).split())[:120]})") from None
+        return read_model(cls, path)
 
     @property
     def best_val_loss(self) -> float:

@@ -5,19 +5,17 @@ models/candidates/<task>/, and that model scored on the frozen test split by the
 own code into reports/optimize/<task>/candidate/. Each trial is a nested MLflow run under the
 study's run. With `optimize.n_trials.<task>: 0` the fine-tuned model is the candidate as it is.
 
-Trials run in this process (`optimize.workers: 1`), in N local worker processes on one study, or
-as N flow runs of a Prefect deployment on a work pool (`optimize.worker_deployment`, flows/trials.py).
+This module holds the study's protocol; trials run in this process (`optimize.workers: 1`), or in N
+workers on one study that flows/trials.py starts and the stage's command hands in (`TrialWorkers`):
+local processes, or flow runs of a Prefect deployment on a work pool (`optimize.worker_deployment`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import multiprocessing
 import os
 import shutil
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +35,6 @@ from lmforge.study import FINISHED, finished_trials, open_study, pruning_hook, s
 
 ACTIVE = (*FINISHED, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
 TRIAL_MODEL_ARTIFACT = "model"  # where a remote worker logs a completed trial's model in the trial's run
-FINAL_FLOW_RUN_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
 @dataclass(frozen=True)
@@ -156,78 +153,28 @@ def worker_main(params: OptimizeSection, paths: OptimizePaths, study_run_id: str
         return work_on_study(study, params, paths, log_models)
 
 
-def run_worker_processes(count: int, params: OptimizeSection, paths: OptimizePaths, study_run_id: str) -> None:
-    """`count` local processes working on the same study (their trial runs nest under the study's run)."""
-    spawn = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch or MLflow state
-    workers = [spawn.Process(target=worker_main, args=(params, paths, study_run_id)) for _ in range(count)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join()
-    codes = [worker.exitcode for worker in workers]
-    if any(codes):
-        raise LmforgeError(f"optimize: {sum(1 for c in codes if c)} trial worker(s) failed (exit codes {codes})")
+TrialWorkers = Callable[[OptimizeSection, OptimizePaths, str], None]
+"""Starts the study's trial workers elsewhere than this process (given the study's MLflow run id, which
+their trial runs nest under) and waits for them: spawned processes or Prefect flow runs (flows/trials.py)."""
 
 
-def run_trial_flow_runs(deployment: str, count: int, parameters: dict[str, Any],
-                        poll_s: float = 2.0) -> dict[str, str]:  # fmt: skip
-    """Create `count` runs of the trial-worker deployment, wait for all; return flow-run id -> final state.
-
-    No deadline of its own: the flow's per-stage timeout (orchestrate.timeouts_s.optimize) bounds it.
-    """
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import run_deployment
-    from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL
-
-    try:
-        runs = [run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False) for _ in range(count)]
-    except ObjectNotFound:
-        api_url = PREFECT_API_URL.value() or "(none: set PREFECT_API_URL)"
-        raise LmforgeError(f"optimize.worker_deployment: no deployment {deployment!r} on the Prefect API at "
-                           f"{api_url}; `prefect deploy` it first") from None  # fmt: skip
-    states: dict[str, str] = {}
-    with get_client(sync_client=True) as client:
-        while True:
-            for flow_run in runs:
-                state = client.read_flow_run(flow_run.id).state  # type: ignore[union-attr]
-                if state is not None and state.type.value in FINAL_FLOW_RUN_STATES:
-                    states[str(flow_run.id)] = state.type.value  # type: ignore[union-attr]
-            if len(states) == len(runs):
-                return states
-            time.sleep(poll_s)
-
-
-def run_worker_flow_runs(deployment: str, count: int, params: OptimizeSection, paths: OptimizePaths,
-                         study_run_id: str) -> None:  # fmt: skip
-    """`count` runs of the trial-worker deployment on its Prefect work pool (flows/trials.py).
-
-    The worker gets this stage's section and (relative) paths, so it needs the inputs in its own
-    checkout, not the params file.
-    """
-    print(f"optimize: {count} runs of {deployment} wait for a worker on its pool (`prefect worker start --pool ...`)")
-    fields = {field.name: str(getattr(paths, field.name)) for field in dataclasses.fields(paths)}
-    parameters = {"section": params.model_dump(mode="json"), "paths": fields, "study_run_id": study_run_id}
-    states = run_trial_flow_runs(deployment, count, parameters)
-    failed = {run: state for run, state in states.items() if state != "COMPLETED"}
-    if failed:
-        raise LmforgeError(f"optimize: {len(failed)} trial worker flow run(s) of {deployment} failed: {failed}")
-
-
-def run_study(params: OptimizeSection, paths: OptimizePaths) -> tuple[optuna.Study, str]:
-    """The study under its own MLflow run, with `optimize.workers` processes; return it and the run id."""
+def run_study(params: OptimizeSection, paths: OptimizePaths,
+              trial_workers: TrialWorkers | None = None) -> tuple[optuna.Study, str]:  # fmt: skip
+    """The study under its own MLflow run; return it and the run id. One worker trains the trials in this
+    process; more (`optimize.workers`, `optimize.worker_deployment`) are started by `trial_workers`."""
     settings = params.optimize
     with tracking.stage_run("optimize", {"task": params.name, **settings.model_dump(exclude={"storage"})},
                             item=params.name) as parent:  # fmt: skip
         name = study_name(params, paths.dataset)
         mlflow.set_tags({"optuna.study": name, "optuna.storage": storage_url(settings).split("://")[0]})
         study = open_study(settings, name)  # created once, before workers race to create it
-        if settings.worker_deployment:
-            run_worker_flow_runs(settings.worker_deployment, settings.workers, params, paths, parent.info.run_id)
-        elif settings.workers == 1:
+        if settings.workers == 1 and not settings.worker_deployment:
             work_on_study(study, params, paths)
-        else:  # N worker processes that start together, so the trials spread over all of them
-            run_worker_processes(settings.workers, params, paths, parent.info.run_id)
+        elif trial_workers is None:
+            raise LmforgeError("optimize.workers: trial workers beyond this process are started by the optimize "
+                               "stage's command (python -m stages.optimize)")  # fmt: skip
+        else:
+            trial_workers(params, paths, parent.info.run_id)
         log_study(study)
     return study, parent.info.run_id
 
@@ -323,7 +270,7 @@ def pass_on_finetuned(paths: OptimizePaths, report: OptimizeReport, trials: list
         write_json(staging / "trials.json", trials)
 
 
-def run(section: OptimizeSection, paths: OptimizePaths) -> OptimizeReport:
+def run(section: OptimizeSection, paths: OptimizePaths, trial_workers: TrialWorkers | None = None) -> OptimizeReport:
     """Tune the task's hyperparameters; the best trial, or the fine-tuned model, is the candidate."""
     from lmforge.scoring import evaluate_model
 
@@ -333,7 +280,7 @@ def run(section: OptimizeSection, paths: OptimizePaths) -> OptimizeReport:
         pass_on_finetuned(paths, report, [])
         return report
 
-    study, run_id = run_study(section, paths)
+    study, run_id = run_study(section, paths, trial_workers)
     if not [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]:
         raise LmforgeError(f"optimize: study {study.study_name} has no completed trial (all pruned or failed)")
     best = study.best_trial

@@ -104,10 +104,10 @@ def test_a_misspelt_stage_in_orchestrate_is_refused_naming_it():
         parse_params({"orchestrate": {"gpu_stages": ["fine-tune"]}})
 
 
-def lmforge_modules_imported_by(module_file: Path) -> set[str]:
-    """Every lmforge module file `module_file` imports, directly or through other lmforge modules,
-    anywhere in the file (a function-level import runs too), as repository-relative paths.
-    Empty `__init__.py` files hold no code and are left out."""
+def project_modules_imported_by(module_file: Path) -> set[str]:
+    """Every module of lmforge/ or flows/ that `module_file` imports, directly or through other modules
+    of the project, anywhere in the file (a function-level import runs too), as repository-relative
+    paths. Empty `__init__.py` files hold no code and are left out."""
     import ast
 
     def module_files(name: str) -> list[Path]:
@@ -131,7 +131,7 @@ def lmforge_modules_imported_by(module_file: Path) -> set[str]:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
             for name in names:
-                if name.split(".")[0] != "lmforge":
+                if name.split(".")[0] not in ("lmforge", "flows"):
                     continue
                 for path in module_files(name):
                     if path not in seen:
@@ -141,11 +141,11 @@ def lmforge_modules_imported_by(module_file: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("name", STAGES)
-def test_code_deps_are_every_lmforge_module_the_stage_imports(name: str):
+def test_code_deps_are_every_project_module_the_stage_imports(name: str):
     """Editing any module a stage runs re-runs the stage under `dvc repro`, and nothing else does."""
     entry = DVC_YAML[name].get("do", DVC_YAML[name])
-    listed = {dep for dep in entry["deps"] if dep.startswith(("lmforge/", "stages/"))}
-    imported = lmforge_modules_imported_by(REPO / "stages" / f"{name}.py") | {f"stages/{name}.py"}
+    listed = {dep for dep in entry["deps"] if dep.startswith(("lmforge/", "stages/", "flows/"))}
+    imported = project_modules_imported_by(REPO / "stages" / f"{name}.py") | {f"stages/{name}.py"}
     missing, extra = sorted(imported - listed), sorted(listed - imported)
     assert not missing and not extra, (
         f"dvc.yaml stage {name}: deps miss {missing}, list {extra} it does not import; its code deps are:\n"

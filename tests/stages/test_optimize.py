@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -13,11 +14,12 @@ import optuna
 import pytest
 import yaml
 
+from flows.trials import start_trial_workers
 from lmforge import optimize
 from lmforge.artifacts import OptimizeReport
 from lmforge.params import Params, deep_merge, params_to_dict, parse_params
 from lmforge.study import FINISHED, open_study
-from tests.conftest import REPO, SmokeRun, run_in
+from tests.conftest import REPO, SmokeRun, paths_for, run_in
 
 
 def tuning(run: SmokeRun, tmp_path: Path, n_trials: int, **optimize_params) -> Params:
@@ -28,10 +30,23 @@ def tuning(run: SmokeRun, tmp_path: Path, n_trials: int, **optimize_params) -> P
     return parse_params(deep_merge(params_to_dict(run.params), {"optimize": overrides}))
 
 
-def run_optimize(params: Params, run: SmokeRun, tmp_path: Path) -> OptimizeReport:
-    """optimize@sentiment on the smoke run's models, writing under tmp_path."""
-    return run_in("optimize@sentiment", params, run.root, out=tmp_path / "out", candidate=tmp_path / "candidate",
-                  work=tmp_path / "work", report=tmp_path / "out.json")  # fmt: skip
+def run_optimize(params: Params, run: SmokeRun, tmp_path: Path,
+                 trial_workers: optimize.TrialWorkers | None = None) -> OptimizeReport:  # fmt: skip
+    """optimize@sentiment on the smoke run's models, writing under tmp_path; `trial_workers` as the stage's
+    command hands them in (flows/trials.py)."""
+    paths = dataclasses.replace(paths_for("optimize@sentiment", run.root), out=tmp_path / "out",
+                                candidate=tmp_path / "candidate", work=tmp_path / "work",
+                                report=tmp_path / "out.json")  # fmt: skip
+    report = optimize.run(optimize.STAGE.section(params, "sentiment"), paths, trial_workers)
+    optimize.STAGE.write(report, paths)
+    return report
+
+
+def test_workers_beyond_this_process_need_the_stages_command(smoke_evaluated: SmokeRun, tmp_path: Path):
+    from lmforge.errors import LmforgeError
+
+    with pytest.raises(LmforgeError, match=r"^optimize.workers: trial workers beyond this process are started by"):
+        run_optimize(tuning(smoke_evaluated, tmp_path, n_trials=2, workers=2), smoke_evaluated, tmp_path)
 
 
 def test_study_prunes_resumes_and_yields_a_scored_candidate(smoke_evaluated: SmokeRun, tmp_path: Path):
@@ -140,7 +155,7 @@ def test_two_workers_share_one_postgresql_study_and_reach_n_trials_exactly(
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params_to_dict(params), allow_unicode=True, sort_keys=False))
     run = smoke_evaluated
-    summary = run_optimize(params, run, tmp_path)
+    summary = run_optimize(params, run, tmp_path, start_trial_workers)
     trials = open_study(params.optimize, summary.study).trials
     finished = [t for t in trials if t.state in FINISHED]
     assert len(finished) == 4 and len({t.number for t in finished}) == 4
