@@ -1,4 +1,4 @@
-"""Pretraining throughput and MFU of the `gpu` profile's encoder, for a session that has a CUDA device.
+"""Pretraining throughput and MFU of the `gpu` profile's encoder, on a machine with a CUDA device.
 
 Builds the encoder `lmforge params use gpu` describes (6 layers, 512 wide, vocabulary 21,128,
 batch 64 x 256), trains it with lmforge's own loop (MLM logits at masked positions, bf16 autocast,
