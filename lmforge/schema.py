@@ -263,11 +263,11 @@ class ModelArchitecture(Section):
     objective: Literal["mlm", "mlm_nsp", "causal"] = Field(
         description="mlm: masked LM; mlm_nsp: masked LM + next-sentence prediction (bert); causal: next token"
     )
-    layers: int = Field(2, ge=1, le=48)
+    layers: int = Field(2, ge=1, le=48, description="transformer blocks (bert, gpt) or stacked LSTM layers")
     heads: int = Field(2, ge=1, le=64, description="attention heads (bert, gpt)")
-    hidden_size: int = Field(128, ge=8, le=8192)
+    hidden_size: int = Field(128, ge=8, le=8192, description="width of the hidden states")
     ffn_size: int = Field(512, ge=8, le=32768, description="feed-forward inner size (bert, gpt)")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="every dropout probability of the model")
     max_length: int = Field(128, ge=8, le=8192, description="position embeddings: the longest sequence")
     # Budgets differ by model: the decoder pays the vocabulary projection at every position, the
     # encoder only at the masked 15%, so a step of the decoder costs several of the encoder's.
@@ -358,7 +358,7 @@ class PretrainParams(Section):
 class LoraParams(Section):
     r: int = Field(8, ge=1, le=256, description="rank of the update matrices")
     alpha: int = Field(16, ge=1, description="scaling: the update is multiplied by alpha / r")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="dropout on the adapters' input")
     target_modules: list[str] | None = Field(None, description="module names to adapt; null: attention projections")
 
 
@@ -369,7 +369,10 @@ class FinetuneTask(Section):
     """One fine-tuning task: a dataset, what to predict, and the model to start from."""
 
     dataset: str = Field(description="an ingested dataset (a key of ingest.datasets)")
-    kind: Literal["classification", "token_classification", "generation"]
+    kind: Literal["classification", "token_classification", "generation"] = Field(
+        description="classification: a label per text; token_classification: a tag per word; generation: "
+        "continue the text after its first prompt_chars characters"
+    )
     base: str = Field(
         description="the model to start from: a key of pretrain.models (models/pretrained/<name>); a Hugging Face "
         "model is declared there with architecture hf"
@@ -475,8 +478,8 @@ class EvaluateParams(Section):
 
 
 class FloatRange(Section):
-    low: float
-    high: float
+    low: float = Field(description="smallest value tried")
+    high: float = Field(description="largest value tried")
     log: bool = Field(False, description="sample on a log scale")
 
     @model_validator(mode="after")
@@ -487,18 +490,22 @@ class FloatRange(Section):
 
 
 class IntRange(Section):
-    low: int = Field(ge=1)
-    high: int = Field(ge=1)
+    low: int = Field(ge=1, description="smallest value tried")
+    high: int = Field(ge=1, description="largest value tried")
 
 
 class SearchSpace(Section):
     """What Optuna may change in a fine-tuning task; null leaves the task's own value."""
 
-    learning_rate: FloatRange | None = FloatRange(low=3e-4, high=3e-3, log=True)
+    learning_rate: FloatRange | None = Field(
+        FloatRange(low=3e-4, high=3e-3, log=True), description="peak learning rate of AdamW"
+    )
     batch_size: list[int] | None = Field([16, 32], description="choices")
-    warmup_ratio: FloatRange | None = FloatRange(low=0.0, high=0.2)
-    weight_decay: FloatRange | None = FloatRange(low=0.0, high=0.1)
-    dropout: FloatRange | None = FloatRange(low=0.0, high=0.3)
+    warmup_ratio: FloatRange | None = Field(FloatRange(low=0.0, high=0.2), description="share of steps warming up")
+    weight_decay: FloatRange | None = Field(FloatRange(low=0.0, high=0.1), description="AdamW weight decay")
+    dropout: FloatRange | None = Field(
+        FloatRange(low=0.0, high=0.3), description="every dropout probability of the model"
+    )
     epochs: IntRange | None = Field(None, description="range of epochs (null: the task's)")
     lora_r: list[int] | None = Field([4, 8, 16], description="choices, used when the task's method is lora")
     lora_alpha: list[int] | None = Field([8, 16, 32], description="choices, used when the task's method is lora")
