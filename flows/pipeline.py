@@ -26,9 +26,10 @@ from prefect.artifacts import create_markdown_artifact
 
 from lmforge import tracking
 from lmforge.artifacts import EvaluateReport, PromoteReport
-from lmforge.params import load_params
+from lmforge.errors import LmforgeError
+from lmforge.params import Params, load_params
 from lmforge.schema import OrchestrateParams
-from lmforge.stage import dvc_commands, report_files
+from lmforge.stage import dvc_commands, parse_command, report_files
 
 DETERMINISTIC_EXIT_CODES = {2, 3}  # lmforge: bad params/input (2), a broken expectation (3)
 SKIPPED = "didn't change, skipping"
@@ -43,6 +44,16 @@ class StageFailed(RuntimeError):
 def dag_stages(repo_root: Path = Path(".")) -> list[str]:
     """The stages of dvc.yaml, upstream first, as DVC itself orders them."""
     return list(dvc_commands(repo_root))
+
+
+def stage_params(params_path: str, repo_root: Path = Path(".")) -> Params:
+    """The params a flow runs with, which must be the file the stages of dvc.yaml read (their `--params`):
+    with another, the run would report one file while its stages trained with the other."""
+    read = {str(parse_command(address, command)[1].params) for address, command in dvc_commands(repo_root).items()}
+    if {str((repo_root / params_path).resolve())} != {str((repo_root / path).resolve()) for path in read}:
+        raise LmforgeError(f"params_path: {params_path}: the stages of dvc.yaml read {', '.join(sorted(read))}; "
+                           "put these params there (`lmforge params use`, or copy the file)")  # fmt: skip
+    return load_params(repo_root / params_path)
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -143,7 +154,7 @@ def pipeline(params_path: str = "params.yaml", force_stages: list[str] | None = 
     import mlflow
     from prefect.runtime import flow_run
 
-    settings = load_params(params_path).orchestrate
+    settings = stage_params(params_path).orchestrate
     ensure_gpu_limit(settings.gpu_concurrency)
     experiment_id = tracking.setup()
     client = mlflow.MlflowClient()

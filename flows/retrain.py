@@ -21,18 +21,17 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.pipeline import pipeline
+from flows.pipeline import pipeline, stage_params
 from flows.server import ephemeral_api_settings, prefect_api
 from lmforge.errors import run_main
 from lmforge.ingest import changed_datasets
-from lmforge.params import load_params
 from lmforge.stage import dvc_paths
 
 
 @flow(name="lmforge-retrain", log_prints=True)
 def retrain(params_path: str = "params.yaml", force: bool = False) -> dict[str, Any]:
     logger = get_run_logger()
-    params = load_params(params_path)
+    params = stage_params(params_path)
     ingest = dvc_paths("ingest")  # where dvc.yaml puts the datasets, and what their source paths are relative to
     changed = changed_datasets(params.ingest, ingest.out, ingest.root)
     if not changed and not force:
@@ -54,7 +53,7 @@ def main() -> None:
         # Started in the background by a script (`... &`), a process inherits SIGINT ignored, and Python
         # then never raises KeyboardInterrupt: "Ctrl-C stops it" (or `kill -INT`) must hold anyway.
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        cron = load_params(args.params).orchestrate.retrain_cron
+        cron = stage_params(args.params).orchestrate.retrain_cron
         with prefect_api(args.port) as api_url:
             print(f"serving lmforge-retrain on {api_url} (cron {cron!r}, UTC); Ctrl-C stops it")
             retrain.serve(name="lmforge-retrain", cron=cron, parameters={"params_path": args.params})
