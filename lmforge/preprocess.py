@@ -119,7 +119,7 @@ def run(section: PreprocessParams, paths: PreprocessPaths) -> PreprocessReport:
         stats["seconds"] = round(time.perf_counter() - started, 2)
         stats["peak_rss_mb"] = peak_rss_mb()
     # Timings and memory go to the report (reports/preprocess.json), never into data/processed: the
-    # same corpus and section must give byte-identical outputs, or DVC would re-run everything downstream.
+    # same corpus and params must give byte-identical outputs, or DVC would re-run everything downstream.
     return PreprocessReport(**stats)
 
 

