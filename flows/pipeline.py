@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from lmforge import tracking
-from lmforge.artifacts import EvaluateReport, PromoteReport
+from lmforge.artifacts import EvaluateReport, PromoteReport, label_shares
 from lmforge.errors import LmforgeError
 from lmforge.params import Params, load_params
 from lmforge.schema import OrchestrateParams
@@ -131,15 +131,54 @@ def summary_markdown(results: list[dict[str, Any]], experiment_id: str, parent_r
     for m in (EvaluateReport.read(path) for name, path in reports if name == "evaluate"):
         lines.append(f"| {m.task} | {m.headline()} |")
     lines += ["", "## Promotion"]
-    for report in (PromoteReport.read(path) for name, path in reports if name == "promote"):
-        name, version = report.registered_model, report.version
-        version_link = mlflow_link(f"models/{name}/versions/{version}", f"models:/{name}/{version}")
-        lines += ["", f"**{name} v{version}: {report.decision.upper()}** ({version_link})", ""]
-        lines += [f"- {reason}" for reason in report.reasons]
+    for report in promote_reports():
+        lines += promotion_markdown(report)
     run_link = mlflow_link(f"experiments/{experiment_id}/runs/{parent_run_id}", f"run {parent_run_id}")
     lines += ["", f"MLflow pipeline run: {run_link} (`mlflow ui --backend-store-uri {tracking.tracking_uri()}` "
               "for a local store)"]  # fmt: skip
     return "\n".join(lines)
+
+
+def promote_reports() -> list[PromoteReport]:
+    """Every task's promote report where dvc.yaml puts it (those written so far)."""
+    return [PromoteReport.read(path) for stage, path in report_files().values()
+            if stage.name == "promote" and path.is_file()]  # fmt: skip
+
+
+def promotion_markdown(report: PromoteReport) -> list[str]:
+    """One task's gate: what changed in its data, the champion's figure on the old and the new test
+    split, the candidate's, the decision and every reason, and any drift to look at."""
+    name, version = report.registered_model, report.version
+    version_link = mlflow_link(f"models/{name}/versions/{version}", f"models:/{name}/{version}")
+    lines = ["", f"**{name} v{version}: {report.decision.upper()}** ({version_link})", ""]
+    changes, counts = report.data_changes, report.label_counts or {}
+    if changes is not None:
+        lines += [
+            "| split | labelled | new rows | removed | moved in | label shares before -> now |",
+            "|---|---|---|---|---|---|",
+        ]
+        for split, change in changes.splits.items():
+            before, now = (
+                label_shares(changes.previous_label_counts.get(split, {})),
+                label_shares(counts.get(split, {})),
+            )
+            shares = ", ".join(f"{label} {before.get(label, 0):.2f} -> {now.get(label, 0):.2f}"
+                               for label in sorted(set(before) | set(now)))  # fmt: skip
+            rows = sum(counts.get(split, {}).values())  # token classification: tags, not rows
+            lines.append(f"| {split} | {rows} | +{change.new} | -{change.removed} | {change.moved_in} | {shares} |")
+        lines.append("")
+    metric = report.primary_metric or "primary"
+    if report.champion_before_primary is not None and report.champion_before_test_sha256 != report.test_sha256:
+        lines.append(f"- champion v{report.champion_before}: {metric} {report.champion_before_primary:.4f} on the "
+                     f"test split it was evaluated on ({(report.champion_before_test_sha256 or '')[:12]}), "
+                     f"{report.champion_primary:.4f} on today's ({(report.test_sha256 or '')[:12]})")  # fmt: skip
+    elif report.champion_primary is not None:
+        lines.append(f"- champion v{report.champion_before}: {metric} {report.champion_primary:.4f}")
+    if report.candidate_primary is not None:
+        lines.append(f"- candidate v{version}: {metric} {report.candidate_primary:.4f}")
+    lines += [f"- {reason}" for reason in report.reasons]
+    lines += [f"- **drift:** {line}" for line in report.drift]
+    return lines
 
 
 def mlflow_link(ui_path: str, otherwise: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows.pipeline import pipeline, stage_params
+from flows.pipeline import pipeline, promote_reports, promotion_markdown, stage_params
 from flows.server import ephemeral_api_settings, prefect_api
 from lmforge.errors import run_main
 from lmforge.ingest import changed_datasets
@@ -40,7 +40,30 @@ def retrain(params_path: str = "params.yaml", force: bool = False) -> dict[str, 
         return {"retrained": False, "changed": []}
     logger.info(f"new data in {changed or 'none (forced)'}: running the pipeline and the gate")
     results = pipeline(params_path, force_stages=["ingest"] if changed else [])
+    create_markdown_artifact(retrain_markdown(changed), key="lmforge-retrain",
+                             description="what changed, and what serves now")  # fmt: skip
     return {"retrained": True, "changed": changed, "stages": results}
+
+
+def retrain_markdown(changed: list[str]) -> str:
+    """What the new data changed: per task, its rows and label shares before and after, the champion on
+    the old and the new test split, the candidate, the gate's decision and reasons, drift; what serves."""
+    lines = [
+        "# lmforge retrain",
+        "",
+        f"New data in: {', '.join(changed) or 'none (forced)'}.",
+        "",
+        "## What serves now",
+        "",
+    ]
+    reports = promote_reports()
+    for report in reports:
+        serving = report.champion_after.version if report.champion_after else "nothing"
+        lines.append(f"- {report.registered_model}: version {serving} ({report.decision} for v{report.version})")
+    lines += ["", "## Each task"]
+    for report in reports:
+        lines += promotion_markdown(report)
+    return "\n".join(lines)
 
 
 def main() -> None:

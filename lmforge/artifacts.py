@@ -89,6 +89,23 @@ class LabelInfo(Artifact):
     counts: dict[str, dict[str, int]]  # split -> label -> rows
 
 
+class SplitChange(Artifact):
+    """One split's rows against the previous manifest's."""
+
+    new: int  # rows whose text no split of the previous manifest held
+    removed: int  # rows of this split in the previous manifest that are gone from every split
+    moved_in: int  # rows that sat in another split before: 0 unless the split rule, seed or fractions changed
+
+
+class DataChanges(Artifact):
+    """What changed since the previous manifest of the dataset (the one dvc.lock recorded, or the one in
+    the workspace), so a retraining report can say what is new."""
+
+    previous_source_sha256: str
+    splits: dict[str, SplitChange]
+    previous_label_counts: dict[str, dict[str, int]]  # split -> label -> rows, before
+
+
 class Manifest(Artifact):
     """data/raw/<dataset>/manifest.json: what ingest wrote, and the frozen test split's sha256."""
 
@@ -96,11 +113,13 @@ class Manifest(Artifact):
     kind: DatasetKind  # ingest.datasets.<dataset>.kind
     source: SourceInfo
     seed: int
+    split_rule: str  # how a row's split was drawn from its text (lmforge.data.splits.SPLIT_RULE)
     split_fractions: dict[str, float]
     rows: dict[str, int]
     labels: LabelInfo
-    files: dict[str, str]  # file name -> sha256
+    files: dict[str, str]  # file name -> sha256 (rows.parquet: every row's id and split)
     test_sha256: str
+    changes: DataChanges | None  # since the previous manifest; None on the first ingest
 
     @classmethod
     def of(cls, dataset_dir: Path) -> Manifest:
@@ -111,6 +130,31 @@ class Manifest(Artifact):
         if self.labels.declared is not None:
             return list(self.labels.declared)
         return sorted(self.labels.counts["train"])
+
+    def drift(self, max_share_change: float) -> list[str]:
+        """What a person should look at since the previous ingest: a label whose share of a split moved by
+        more than `max_share_change`, a label never seen before, a label that is gone."""
+        if self.changes is None:
+            return []
+        before_counts, now_counts = self.changes.previous_label_counts, self.labels.counts
+        seen_before = {label for counts in before_counts.values() for label in counts}
+        seen_now = {label for counts in now_counts.values() for label in counts}
+        found = [f"{self.dataset}: label {label!r} is new ({now_counts.get('train', {}).get(label, 0)} train rows)"
+                 for label in sorted(seen_now - seen_before)]  # fmt: skip
+        found += [f"{self.dataset}: label {label!r} is gone" for label in sorted(seen_before - seen_now)]
+        for split in SPLITS:
+            before, now = label_shares(before_counts.get(split, {})), label_shares(now_counts.get(split, {}))
+            for label in sorted(set(before) & set(now)):
+                moved = now[label] - before[label]
+                if abs(moved) > max_share_change:
+                    found.append(f"{self.dataset} {split}: share of {label!r} {before[label]:.3f} -> {now[label]:.3f} "
+                                 f"({moved:+.3f}, limit {max_share_change})")  # fmt: skip
+        return found
+
+
+def label_shares(counts: dict[str, int]) -> dict[str, float]:
+    total = sum(counts.values())
+    return {label: count / total for label, count in counts.items()} if total else {}
 
 
 class CorpusManifest(Artifact):
@@ -456,8 +500,8 @@ class OptimizeReport(Artifact):
 
 
 # pass: the candidate moved @champion (or would have, in a DVC experiment); fail: it did not; unchanged: it
-# already held @champion; skipped: a baseline that contends only while nothing serves.
-GateDecision = Literal["pass", "fail", "unchanged", "skipped"]
+# already held @champion.
+GateDecision = Literal["pass", "fail", "unchanged"]
 
 
 class VersionRef(Artifact):
@@ -483,8 +527,14 @@ class PromoteReport(Artifact):
     primary_metric: str | None = None
     champion_primary: float | None = None
     mlflow_run_id: str
-    baseline_version: str | None = None  # the task's baseline, registered as a contender
-    baseline_decision: GateDecision | None = None  # its gate as the first contender
+    test_sha256: str | None = None  # the test split every figure above is on (the candidate's)
+    champion_before_primary: float | None = None  # the champion's figure on the split it was evaluated on
+    champion_before_test_sha256: str | None = None  # that split (when not the candidate's, it was re-scored)
+    data_changes: DataChanges | None = None  # the dataset since the previous ingest
+    label_counts: dict[str, dict[str, int]] | None = None  # split -> label -> rows, now
+    drift: list[str] = []  # what a person should look at (promote.max_label_share_change)
+    baseline_version: str | None = None  # the task's baseline, re-trained on today's train split, a contender
+    baseline_decision: GateDecision | None = None  # its gate against the champion, before the candidate's
 
     def figures(self) -> dict[str, float]:
         """Did the candidate pass, which version serves, by how much the candidate beat the champion."""

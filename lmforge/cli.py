@@ -155,15 +155,22 @@ def compare(
                                               ("baseline", baseline)) if mv is not None]  # fmt: skip
         if champion is None and challenger is None:
             raise LmforgeError(f"{name}: no @champion and no candidate to compare")
-        evidence = {label: registry.evidence_of(client, mv) for label, mv in rows}
+        # Every figure on one test split: the candidate's (today's), else the champion's own.
+        on = challenger or champion
+        assert on is not None  # neither: refused above
+        split = registry.evidence_of(client, on).metrics.test_sha256
+        evidence = {label: registry.evidence_on(client, mv, split) or registry.evidence_of(client, mv)
+                    for label, mv in rows}  # fmt: skip
     except LmforgeError as error:
         fail(error)
+    typer.echo(f"on test split {split[:12]} (the {'candidate' if challenger else 'champion'}'s)")
     for label, mv in rows:
         m = evidence[label].metrics
+        elsewhere = "" if m.test_sha256 == split else f"  (on test split {m.test_sha256[:12]}: not comparable)"
         typer.echo(
             f"{label:>9}  version {mv.version:>3}  {m.primary_metric} {m.primary:.4f} "
             f"[{m.primary_ci_low:.4f}, {m.primary_ci_high:.4f}]  p95 {m.latency_ms_p95:.1f} ms  "
-            f"gate {mv.tags.get('gate.decision', '-')}  {mv.tags.get(registry.MODEL_KIND_TAG, '')}".rstrip()
+            f"gate {mv.tags.get('gate.decision', '-')}  {mv.tags.get(registry.MODEL_KIND_TAG, '')}{elsewhere}".rstrip()
         )
     if champion is None:
         return

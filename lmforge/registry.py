@@ -125,6 +125,55 @@ def evidence_of(mlflow_client: mlflow.MlflowClient, version: ModelVersion) -> Ev
                         baseline, is_baseline=version.tags.get(MODEL_KIND_TAG) == BASELINE_KIND)  # fmt: skip
 
 
+def rescored_tag(test_sha256: str) -> str:
+    """The version tag naming the promote run that scored the version on this test split."""
+    return f"lmforge.rescored.{test_sha256[:16]}"
+
+
+def score_tag(test_sha256: str) -> str:
+    """The version tag a person reads in the UI: the version's figure on this test split."""
+    return f"score.test_{test_sha256[:12]}"
+
+
+def score_line(report: EvaluateReport) -> str:
+    return (f"{report.primary_metric} {report.primary:.4f} [{report.primary_ci_low:.4f}, "
+            f"{report.primary_ci_high:.4f}] on {report.test_examples} test examples")  # fmt: skip
+
+
+def evidence_on(mlflow_client: mlflow.MlflowClient, version: ModelVersion, test_sha256: str) -> Evidence | None:
+    """The version's evidence on this test split: its own evaluation, or a re-scoring recorded on it
+    (lmforge/rescore.py); None when it was never scored there."""
+    own = evidence_of(mlflow_client, version)
+    if own.metrics.test_sha256 == test_sha256:
+        return own
+    run_id = version.tags.get(rescored_tag(test_sha256))
+    if not run_id:
+        return None
+    where = f"{version.name} version {version.version}"
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            scored = mlflow_client.get_run(run_id).data.tags.get("lmforge.rescored_version")
+            local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"rescored/{version.version}",
+                                                             dst_path=folder))  # fmt: skip
+        except Exception as error:
+            raise unavailable(f"reading the re-scored evidence of {where} (promote run {run_id})", error) from None
+        if scored != f"{version.name}/{version.version}":
+            raise LmforgeError(f"{where}: its tag {rescored_tag(test_sha256)} names run {run_id}, which re-scored "
+                               f"{scored or 'no version'}: the evidence is not this model's")  # fmt: skip
+        return Evidence(EvaluateReport.read(local / "metrics.json"), PerExample.read(local / "per_example.json"),
+                        is_baseline=own.is_baseline)  # fmt: skip
+
+
+def record_rescore(mlflow_client: mlflow.MlflowClient, version: ModelVersion, evidence: Evidence, run_id: str) -> None:
+    """Log a re-scoring to the active (promote) run `run_id` and point the version at it, with its figure."""
+    name, number, sha = version.name, str(version.version), evidence.metrics.test_sha256
+    mlflow.log_dict(evidence.metrics.data(), f"rescored/{number}/metrics.json")
+    mlflow.log_dict(evidence.per_example.data(), f"rescored/{number}/per_example.json")
+    mlflow.set_tag("lmforge.rescored_version", f"{name}/{number}")
+    mlflow_client.set_model_version_tag(name, number, score_tag(sha), score_line(evidence.metrics))
+    mlflow_client.set_model_version_tag(name, number, rescored_tag(sha), run_id)
+
+
 def champion_history(mlflow_client: mlflow.MlflowClient, name: str) -> list[str]:
     tag = mlflow_client.get_registered_model(name).tags.get(HISTORY_TAG, "")
     return [version for version in tag.split(",") if version]
@@ -185,16 +234,23 @@ def _step_back(mlflow_client: mlflow.MlflowClient, name: str, current: ModelVers
 SERVING_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader of a models-from-code pyfunc
 
 
+def not_found(error: Exception) -> bool:
+    """The store said the thing does not exist (as opposed to not answering)."""
+    return isinstance(error, FileNotFoundError) or getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+
+
 def lmforge_flavor(uri: str) -> tuple[bool, str]:
     """Is the model at `uri` lmforge's models-from-code pyfunc? Read from its MLmodel file alone.
 
     A pickled python_model (or any other flavor) is refused before anything of it is loaded:
-    unpickling runs whatever code the pickle names.
+    unpickling runs whatever code the pickle names. A store that does not answer is a TransientError.
     """
     try:
         mlmodel = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel")).read_text())
     except Exception as error:
-        return False, f"{uri}: no readable MLmodel ({type(error).__name__}); not loaded"
+        if not_found(error):
+            return False, f"{uri}: no MLmodel in its artifacts; not loaded"
+        raise unavailable(f"downloading {uri}/MLmodel", error) from None
     pyfunc = (mlmodel.get("flavors") or {}).get("python_function") or {}
     code = Path(str(pyfunc.get("model_code_path", ""))).name
     if pyfunc.get("loader_module") != SERVING_LOADER or code != "serving.py" or "python_model" in pyfunc:
@@ -205,15 +261,26 @@ def lmforge_flavor(uri: str) -> tuple[bool, str]:
 
 
 def load_pyfunc(name: str, version: str) -> Any:
-    """The registered version loaded as lmforge's pyfunc, or the reason (a str) it was refused or did not load."""
+    """The registered version loaded as lmforge's pyfunc, or the reason (a str) it was refused or does not load.
+
+    Fetching it is one step and loading it another: a store that does not answer while the model is
+    downloaded is a TransientError (exit 75, retried, nothing decided); only a model that arrived
+    and does not load (or is not lmforge's) is the gate's reason to fail it.
+    """
     uri = f"models:/{name}/{version}"
     ours, why = lmforge_flavor(uri)
     if not ours:
         return why
     try:
-        return mlflow.pyfunc.load_model(uri)
-    except Exception as error:  # any failure here is the gate's reason, not a crash
-        return f"{uri} does not load and predict: {type(error).__name__}: {' '.join(str(error).split())[:120]}"
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
+    except Exception as error:
+        if not_found(error):
+            return f"{uri}: its artifacts are gone ({type(error).__name__}); not loaded"
+        raise unavailable(f"downloading {uri}", error) from None
+    try:
+        return mlflow.pyfunc.load_model(local)
+    except Exception as error:  # it arrived and does not load: the gate's reason, not a crash
+        return f"{uri} does not load: {type(error).__name__}: {' '.join(str(error).split())[:120]}"
 
 
 def smoke_check(model: Any, uri: str, text: str) -> tuple[bool, str]:

@@ -566,6 +566,13 @@ class PromoteParams(Section):
         default_factory=lambda: {"sentiment": 0.6, "ner": 0.2, "continuation": 2000.0},
         description="the first champion's primary metric must be at least this good (a ceiling for perplexity)",
     )
+    max_label_share_change: float = Field(
+        0.1,
+        gt=0.0,
+        le=1.0,
+        description="drift: a label whose share of a split moved by more than this since the "
+        "previous ingest is named in the promote report and the retrain summary (as is a label never seen before)",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -237,6 +237,14 @@ def log_evidence(folder: Path) -> None:
             mlflow.log_artifact(str(path), artifact_path=str(Path("eval") / relative.parent))
 
 
+def log_rows(dataset_dir: Path) -> None:
+    """The dataset's rows.parquet (each row's id and split) as eval/rows.parquet: what the model trained on,
+    which the gate checks before re-scoring it on a later test split (lmforge/rescore.py)."""
+    import mlflow
+
+    mlflow.log_artifact(str(dataset_dir / "rows.parquet"), artifact_path="eval")
+
+
 @dataclass(frozen=True)
 class ScoredBaseline:
     """The task's baseline and its scores on the same test examples as the model."""
@@ -257,6 +265,46 @@ class Scores:
     baseline: ScoredBaseline
 
 
+def in_label_order(probabilities: Callable[[list[str]], np.ndarray], own: list[str],
+                   order: list[str]) -> Callable[[list[str]], np.ndarray]:  # fmt: skip
+    """A classifier's probabilities with its columns moved into another label order; a label it never
+    learned gets probability 0 (a champion re-scored on data with a new label)."""
+    if own == order:
+        return probabilities
+    columns = [own.index(label) if label in own else None for label in order]
+
+    def reordered(texts: list[str]) -> np.ndarray:
+        probs = probabilities(texts)
+        return np.stack([probs[:, c] if c is not None else np.zeros(len(probs)) for c in columns], axis=1)
+
+    return reordered
+
+
+def score_served(model: TaskModel | Baseline, test: pd.DataFrame, params: EvaluateParams, prompt_chars: int,
+                 labels: list[str] | None = None) -> Evaluation:  # fmt: skip
+    """One model, a task model or a baseline, on test examples, by its kind.
+
+    `labels` is the label order of the classification records (default: the model's own); a champion
+    re-scored on a candidate's split is scored in the candidate's order, so both records index alike.
+    """
+    if isinstance(model, TfidfLogReg):
+        return score_classification(in_label_order(model.probabilities, model.labels, labels or model.labels),
+                                    labels or model.labels, test, params)  # fmt: skip
+    if isinstance(model, MajorityTag):
+        return score_tokens(model.predict, test, params)
+    if isinstance(model, NgramLM):
+        return score_generation(model.continuation_losses, model.generate, model.tokenizer, test, prompt_chars, params)
+    tm = model
+    if tm.kind == "classification":
+        probabilities = in_label_order(lambda texts: class_probabilities(tm, texts, params.batch_size), tm.labels,
+                                       labels or tm.labels)  # fmt: skip
+        return score_classification(probabilities, labels or tm.labels, test, params)
+    if tm.kind == "token_classification":
+        return score_tokens(lambda sentences: word_tags(tm, sentences, params.batch_size), test, params)
+    return score_generation(lambda pairs: continuation_losses(tm, pairs), lambda prompts, n: generate(tm, prompts, n),
+                            tm.tokenizer, test, prompt_chars, params)  # fmt: skip
+
+
 def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path) -> Scores:
     """Score the model and its baseline on the frozen test split; nothing is written."""
     if not (model_dir / "lmforge_task.json").is_file():
@@ -267,19 +315,8 @@ def score(params: EvaluateParams, task: str, model_dir: Path, dataset_dir: Path)
         test = test.head(params.max_test_samples)
     train = pd.read_parquet(dataset_dir / "train.parquet")
     baseline = fit_baseline(tm, train)
-    if isinstance(baseline, TfidfLogReg):
-        result = score_classification(lambda texts: class_probabilities(tm, texts, params.batch_size), tm.labels,
-                                      test, params)  # fmt: skip
-        base = score_classification(baseline.probabilities, tm.labels, test, params)
-    elif isinstance(baseline, MajorityTag):
-        result = score_tokens(lambda sentences: word_tags(tm, sentences, params.batch_size), test, params)
-        base = score_tokens(baseline.predict, test, params)
-    else:
-        prompt_chars, tokenizer = tm.meta.prompt_chars, tm.tokenizer
-        result = score_generation(lambda pairs: continuation_losses(tm, pairs),
-                                  lambda prompts, n: generate(tm, prompts, n), tokenizer, test, prompt_chars,
-                                  params)  # fmt: skip
-        base = score_generation(baseline.continuation_losses, baseline.generate, tokenizer, test, prompt_chars, params)
+    result = score_served(tm, test, params, tm.meta.prompt_chars)
+    base = score_served(baseline, test, params, tm.meta.prompt_chars, labels=tm.labels)
 
     def report_of(evaluation: Evaluation) -> EvaluateReport:
         return EvaluateReport.model_validate({"task": task, "kind": tm.kind, "test_examples": len(test),
@@ -317,6 +354,7 @@ def evaluate_model(
             mlflow.log_metrics(baseline.report.numbers())
             baseline_uri = log_pyfunc(folder / "model", baseline.model, example)
             log_evidence(folder)
+            log_rows(dataset_dir)
         ModelRef(model_uri=baseline_uri, run_id=baseline_run.info.run_id,
                  finetune_run_id=None).write_into(folder / "model.json")  # fmt: skip
         with tracking.stage_run("evaluate", {"evaluate": params.model_dump(), "task": task}, item=task) as mlflow_run:
@@ -334,4 +372,5 @@ def evaluate_model(
             ModelRef(model_uri=model_uri, run_id=mlflow_run.info.run_id,
                      finetune_run_id=tm.meta.finetune_run_id).write_into(staging / "model.json")  # fmt: skip
             log_evidence(staging)
+            log_rows(dataset_dir)
     return report

@@ -1,8 +1,10 @@
 """Dedupe, sample and split a dataset; build the pretraining corpus from train splits only.
 
-Everything here is seeded and order-independent where it matters, so re-ingesting the same source
-with the same params gives byte-identical Parquet files: the test split's sha256 in the manifest is
-the contract that the evaluate and promote stages rely on.
+A row's split depends on the row alone: a seeded hash of its text (`split_of`). So re-ingesting the
+same source with the same params gives byte-identical Parquet files, appending rows to a source never
+moves an existing row between train, val and test, and removing rows only removes them. The test
+split's sha256 in the manifest is the contract that the evaluate and promote stages rely on, and
+rows.parquet (each row's id and split) is what the gate checks a champion's training rows against.
 """
 
 from __future__ import annotations
@@ -11,14 +13,26 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lmforge.artifacts import SPLITS
 from lmforge.io import sha256_file, sha256_text
-from lmforge.schema import DatasetSpec, SplitFractions
+from lmforge.schema import SplitFractions
+
+# The rule `split_of` follows, recorded in every manifest: a different rule means rows may have moved.
+SPLIT_RULE = "sha256(split:<seed>:<text>) < test | < test + val | train"
+
+
+def row_id(text: str) -> str:
+    """A row's identity across ingests: the first 64 bits of its text's sha256 (texts are deduplicated)."""
+    return sha256_text(text)[:16]
+
+
+def unit_hash(purpose: str, seed: int, text: str) -> float:
+    """A number in [0, 1) drawn from the text alone, independent across purposes and seeds."""
+    return int(sha256_text(f"{purpose}:{seed}:{text}")[:13], 16) / float(1 << 52)
 
 
 def dedupe(table: pd.DataFrame) -> pd.DataFrame:
@@ -27,39 +41,37 @@ def dedupe(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def sample_rows(table: pd.DataFrame, max_rows: int | None, seed: int) -> pd.DataFrame:
+    """The `max_rows` rows with the smallest sample hash, in source order: which rows are kept depends on
+    the texts, not on where they sit in the source."""
     if max_rows is None or len(table) <= max_rows:
         return table
-    return table.sample(n=max_rows, random_state=seed).sort_index().reset_index(drop=True)
+    draws = table["text"].map(lambda text: unit_hash("sample", seed, str(text)))
+    return table.loc[draws.nsmallest(max_rows).index.sort_values()].reset_index(drop=True)
 
 
-def split_indices(strata: list[str] | None, n_rows: int, fractions: SplitFractions, seed: int) -> dict[str, np.ndarray]:
-    """Seeded split of row indices; stratified when `strata` (one label per row) is given.
-
-    Each stratum is shuffled and cut at round(n * test) and round(n * val), so every class keeps its
-    share in each split. The rows of each split are then shuffled once more with the same seed.
-    """
-    rng = np.random.default_rng(seed)
-    groups: dict[str, list[int]] = {}
-    for index in range(n_rows):
-        groups.setdefault(strata[index] if strata is not None else "", []).append(index)
-    chosen: dict[str, list[int]] = {split: [] for split in SPLITS}
-    for key in sorted(groups):
-        members = np.array(groups[key])
-        rng.shuffle(members)
-        n_test = round(len(members) * fractions.test)
-        n_val = round(len(members) * fractions.val)
-        chosen["test"].extend(members[:n_test].tolist())
-        chosen["val"].extend(members[n_test : n_test + n_val].tolist())
-        chosen["train"].extend(members[n_test + n_val :].tolist())
-    return {split: rng.permutation(np.array(indices, dtype=np.int64)) for split, indices in chosen.items()}
+def split_for(draw: float, fractions: SplitFractions) -> str:
+    return "test" if draw < fractions.test else "val" if draw < fractions.test + fractions.val else "train"
 
 
-def split_table(
-    table: pd.DataFrame, spec: DatasetSpec, fractions: SplitFractions, seed: int
-) -> dict[str, pd.DataFrame]:
-    strata = table["label"].tolist() if spec.kind == "classification" else None
-    indices = split_indices(strata, len(table), fractions, seed)
-    return {split: table.iloc[rows].reset_index(drop=True) for split, rows in indices.items()}
+def split_of(text: str, fractions: SplitFractions, seed: int) -> str:
+    """test, val or train, from the text's split hash alone."""
+    return split_for(unit_hash("split", seed, text), fractions)
+
+
+def split_table(table: pd.DataFrame, fractions: SplitFractions, seed: int) -> dict[str, pd.DataFrame]:
+    """Each row to the split its text hashes to; within a split, rows in split-hash order (a seeded shuffle
+    that new rows join in place). Every class keeps its share in expectation: the hash knows no labels."""
+    draws = table["text"].map(lambda text: unit_hash("split", seed, str(text)))
+    ordered = table.assign(_draw=draws).sort_values("_draw", kind="stable")
+    side = ordered["_draw"].map(lambda draw: split_for(draw, fractions))
+    return {split: ordered[side == split].drop(columns="_draw").reset_index(drop=True) for split in SPLITS}
+
+
+def rows_table(splits: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """rows.parquet: every row's id and split, ordered by id."""
+    frame = pd.DataFrame({"row_id": [row_id(str(text)) for split in SPLITS for text in splits[split]["text"]],
+                          "split": [split for split in SPLITS for _ in range(len(splits[split]))]})  # fmt: skip
+    return frame.sort_values("row_id", kind="stable").reset_index(drop=True)
 
 
 def label_counts(table: pd.DataFrame, kind: str) -> dict[str, int]:

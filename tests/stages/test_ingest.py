@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from lmforge import ingest
+from lmforge.artifacts import SPLITS, Manifest
 from lmforge.ingest import IngestPaths
 from lmforge.params import Params, params_to_dict
 from tests.conftest import REPO, SmokeRun, run_stage, tree_digest
@@ -164,3 +165,25 @@ def test_hub_dataset_offline_fails_clearly(tmp_path: Path):
     assert result.returncode == 2
     assert "ingest.datasets.imdb.source.name: cannot load Hugging Face dataset 'stanfordnlp/imdb'" in result.stderr
     assert not (tmp_path / "raw").exists()
+
+
+def test_appended_rows_stay_where_they_were_and_the_manifest_counts_what_is_new(good_ingest):
+    root, before = good_ingest
+    sides = {split: set(pd.read_parquet(root / "raw/mine" / f"{split}.parquet")["text"]) for split in SPLITS}
+    appended = [{"text": f"review number {i}", "label": "pos" if i % 3 else "neg"} for i in range(60, 100)]
+    pd.DataFrame(appended).to_csv(root / "good.csv", mode="a", header=False, index=False)
+    again = ["ingest", "--params", root / "params.yaml", "--root", root, "--out", root / "raw",
+             "--report", root / "ingest.json"]  # fmt: skip
+    assert run_stage(*again).returncode == 0
+    now = {split: set(pd.read_parquet(root / "raw/mine" / f"{split}.parquet")["text"]) for split in SPLITS}
+    assert all(sides[split] <= now[split] for split in SPLITS)  # no old row changed split
+    manifest = Manifest.of(root / "raw/mine")
+    assert manifest.changes is not None
+    new = {split: change.new for split, change in manifest.changes.splits.items()}
+    assert new == {split: len(now[split] - sides[split]) for split in SPLITS} and sum(new.values()) == 40
+    assert {change.removed + change.moved_in for change in manifest.changes.splits.values()} == {0}
+    assert manifest.changes.previous_label_counts["train"] != manifest.labels.counts["train"]
+    # Ingesting the same source again writes the same bytes, the record of what was new included.
+    digest = tree_digest(root / "raw")
+    assert run_stage(*again).returncode == 0
+    assert tree_digest(root / "raw") == digest != before

@@ -84,7 +84,7 @@ def test_the_baseline_contends_first_and_a_worse_trained_model_never_serves(smok
     served = mlflow.pyfunc.load_model("models:/floor-sentiment@champion").predict(pd.DataFrame({"text": ["质量很好"]}))
     assert set(served["label"]) <= {"neg", "pos"}  # the baseline answers the same contract as a task model
     again = gate(settings(run, "floor", floors={"sentiment": 0.0}), run, candidates["a"])
-    assert again.baseline_decision == "skipped" and again.decision == "fail"
+    assert again.baseline_decision == "unchanged" and again.decision == "fail"  # the serving baseline contends on
     assert str(registry.alias_version(client, "floor-sentiment", "champion").version) == report.baseline_version
 
 
@@ -177,7 +177,7 @@ def test_two_promotions_at_once_never_crown_a_failed_version(smoke_evaluated: Sm
     champion = registry.alias_version(registry.client(), "race-sentiment", "champion")
     assert champion is not None and champion.tags["gate.decision"] == "pass"
     # One of them crowned the task's baseline (no champion yet); the other found it serving.
-    assert sorted(report["baseline_decision"] for report in reports.values()) == ["pass", "skipped"]
+    assert sorted(report["baseline_decision"] for report in reports.values()) == ["pass", "unchanged"]
     passed = [version_of(report) for report in reports.values() if report["decision"] == "pass"]
     assert str(champion.version) in {*passed, *(report["baseline_version"] for report in reports.values())}
 
