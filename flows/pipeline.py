@@ -167,15 +167,19 @@ def promotion_markdown(report: PromoteReport) -> list[str]:
             rows = sum(counts.get(split, {}).values())  # token classification: tags, not rows
             lines.append(f"| {split} | {rows} | +{change.new} | -{change.removed} | {change.moved_in} | {shares} |")
         lines.append("")
-    metric = report.primary_metric or "primary"
-    if report.champion_before_primary is not None and report.champion_before_test_sha256 != report.test_sha256:
-        lines.append(f"- champion v{report.champion_before}: {metric} {report.champion_before_primary:.4f} on the "
-                     f"test split it was evaluated on ({(report.champion_before_test_sha256 or '')[:12]}), "
-                     f"{report.champion_primary:.4f} on today's ({(report.test_sha256 or '')[:12]})")  # fmt: skip
-    elif report.champion_primary is not None:
-        lines.append(f"- champion v{report.champion_before}: {metric} {report.champion_primary:.4f}")
+    metric, today = report.primary_metric or "primary", (report.test_sha256 or "")[:12]
+    if report.champion_before_primary is not None:
+        old = (report.champion_before_test_sha256 or "")[:12]
+        rescored = ("" if report.champion_before_rescored is None
+                    else f"; re-scored on today's ({today}): {report.champion_before_rescored:.4f}")  # fmt: skip
+        evaluated = f"{report.champion_before_primary:.4f} on the split it was evaluated on ({old})"
+        lines.append(f"- champion when the run started, v{report.champion_before}: {metric} {evaluated}{rescored}")
+    if report.baseline_version is not None:
+        lines.append(f"- baseline v{report.baseline_version}, re-trained on today's train split: "
+                     f"{(report.baseline_decision or '-').upper()}")  # fmt: skip
+        lines += [f"    - {reason}" for reason in report.baseline_reasons]
     if report.candidate_primary is not None:
-        lines.append(f"- candidate v{version}: {metric} {report.candidate_primary:.4f}")
+        lines.append(f"- candidate v{version}: {metric} {report.candidate_primary:.4f} on today's test split ({today})")
     lines += [f"- {reason}" for reason in report.reasons]
     lines += [f"- **drift:** {line}" for line in report.drift]
     return lines

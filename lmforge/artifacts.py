@@ -528,13 +528,17 @@ class PromoteReport(Artifact):
     champion_primary: float | None = None
     mlflow_run_id: str
     test_sha256: str | None = None  # the test split every figure above is on (the candidate's)
-    champion_before_primary: float | None = None  # the champion's figure on the split it was evaluated on
-    champion_before_test_sha256: str | None = None  # that split (when not the candidate's, it was re-scored)
+    # The champion when the run started (before the baseline contended): its figure on the split it was
+    # evaluated on, that split, and its figure re-scored on today's (None: it was the same split).
+    champion_before_primary: float | None = None
+    champion_before_test_sha256: str | None = None
+    champion_before_rescored: float | None = None
     data_changes: DataChanges | None = None  # the dataset since the previous ingest
     label_counts: dict[str, dict[str, int]] | None = None  # split -> label -> rows, now
     drift: list[str] = []  # what a person should look at (promote.max_label_share_change)
     baseline_version: str | None = None  # the task's baseline, re-trained on today's train split, a contender
     baseline_decision: GateDecision | None = None  # its gate against the champion, before the candidate's
+    baseline_reasons: list[str] = []
 
     def figures(self) -> dict[str, float]:
         """Did the candidate pass, which version serves, by how much the candidate beat the champion."""

@@ -107,6 +107,11 @@ class Comparison:
     evaluated: Evidence | None  # its own evaluation, on the split it was evaluated on
     served: Any  # its loaded pyfunc (or why it did not load), for the side-by-side latency
 
+    def rescored_primary(self) -> float | None:
+        """Its figure re-scored on the candidate's split; None when it was evaluated there."""
+        rescored = self.evidence is not None and self.evidence is not self.evaluated
+        return self.evidence.primary if rescored and self.evidence is not None else None
+
     def note(self) -> list[str]:
         """What a person needs to read the figures: on which split the champion was scored."""
         if self.evidence is None or self.evaluated is None or self.evidence is self.evaluated:
@@ -202,6 +207,7 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
             test_sha256=manifest.test_sha256,
             champion_before_primary=champion.evaluated.primary if champion.evaluated else None,
             champion_before_test_sha256=champion.evaluated.metrics.test_sha256 if champion.evaluated else None,
+            champion_before_rescored=champion.rescored_primary(),
             data_changes=manifest.changes, label_counts=manifest.labels.counts, drift=drift,
         )  # fmt: skip
         mlflow.set_tags({"gate.decision": verdict, "registered_model": name, "model_version": version})
@@ -224,7 +230,16 @@ def run(section: PromoteSection, paths: PromotePaths) -> PromoteReport:
     baseline = register_baseline(client, name, paths.optimized / "candidate" / "baseline", lineage)
     first = gate_version(section, baseline, paths.dataset, paths.validation) if baseline else None
     report = gate_version(section, str(mv.version), paths.dataset, paths.validation)
-    return report.model_copy(update={"baseline_version": baseline, "baseline_decision": first and first.decision})
+    if first is None:
+        return report
+    # The run's report speaks of the champion that served when it started: the one the baseline faced.
+    started = first if first.champion_before_primary is not None else report
+    return report.model_copy(update={
+        "baseline_version": baseline, "baseline_decision": first.decision, "baseline_reasons": first.reasons,
+        "champion_before": started.champion_before, "champion_before_primary": started.champion_before_primary,
+        "champion_before_test_sha256": started.champion_before_test_sha256,
+        "champion_before_rescored": started.champion_before_rescored,
+    })  # fmt: skip
 
 
 def register_baseline(client: mlflow.MlflowClient, name: str, folder: Path, lineage: dict[str, str]) -> str | None:

@@ -192,18 +192,30 @@ def kill_once(clone: Path, marker: Path) -> threading.Thread:
 def test_new_data_retrains_through_a_killed_worker_and_the_gate(clone: Path, harness,
                                                                 monkeypatch: pytest.MonkeyPatch):  # fmt: skip
     """New reviews arrive in the user's file; the retrain flow runs the whole pipeline on them, and the
-    pretrain@encoder process is killed mid-run (a lost worker): retried, it resumes, and the gate decides."""
+    pretrain@encoder process is killed mid-run (a lost worker): retried, it resumes. No old row moves
+    split; the serving model is re-scored on the new test split and the gate decides on the merits: the
+    re-trained baseline replaces a weak champion, and a candidate made worse (one step) does not serve."""
     import json
 
     import mlflow
+    import pandas as pd
 
     from flows.retrain import retrain
+    from lmforge import registry
+    from lmforge.artifacts import Manifest, PromoteReport
 
     monkeypatch.chdir(clone)
     before = json.loads((clone / "reports/promote/sentiment.json").read_text())
+    name = before["registered_model"]
     client = mlflow.MlflowClient()
-    champion_before = client.get_model_version_by_alias(before["registered_model"], "champion").version
+    # A weak trained model serves: set by hand, as a user may in the MLflow UI.
+    (weak, *_) = sorted(registry.versions_tagged(client, name, registry.MODEL_KIND_TAG, registry.TRAINED_KIND),
+                        key=lambda mv: -int(mv.version))  # fmt: skip
+    client.set_registered_model_alias(name, registry.CHAMPION, weak.version)
+    rows_before = pd.read_parquet(clone / "data/raw/sentiment/rows.parquet")
     edit_params(clone, lambda p: p["pretrain"]["training"].update(max_steps=14, checkpoint_every=3))
+    edit_params(clone, lambda p: p["finetune"]["tasks"]["sentiment"]["training"].update(max_steps=1))
+    edit_params(clone, lambda p: p["optimize"]["n_trials"].update(sentiment=0))
     write_reviews(clone / REVIEWS, slice(350, 400))  # 100 new reviews
     watcher = kill_once(clone, clone / "checkpoints/pretrain/encoder")
     state = retrain(return_state=True)
@@ -217,11 +229,25 @@ def test_new_data_retrains_through_a_killed_worker_and_the_gate(clone: Path, har
     assert runs["pretrain@encoder"].run_count == 2  # failed once (killed), retried, completed
     assert runs["ingest"].run_count == 1
 
-    after = json.loads((clone / "reports/promote/sentiment.json").read_text())
-    assert int(after["version"]) > int(before["version"])  # a new candidate was registered and gated
-    assert after["decision"] in {"pass", "fail"} and after["reasons"]
-    champion = client.get_model_version_by_alias(after["registered_model"], "champion").version
-    assert champion == (after["version"] if after["decision"] == "pass" else champion_before)
+    rows_after = pd.read_parquet(clone / "data/raw/sentiment/rows.parquet").set_index("row_id")["split"]
+    assert (rows_after[rows_before["row_id"]].to_numpy() == rows_before["split"].to_numpy()).all()
+    changes = Manifest.of(clone / "data/raw/sentiment").changes
+    assert changes is not None and sum(change.new for change in changes.splits.values()) == len(rows_after) - len(
+        rows_before)  # fmt: skip
+
+    after = PromoteReport.read(clone / "reports/promote/sentiment.json")
+    assert int(after.version) > int(before["version"])  # a new candidate was registered and gated
+    assert after.champion_before_test_sha256 != after.test_sha256  # the champion was evaluated on the old split...
+    rescored = client.get_model_version(name, weak.version).tags[registry.score_tag(str(after.test_sha256))]
+    assert rescored.startswith("macro_f1 ")  # ...re-scored on today's, and the figure is on its version
+    assert after.baseline_decision == "pass"  # the re-trained baseline beat the weak champion on the same examples
+    assert after.checks["same_test"] and not after.checks["significance"] and after.decision == "fail"
+    assert client.get_model_version_by_alias(name, "champion").version == after.baseline_version
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        (artifact,) = [a for a in prefect.read_latest_artifacts() if a.key == "lmforge-retrain"]
+    assert f"{name}: version {after.baseline_version}" in str(artifact.data) and "re-scored" in str(artifact.data)
     assert retrain() == {"retrained": False, "changed": []}
 
 

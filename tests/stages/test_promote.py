@@ -296,3 +296,56 @@ def test_a_pickled_pyfunc_is_refused_before_it_is_loaded(smoke_evaluated: SmokeR
     assert any("not lmforge's models-from-code pyfunc" in reason for reason in report.reasons)
     assert registry.alias_version(client, "pickle-sentiment", "champion") is None
     assert not sentinel.exists()
+
+
+def test_a_model_that_cannot_be_fetched_is_transient_and_decides_nothing(
+    smoke_evaluated: SmokeRun, candidates, monkeypatch: pytest.MonkeyPatch
+):
+    """A connection error while the gate downloads the candidate is exit 75 with no decision; a re-run decides."""
+    import mlflow
+    import requests
+
+    from lmforge.errors import TransientError
+
+    run = smoke_evaluated
+    params = settings(run, "fetch", floors={"sentiment": 0.0})
+    client = registry.client()
+    version = registered(client, "fetch-sentiment", candidates["b"])
+    download = mlflow.artifacts.download_artifacts
+
+    def unreachable(*args, artifact_uri: str | None = None, **kwargs):
+        if artifact_uri == f"models:/fetch-sentiment/{version}":
+            raise requests.exceptions.ConnectionError("Connection refused")
+        return download(*args, artifact_uri=artifact_uri, **kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", unreachable)
+    section = promote.section(params, "sentiment")
+    with pytest.raises(TransientError) as failed:
+        promote.gate_version(section, version, run.raw / "sentiment", run.validation / "sentiment.json")
+    assert failed.value.exit_code == 75 and "Connection refused" in str(failed.value)
+    assert "gate.decision" not in client.get_model_version("fetch-sentiment", version).tags
+    monkeypatch.undo()
+    decided = promote.gate_version(section, version, run.raw / "sentiment", run.validation / "sentiment.json")
+    assert decided.decision in ("pass", "fail") and decided.checks["loads"]
+    assert client.get_model_version("fetch-sentiment", version).tags["gate.decision"] == decided.decision
+
+
+def test_a_champion_that_trained_on_todays_test_rows_is_refused_in_one_line(
+    smoke_evaluated: SmokeRun, candidates, tmp_path: Path
+):
+    """Another split seed puts rows the champion trained on into the test split: it is not re-scored there."""
+    from lmforge import ingest, rescore
+    from lmforge.errors import DataError
+    from lmforge.ingest import IngestPaths
+
+    run = smoke_evaluated
+    client = registry.client()
+    champion = client.get_model_version("leak-sentiment", champion_by_hand(client, "leak-sentiment", candidates["a"]))
+    rescore.check_no_leak(champion, run.raw / "sentiment")  # the split it trained with: nothing leaks
+    reseeded = parse_params(deep_merge(params_to_dict(run.params), {"ingest": {"seed": 99}}))
+    ingest.run(reseeded.ingest, IngestPaths(REPO, tmp_path / "raw", tmp_path / "ingest.json"))
+    with pytest.raises(DataError) as refused:
+        rescore.check_no_leak(champion, tmp_path / "raw" / "sentiment")
+    message = str(refused.value)
+    assert "test rows were training rows of the champion (leak-sentiment version" in message
+    assert "\n" not in message and "ingest.seed" in message
