@@ -85,11 +85,25 @@ def dvc_lineage(stage: str, lock: Path = Path("dvc.lock"), dvc_file: Path = Path
     stages = yaml.safe_load(dvc_file.read_text()).get("stages", {})
     base = stage.split("@")[0]
     deps = stages.get(base, {}).get("deps") or stages.get(base, {}).get("do", {}).get("deps", [])
+    if any("${" in str(dep) for dep in deps):  # a foreach item's deps (data/raw/${item.dataset}): DVC resolves them
+        deps = resolved_deps(stage, dvc_file.parent)
     recorded: dict[str, str] = {}
     for entry in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
         for out in entry.get("outs", []):
             recorded[out["path"]] = out.get("md5", "")
     return {f"dvc.{dep}": recorded[dep] for dep in deps if isinstance(dep, str) and dep in recorded}
+
+
+def resolved_deps(stage: str, root: Path) -> list[str]:
+    """The deps of dvc.yaml's stage `stage` (`finetune@sentiment`) with its templates filled in by DVC."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            found = [entry for entry in repo.index.stages if entry.name == stage]
+            return [str(dep.def_path) for dep in found[0].deps] if found else []
+    except Exception:  # not a DVC repository: no lineage, never a failed stage
+        return []
 
 
 def params_digest(section: Any) -> str:

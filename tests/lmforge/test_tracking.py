@@ -74,3 +74,19 @@ def test_postgresql_advisory_lock_serialises_promotions(postgres_url: str, monke
         assert not free()  # another session (another machine) must wait
     assert free()
     other.close()
+
+
+def test_lineage_of_a_foreach_item_resolves_its_templated_deps(tmp_path: Path):
+    from tests.conftest import sh
+
+    sh("git", "init", "-q", cwd=tmp_path)
+    sh("dvc", "init", "-q", cwd=tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"tasks": {"sentiment": {"dataset": "reviews"}}}))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"finetune": {
+        "foreach": "${tasks}", "do": {"cmd": "y", "deps": ["data/raw/${item.dataset}"], "outs": ["out/${key}"]},
+    }}}))  # fmt: skip
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "ingest": {"cmd": "x", "outs": [{"path": "data/raw/reviews", "md5": "def456.dir", "hash": "md5"}]},
+    }}))  # fmt: skip
+    lineage = dvc_lineage("finetune@sentiment", tmp_path / "dvc.lock", tmp_path / "dvc.yaml")
+    assert lineage == {"dvc.data/raw/reviews": "def456.dir"}
