@@ -273,7 +273,8 @@ def test_compare_shows_champion_and_candidate_and_the_paired_improvement(prefix:
 
     result = invoke("compare", "--task", "sentiment")
     assert result.exit_code == 0, result.stderr
-    lines = result.stdout.splitlines()
+    header, *lines = result.stdout.splitlines()
+    assert header == "on test split sha-test (the candidate's)"
     assert lines[:2] == [
         " champion  version   1  macro_f1 0.3333 [0.0833, 0.5833]  p95 2.5 ms  gate -  trained",
         "candidate  version   2  macro_f1 1.0000 [0.7500, 1.0000]  p95 2.5 ms  gate -  trained",
@@ -292,7 +293,7 @@ def test_compare_shows_the_registered_baseline_with_its_interval_and_paired_impr
 
     result = invoke("compare", "--task", "sentiment")
     assert result.exit_code == 0, result.stderr
-    lines = result.stdout.splitlines()
+    header, *lines = result.stdout.splitlines()
     assert lines[:3] == [
         " champion  version   1  macro_f1 0.7333 [0.4833, 0.9833]  p95 2.5 ms  gate -  baseline",
         "candidate  version   2  macro_f1 0.3333 [0.0833, 0.5833]  p95 2.5 ms  gate -  trained",
@@ -308,10 +309,35 @@ def test_compare_leaves_out_the_improvement_when_the_test_sets_differ(prefix: st
     other = register_evaluated(name, eval_report("sentiment", 1.0, "new-split"), [0, 1, 0, 1])
     result = invoke("compare", "--task", "sentiment", "--candidate", other)
     assert result.exit_code == 0, result.stderr
-    assert [line.split()[0] for line in result.stdout.splitlines()] == ["champion", "candidate"]
+    header, champion, candidate = result.stdout.splitlines()
+    assert header == "on test split new-split (the candidate's)"
+    # Never re-scored on the candidate's split: its figure is shown, and said not to be comparable.
+    assert champion.split()[0] == "champion" and champion.endswith("(on test split old-split: not comparable)")
+    assert candidate.split()[0] == "candidate" and "not comparable" not in candidate
 
 
 def test_compare_with_nothing_registered_fails_naming_the_model(prefix: str):
     result = CliRunner().invoke(app, ["compare", "--task", "ner"])
     assert result.exit_code == 2
     assert result.stderr == f"error: {prefix}-ner: no @champion and no candidate to compare\n"
+
+
+def test_compare_shows_the_champion_re_scored_on_the_candidates_split(prefix: str):
+    from lmforge.gate import Evidence
+
+    name, client = f"{prefix}-sentiment", registry.client()
+    champion = register_evaluated(name, eval_report("sentiment", 0.5, "old-split"), [0, 0, 0, 0])
+    registry.crown(client, name, champion)
+    other = register_evaluated(name, eval_report("sentiment", 1.0, "new-split"), [0, 1, 0, 1])
+    # What the gate records after re-scoring the champion on the new split (y_true 0 1 0 1, it says 0 1 0 0).
+    rescored = Evidence(
+        eval_report("sentiment", 0.7333, "new-split"), PerExample(y_true=[0, 1, 0, 1], y_pred=[0, 1, 0, 0])
+    )
+    with mlflow.start_run(experiment_id=tracking.setup()) as run:
+        registry.record_rescore(client, client.get_model_version(name, champion), rescored, run.info.run_id)
+    assert client.get_model_version(name, champion).tags["score.test_new-split"].startswith("macro_f1 0.7333 [")
+    result = invoke("compare", "--task", "sentiment", "--candidate", other)
+    assert result.exit_code == 0, result.stderr
+    header, champion_line, candidate_line, improvement = result.stdout.splitlines()
+    assert champion_line.startswith(" champion  version   1  macro_f1 0.7333") and "comparable" not in champion_line
+    assert improvement.startswith("candidate vs champion: improvement +0.2667")
