@@ -294,6 +294,7 @@ def test_compare_shows_the_registered_baseline_with_its_interval_and_paired_impr
     result = invoke("compare", "--task", "sentiment")
     assert result.exit_code == 0, result.stderr
     header, *lines = result.stdout.splitlines()
+    assert header == "on test split sha-test (the candidate's)"
     assert lines[:3] == [
         " champion  version   1  macro_f1 0.7333 [0.4833, 0.9833]  p95 2.5 ms  gate -  baseline",
         "candidate  version   2  macro_f1 0.3333 [0.0833, 0.5833]  p95 2.5 ms  gate -  trained",
@@ -339,5 +340,6 @@ def test_compare_shows_the_champion_re_scored_on_the_candidates_split(prefix: st
     result = invoke("compare", "--task", "sentiment", "--candidate", other)
     assert result.exit_code == 0, result.stderr
     header, champion_line, candidate_line, improvement = result.stdout.splitlines()
+    assert header == "on test split new-split (the candidate's)" and candidate_line.startswith("candidate")
     assert champion_line.startswith(" champion  version   1  macro_f1 0.7333") and "comparable" not in champion_line
     assert improvement.startswith("candidate vs champion: improvement +0.2667")
