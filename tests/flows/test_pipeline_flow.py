@@ -247,7 +247,7 @@ def test_new_data_retrains_through_a_killed_worker_and_the_gate(clone: Path, har
     assert rescored.startswith("macro_f1 ")  # ...re-scored on today's, and the figure is on its version
     assert after.baseline_decision == "pass"  # the re-trained baseline beat the weak champion on the same examples
     assert after.checks["same_test"] and not after.checks["significance"] and after.decision == "fail"
-    assert client.get_model_version_by_alias(name, "champion").version == after.baseline_version
+    assert str(client.get_model_version_by_alias(name, "champion").version) == after.baseline_version
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as prefect:
