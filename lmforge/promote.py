@@ -131,7 +131,10 @@ def champion_on(client: mlflow.MlflowClient, name: str, candidate: Evidence, par
         return Comparison(None, None, None, None)
     evaluated = registry.evidence_of(client, version)
     served = registry.load_pyfunc(name, str(version.version))
-    evidence = registry.evidence_on(client, version, candidate.metrics.test_sha256)
+    split = candidate.metrics.test_sha256
+    if evaluated.metrics.test_sha256 == split:
+        return Comparison(version, evaluated, evaluated, served)
+    evidence = registry.rescored_evidence(client, version, split, evaluated.is_baseline)
     if evidence is None and not isinstance(served, str):
         rescore.check_no_leak(version, dataset_dir)
         labels = Manifest.of(dataset_dir).label_set()

@@ -146,6 +146,12 @@ def evidence_on(mlflow_client: mlflow.MlflowClient, version: ModelVersion, test_
     own = evidence_of(mlflow_client, version)
     if own.metrics.test_sha256 == test_sha256:
         return own
+    return rescored_evidence(mlflow_client, version, test_sha256, own.is_baseline)
+
+
+def rescored_evidence(mlflow_client: mlflow.MlflowClient, version: ModelVersion, test_sha256: str,
+                      is_baseline: bool) -> Evidence | None:  # fmt: skip
+    """The evidence of a re-scoring of the version on this test split, when one was recorded on it."""
     run_id = version.tags.get(rescored_tag(test_sha256))
     if not run_id:
         return None
@@ -161,7 +167,7 @@ def evidence_on(mlflow_client: mlflow.MlflowClient, version: ModelVersion, test_
             raise LmforgeError(f"{where}: its tag {rescored_tag(test_sha256)} names run {run_id}, which re-scored "
                                f"{scored or 'no version'}: the evidence is not this model's")  # fmt: skip
         return Evidence(EvaluateReport.read(local / "metrics.json"), PerExample.read(local / "per_example.json"),
-                        is_baseline=own.is_baseline)  # fmt: skip
+                        is_baseline=is_baseline)  # fmt: skip
 
 
 def record_rescore(mlflow_client: mlflow.MlflowClient, version: ModelVersion, evidence: Evidence, run_id: str) -> None:

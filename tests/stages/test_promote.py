@@ -78,6 +78,8 @@ def test_the_baseline_contends_first_and_a_worse_trained_model_never_serves(smok
     # The smoke model (10 steps) loses to TF-IDF + logistic regression: it never takes @champion.
     assert report.decision == "fail" and report.champion_before == report.baseline_version
     assert any("significantly worse than the baseline" in reason for reason in report.reasons)
+    # The champion was evaluated on this very split: nothing re-scored, nothing said to be.
+    assert report.champion_before_rescored is None and not any("re-scored" in r for r in report.reasons)
     assert champion.tags["dataset.test_sha256"] == json.loads((run.raw / "sentiment/manifest.json").read_text())[
         "test_sha256"]  # fmt: skip
     assert len(champion.tags["git_commit"]) >= 7
