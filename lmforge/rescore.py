@@ -44,8 +44,8 @@ def trained_rows(version: ModelVersion) -> set[str]:
         except Exception as error:
             if registry.not_found(error):
                 raise DataError(f"{where}: its evaluate run holds no {ROWS_ARTIFACT}, so whether it trained on "
-                                "today's test rows cannot be checked; it is not re-scored (serve a candidate by "
-                                "hand: lmforge promote --task <task> --version <n>)") from None  # fmt: skip
+                                "today's test rows cannot be checked; it is not re-scored (to replace it, give "
+                                "another version the alias champion in the MLflow UI)") from None  # fmt: skip
             raise registry.unavailable(f"reading the training rows of {where}", error) from None
         rows = pd.read_parquet(local)
     return set(rows.loc[rows["split"].isin(["train", "val"]), "row_id"])
@@ -61,7 +61,7 @@ def check_no_leak(version: ModelVersion, dataset_dir: Path) -> None:
             f"{dataset_dir / 'rows.parquet'}: {len(leaked)} of {len(test)} test rows were training rows of the "
             f"champion ({version.name} version {version.version}; row ids {', '.join(leaked[:3])}): scored there "
             "it would be graded on what it memorised. The split changed (ingest.seed or ingest.split?): restore "
-            "them, or serve a candidate by hand (lmforge promote --task <task> --version <n>)"
+            "them, or give another version the alias champion in the MLflow UI"
         )
 
 
