@@ -14,7 +14,6 @@ params.yaml; training stages carry the tag `gpu`, whose concurrency limit caps h
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -24,21 +23,23 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.stage_worker import (
+    FORWARDED_ENV,
+    SKIPPED,
+    STAGE_FLOW,
+    StageFailed,
+    dvc,
+    last_error_line,
+    stage_exit_code,
+)
 from lmforge import tracking
 from lmforge.artifacts import EvaluateReport, PromoteReport, label_shares
 from lmforge.errors import LmforgeError
 from lmforge.params import Params, load_params
 from lmforge.schema import OrchestrateParams
-from lmforge.stage import dvc_commands, parse_command, report_files
+from lmforge.stage import RESTORE_ONLY_ENV, dvc_commands, parse_command, report_files
 
 DETERMINISTIC_EXIT_CODES = {2, 3}  # lmforge: bad params/input (2), a broken expectation (3)
-SKIPPED = "didn't change, skipping"
-
-
-class StageFailed(RuntimeError):
-    def __init__(self, stage: str, code: int, message: str) -> None:
-        super().__init__(f"stage {stage} failed (exit {code}): {message}")
-        self.stage, self.code = stage, code
 
 
 def dag_stages(repo_root: Path = Path(".")) -> list[str]:
@@ -67,14 +68,12 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def last_error_line(stderr: str) -> str:
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    return (errors or lines or ["(no output)"])[-1]
-
-
-def run_stage(stage: str, env: dict[str, str], force: bool = False) -> dict[str, Any]:
-    """`dvc repro --single-item <stage>`; the stage's one-line error becomes the task's failure."""
+def run_stage(stage: str, env: dict[str, str], force: bool = False, pool: str | None = None,
+              repo: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """`dvc repro --single-item <stage>` here, or on `pool`'s worker; the stage's one-line error becomes
+    the task's failure."""
+    if pool is not None:
+        return run_stage_on_pool(stage, env, force, pool, repo or str(Path.cwd()))
     logger = get_run_logger()
     started = time.perf_counter()
     command = ["dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
@@ -82,18 +81,63 @@ def run_stage(stage: str, env: dict[str, str], force: bool = False) -> dict[str,
     seconds = round(time.perf_counter() - started, 1)
     if result.returncode != 0:
         logger.error(result.stderr[-3000:])
-        code = _stage_exit_code(result)
+        code = stage_exit_code(result)
         raise StageFailed(stage, code, last_error_line(result.stderr))
     status = "skipped (unchanged)" if SKIPPED in result.stdout else "ran"
     logger.info(f"{stage}: {status} in {seconds}s")
     return {"stage": stage, "status": status, "seconds": seconds}
 
 
-def _stage_exit_code(result: subprocess.CompletedProcess) -> int:
-    """DVC exits 255 when a stage command fails; the stage's own code is in its message
-    (`ERROR: failed to reproduce 'validate': failed to run: ..., exited with 3`)."""
-    found = re.findall(r"exited with (-?\d+)", result.stderr)
-    return int(found[-1]) if found else result.returncode
+RUN_WRITTEN = ("dvc.lock", ".gitignore")
+
+
+def committed_head(stage: str) -> str:
+    """The commit a worker checks out, after checking the working tree holds nothing it would miss."""
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    paths = [line[3:] for line in status.stdout.splitlines()]
+    # What DVC and the stages write into tracked files: the worker does not need them.
+    dirty = [path for path in paths if not path.startswith("metrics/") and Path(path).name not in RUN_WRITTEN]
+    if dirty:
+        raise StageFailed(stage, 2, f"orchestrate.pools sends it to a worker, which checks out this commit: commit "
+                                    f"{', '.join(dirty[:5])} first")  # fmt: skip
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def run_stage_on_pool(stage: str, env: dict[str, str], force: bool, pool: str, repo: str) -> dict[str, Any]:
+    """`stage` as a flow run of lmforge-stage/<pool> on that pool's worker (flows/stage_worker.py), then
+    restored in this workspace from DVC's run-cache, so dvc.lock ends as a local run would write it."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    logger = get_run_logger()
+    started = time.perf_counter()
+    here = Path.cwd()
+    if not force and SKIPPED in dvc(stage, ["repro", "--dry", "--single-item", stage], here, env).stdout:
+        logger.info(f"{stage}: skipped (unchanged); not sent to pool {pool!r}")
+        return {"stage": stage, "status": "skipped (unchanged)", "seconds": round(time.perf_counter() - started, 1)}
+    commit = committed_head(stage)
+    dvc(stage, ["push"], here, env)  # the upstream outputs, for the worker to pull
+    lock = Path("dvc.lock").read_text() if Path("dvc.lock").is_file() else None
+    parameters = {"stage": stage, "repo": repo, "commit": commit, "lock": lock, "force": force,
+                  "env": {key: env[key] for key in FORWARDED_ENV if key in env}}  # fmt: skip
+    deployment = f"{STAGE_FLOW}/{pool}"
+    logger.info(f"{stage}: a flow run of {deployment} waits for a worker on pool {pool!r}")
+    try:
+        child = run_deployment(deployment, parameters=parameters, timeout=None, poll_interval=2)
+    except ObjectNotFound:
+        how = f"`prefect deploy --name {pool}` of prefect.yaml's lmforge-stage"
+        raise StageFailed(
+            stage, 2, f"orchestrate.pools: no deployment {deployment!r} on the Prefect API ({how})"
+        ) from None
+    state = child.state
+    if state is None or not state.is_completed():
+        raise StageFailed.from_message(stage, state.message if state is not None else "")
+    dvc(stage, ["fetch", "--run-cache"], here, env)
+    # Restored from the run-cache the worker pushed; should DVC miss it and run the command, the stage refuses.
+    dvc(stage, ["repro", "--pull", "--single-item", stage], here, {**env, RESTORE_ONLY_ENV: "1"})
+    seconds = round(time.perf_counter() - started, 1)
+    logger.info(f"{stage}: ran on pool {pool!r} (flow run {child.id}), restored here in {seconds}s")
+    return {"stage": stage, "status": f"ran on {pool}", "seconds": seconds}
 
 
 def stage_task(stage: str, settings: OrchestrateParams) -> Any:
@@ -208,7 +252,9 @@ def pipeline(params_path: str = "params.yaml", force_stages: list[str] | None = 
     stages = dag_stages()
     try:
         for stage in stages:
-            results.append(stage_task(stage, settings)(stage, env, stage in (force_stages or [])))
+            pool = settings.pools.get(stage.split("@")[0])  # routed: a flow run on that pool's worker
+            results.append(stage_task(stage, settings)(stage, env, stage in (force_stages or []), pool,
+                                                       settings.git_remote))  # fmt: skip
     finally:
         failed = len(results) < len(stages)
         client.set_terminated(parent, status="FAILED" if failed else "FINISHED")

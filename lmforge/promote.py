@@ -267,6 +267,6 @@ def summary(report: PromoteReport, paths: PromotePaths) -> str:
     return "\n".join(lines + [f"  {reason}" for reason in report.reasons])
 
 
-STAGE = Stage("promote", ("promote", "evaluate", "finetune.tasks.{item}.dataset", "finetune.tasks.{item}.prompt_chars"),
-              section, PromotePaths, run, summary,
+# The whole task: a key a task leaves to its default (prompt_chars) is not in params.yaml for DVC to read.
+STAGE = Stage("promote", ("promote", "evaluate", "finetune.tasks.{item}"), section, PromotePaths, run, summary,
               lambda paths: paths.report, item="task")  # fmt: skip

@@ -594,10 +594,21 @@ class OrchestrateParams(Section):
     gpu_stages: list[str] = Field(["pretrain", "finetune", "optimize"], description="stages tagged gpu in Prefect")
     gpu_concurrency: int = Field(1, ge=1, description="training stages that may run at once (Prefect tag gpu)")
     retrain_cron: str = Field("0 3 * * *", description="when flows/retrain.py checks for new data (cron, UTC)")
+    pools: dict[str, str] = Field(
+        default_factory=dict,
+        description="stage (dvc.yaml name) -> Prefect work pool whose worker runs it, as a flow run of the "
+        "deployment lmforge-stage/<pool>, its data through the DVC remote (e.g. {pretrain: gpu}); unrouted "
+        "stages run in the flow's own process",
+    )
+    git_remote: str | None = Field(
+        None,
+        description="the git repository a pool's worker checks the flow's commit out of; null: this checkout "
+        "(a worker on this machine or a shared file system)",
+    )
 
-    @field_validator("timeouts_s", "gpu_stages")
+    @field_validator("timeouts_s", "gpu_stages", "pools")
     @classmethod
-    def _stage_names(cls, value: dict[str, int] | list[str]) -> dict[str, int] | list[str]:
+    def _stage_names(cls, value: dict[str, Any] | list[str]) -> dict[str, Any] | list[str]:
         unknown = [name for name in value if name not in STAGES]
         if unknown:  # a typo would silently mean no timeout, or no gpu tag
             raise ValueError(f"{', '.join(map(repr, unknown))}: not a stage (stages: {', '.join(STAGES)})")

@@ -28,12 +28,15 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from lmforge.artifacts import Artifact
-from lmforge.errors import LmforgeError, run_main
+from lmforge.errors import LmforgeError, TransientError, run_main
 from lmforge.io import write_json_atomic
 from lmforge.params import Params, load_params
 from lmforge.tracking import PARAMS_ENV
 
 Role = Literal["in", "out", "scratch", "base"]
+# Set while a flow restores a stage that ran on a worker (flows/pipeline.py): DVC runs the command only when
+# its run-cache misses, and then the stage must not train a second time here.
+RESTORE_ONLY_ENV = "LMFORGE_RESTORE_ONLY"
 
 SectionT = TypeVar("SectionT")
 PathsT = TypeVar("PathsT")
@@ -120,6 +123,9 @@ class Stage(Generic[SectionT, PathsT, ReportT]):
         args = self.parser().parse_args(argv)
 
         def go() -> None:
+            if os.environ.get(RESTORE_ONLY_ENV):
+                why = "DVC's run-cache holds no run of it for these inputs, so it would train again here"
+                raise TransientError(f"{self.name}: ran on a worker, but {why}: not run ({RESTORE_ONLY_ENV})")
             params = load_params(args.params)
             os.environ[PARAMS_ENV] = str(args.params)
             section = self.section(params, getattr(args, self.item) if self.item else None)

@@ -54,8 +54,11 @@ def leaf_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
 
 
 def documents(pattern: str, key: str) -> bool:
-    """Does a documented key pattern (`finetune.tasks.<task>.training.max_steps`) cover `key`?"""
+    """Does a documented key pattern (`finetune.tasks.<task>.training.max_steps`) cover `key`? An empty
+    mapping (`orchestrate.pools: {}`) is covered by the row of its entries (`orchestrate.pools.<stage>`)."""
     wanted, given = pattern.split("."), key.split(".")
+    if len(wanted) == len(given) + 1 and re.fullmatch(r"<\w+>", wanted[-1]):
+        wanted = wanted[:-1]
     return len(wanted) == len(given) and all(
         w == g or re.fullmatch(r"<\w+>", w) for w, g in zip(wanted, given, strict=True)
     )

@@ -40,6 +40,7 @@ PLACEHOLDERS = {
     "n_trials": "task",
     "floors": "task",
     "timeouts_s": "stage",
+    "pools": "stage",
 }
 MISSING = object()  # a field without a default: the user must set it
 

@@ -50,9 +50,9 @@ def test_workers_beyond_this_process_need_the_stages_command(smoke_evaluated: Sm
 
 
 def test_study_prunes_resumes_and_yields_a_scored_candidate(smoke_evaluated: SmokeRun, tmp_path: Path):
-    params = tuning(smoke_evaluated, tmp_path, n_trials=6)
+    params = tuning(smoke_evaluated, tmp_path, n_trials=8)
     summary = run_optimize(params, smoke_evaluated, tmp_path)
-    assert summary.tuned and summary.finished_trials == 6
+    assert summary.tuned and summary.finished_trials == 8
     trials = json.loads((tmp_path / "out/trials.json").read_text())
     states = [trial["state"] for trial in trials]
     assert "pruned" in states, states  # the median pruner stopped a trial that trailed the others
@@ -98,8 +98,8 @@ def test_study_prunes_resumes_and_yields_a_scored_candidate(smoke_evaluated: Smo
     again = run_optimize(params, smoke_evaluated, tmp_path)  # the same study, already complete: no new trial
     assert len(json.loads((tmp_path / "out/trials.json").read_text())) == len(trials)
     assert again.best_trial == summary.best_trial
-    more = run_optimize(tuning(smoke_evaluated, tmp_path, n_trials=7), smoke_evaluated, tmp_path)
-    assert more.study == summary.study and more.finished_trials == 7
+    more = run_optimize(tuning(smoke_evaluated, tmp_path, n_trials=9), smoke_evaluated, tmp_path)
+    assert more.study == summary.study and more.finished_trials == 9
 
 
 def test_a_killed_trial_is_failed_and_retried_never_left_running(smoke_evaluated: SmokeRun, tmp_path: Path):

@@ -1,0 +1,133 @@
+"""A DVC stage as a Prefect flow run on a work pool: how a training stage reaches a GPU worker.
+
+In Prefect only flow runs go to work pools, so a stage routed to a pool (`orchestrate.pools`, e.g.
+`{pretrain: gpu}`) runs as a flow run of the deployment `lmforge-stage/<pool>` (prefect.yaml), and
+whatever worker serves that pool (a process worker on a GPU machine, a Docker or Kubernetes worker)
+runs `stage_worker` below:
+
+1. a fresh checkout of the parent's git commit (not the worker's own working tree);
+2. `dvc repro --pull --allow-missing --single-item <stage>`: the stage's inputs come from the DVC
+   remote, the stage runs;
+3. `dvc push --run-cache <stage>`: its outputs and its run-cache entry go back to the remote.
+
+It returns only small JSON (the stage, its output hashes, seconds): models and data travel through
+the DVC remote, never through Prefect results. The parent (flows/pipeline.py) then restores the
+stage in its own workspace from the run-cache (`dvc repro --pull` finds it cached), so its dvc.lock
+ends as a local `dvc repro` of the same commit would write it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, get_run_logger
+
+from lmforge import tracking
+
+STAGE_FLOW = "lmforge-stage"  # deployments are lmforge-stage/<pool>: one per work pool
+SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for a stage it did not run
+# The environment a worker's stage inherits from the parent: where runs are tracked and nested. Nothing
+# secret: credentials (LMFORGE_OPTUNA_STORAGE, LMFORGE_LOCK_URL, MLFLOW_TRACKING_PASSWORD) are the worker's own.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", tracking.PARENT_ENV, tracking.FLOW_RUN_ENV)
+
+
+class StageFailed(RuntimeError):
+    """A stage's command failed; `code` is its exit code (2 and 3 are the user's to fix, not retried)."""
+
+    def __init__(self, stage: str, code: int, message: str) -> None:
+        super().__init__(f"stage {stage} failed (exit {code}): {message}")
+        self.stage, self.code = stage, code
+
+    @classmethod
+    def from_message(cls, stage: str, message: str) -> StageFailed:
+        """The failure a child flow run reported, or a transient one (75) when it said no exit code
+        (a crashed or cancelled run: the worker was lost)."""
+        found = re.search(r"stage \S+ failed \(exit (-?\d+)\): (.*)", message or "")
+        if found is None:
+            return cls(stage, 75, f"its flow run ended without a result: {message or 'no message'}")
+        return cls(stage, int(found.group(1)), found.group(2))
+
+
+def last_error_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+def stage_exit_code(result: subprocess.CompletedProcess) -> int:
+    """DVC exits 255 when a stage command fails; the stage's own code is in its message
+    (`ERROR: failed to reproduce 'validate': failed to run: ..., exited with 3`)."""
+    found = re.findall(r"exited with (-?\d+)", result.stderr)
+    return int(found[-1]) if found else result.returncode
+
+
+def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """One dvc command for `stage`; its failure is the stage's, with the stage's own exit code."""
+    result = subprocess.run(["dvc", *arguments], cwd=cwd, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        get_run_logger().error(result.stderr[-3000:])
+        raise StageFailed(stage, stage_exit_code(result), last_error_line(result.stderr))
+    return result
+
+
+def checkout(repo: str, commit: str, folder: Path) -> None:
+    """A fresh working tree of `commit` from the git repository `repo` (a path or URL)."""
+    for command in (["git", "clone", "--quiet", "--no-checkout", repo, str(folder)],
+                    ["git", "-C", str(folder), "checkout", "--quiet", commit]):  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:  # unreachable repository or an unpushed commit: the user's to fix
+            where = f"{' '.join(command[:3])} {repo}@{commit}"
+            raise StageFailed("checkout", 2, f"{where}: {last_error_line(result.stderr)}")
+
+
+def push_uncached_outputs(home: Path, stage: str) -> None:
+    """DVC's run-cache restores a stage's uncached outputs (its metrics file) from the cache too, and its
+    run committed them there, but `dvc push --run-cache` sends only the cached ones: send these as well."""
+    from dvc.repo import Repo
+
+    with Repo(str(home)) as repo:
+        found = [entry for entry in repo.index.stages if entry.name == stage]
+        objects = [out.hash_info for entry in found for out in entry.outs if not out.use_cache and out.hash_info]
+        if objects:
+            repo.cloud.push(objects)
+
+
+def lock_outs(lock: Path, stage: str) -> dict[str, str]:
+    """The hashes dvc.lock records for the stage's outputs, by path."""
+    entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {})
+    return {out["path"]: str(out.get("md5", "")) for out in entry.get("outs", [])}
+
+
+@flow(name=STAGE_FLOW, log_prints=True)
+def stage_worker(stage: str, repo: str, commit: str, lock: str | None = None, env: dict[str, str] | None = None,
+                 force: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Run one dvc.yaml stage in a fresh checkout of `commit`, its data from and to the DVC remote.
+
+    `lock` is the parent's dvc.lock: the hashes of the upstream outputs this stage reads, which the
+    commit's own dvc.lock (if it has one) may not hold yet.
+    """
+    started = time.perf_counter()
+    child_env = {**os.environ, **(env or {}),
+                 "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="lmforge-stage-") as folder:
+        home = Path(folder) / "checkout"
+        checkout(repo, commit, home)
+        if lock is not None:
+            (home / "dvc.lock").write_text(lock)
+        repro = dvc(stage, ["repro", "--pull", "--allow-missing", "--single-item", *(["--force"] if force else []),
+                            stage], home, child_env)  # fmt: skip
+        dvc(stage, ["push", "--run-cache", stage], home, child_env)
+        push_uncached_outputs(home, stage)
+        outs = lock_outs(home / "dvc.lock", stage)
+    status = "skipped (unchanged)" if SKIPPED in repro.stdout else "ran"
+    seconds = round(time.perf_counter() - started, 1)
+    print(f"{stage}: {status} in {seconds}s at commit {commit[:12]}; outputs pushed: {outs}")
+    return {"stage": stage, "status": status, "seconds": seconds, "outs": outs}
