@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,8 +38,9 @@ from lmforge.artifacts import EvaluateReport, PromoteReport, label_shares
 from lmforge.errors import LmforgeError
 from lmforge.params import Params, load_params
 from lmforge.schema import OrchestrateParams
-from lmforge.stage import RESTORE_ONLY_ENV, dvc_commands, parse_command, report_files
+from lmforge.stage import RESTORE_ONLY_ENV, dvc_commands, dvc_stages, parse_command, report_files
 
+ONE_LOCAL_STAGE = threading.Lock()
 DETERMINISTIC_EXIT_CODES = {2, 3}  # lmforge: bad params/input (2), a broken expectation (3)
 
 
@@ -76,8 +78,9 @@ def run_stage(stage: str, env: dict[str, str], force: bool = False, pool: str | 
         return run_stage_on_pool(stage, env, force, pool, repo or str(Path.cwd()))
     logger = get_run_logger()
     started = time.perf_counter()
-    command = ["dvc", "repro", "--single-item", *(["--force"] if force else []), stage]
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    command = ["dvc", "--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage]
+    with ONE_LOCAL_STAGE:  # this machine's stages run one at a time, whatever runs on workers meanwhile
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds = round(time.perf_counter() - started, 1)
     if result.returncode != 0:
         logger.error(result.stderr[-3000:])
@@ -148,7 +151,8 @@ def stage_task(stage: str, settings: OrchestrateParams) -> Any:
         retry_delay_seconds=[settings.retry_delay_s * 2**i for i in range(max(settings.retries, 1))],
         retry_condition_fn=is_transient,
         timeout_seconds=settings.timeouts_s.get(base),
-        tags=["gpu"] if base in settings.gpu_stages else [],
+        # The gpu slot guards this machine's device; a stage routed to a pool uses its worker's.
+        tags=["gpu"] if base in settings.gpu_stages and base not in settings.pools else [],
     )(run_stage)
 
 
@@ -248,19 +252,43 @@ def pipeline(params_path: str = "params.yaml", force_stages: list[str] | None = 
     parent = tracking.create_pipeline_run(experiment_id, {"prefect.flow_run_id": str(flow_run.id)})
     env = {**os.environ, tracking.PARENT_ENV: parent, tracking.FLOW_RUN_ENV: str(flow_run.id),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    stages = dvc_stages()
     results: list[dict[str, Any]] = []
-    stages = dag_stages()
     try:
-        for stage in stages:
-            pool = settings.pools.get(stage.split("@")[0])  # routed: a flow run on that pool's worker
-            results.append(stage_task(stage, settings)(stage, env, stage in (force_stages or []), pool,
-                                                       settings.git_remote))  # fmt: skip
+        run_dag(stages, settings, env, force_stages or [], results)
     finally:
         failed = len(results) < len(stages)
         client.set_terminated(parent, status="FAILED" if failed else "FINISHED")
         create_markdown_artifact(summary_markdown(results, experiment_id, parent),
                                  key="lmforge-pipeline-summary", description="stages, metrics, promotion")  # fmt: skip
     return results
+
+
+def run_dag(stages: dict[str, tuple[str, list[str]]], settings: OrchestrateParams, env: dict[str, str],
+            force_stages: list[str], results: list[dict[str, Any]]) -> None:  # fmt: skip
+    """Run the stages, appending each one's result as it ends (in DAG order).
+
+    On one machine (no `orchestrate.pools`) one stage runs at a time, as `dvc repro` runs them. With
+    pools, every stage is submitted at once and starts when the stages it reads from are done, so
+    stages routed to workers run side by side; the stages of this machine still run one at a time.
+    """
+
+    def call(stage: str) -> tuple[Any, tuple[Any, ...]]:
+        pool = settings.pools.get(stage.split("@")[0])  # routed: a flow run on that pool's worker
+        return stage_task(stage, settings), (stage, env, stage in force_stages, pool, settings.git_remote)
+
+    if not settings.pools:
+        for stage in stages:
+            work, arguments = call(stage)
+            results.append(work(*arguments))
+        return
+    futures: dict[str, Any] = {}
+    for stage, (_, upstream) in stages.items():
+        work, arguments = call(stage)
+        # An upstream stage that is not among those run here counts as done.
+        futures[stage] = work.submit(*arguments, wait_for=[futures[name] for name in upstream if name in futures])
+    for stage in stages:
+        results.append(futures[stage].result())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,9 +57,11 @@ class StageFailed(RuntimeError):
 
 
 def last_error_line(stderr: str) -> str:
+    """The stage's own one-line error; for a crash, the traceback's last line rather than DVC's wrapper."""
     lines = [line for line in stderr.strip().splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error:")]
-    return (errors or lines or ["(no output)"])[-1]
+    own = [line for line in lines if not line.startswith("ERROR: failed to reproduce")]
+    return (errors or own or lines or ["(no output)"])[-1]
 
 
 def stage_exit_code(result: subprocess.CompletedProcess) -> int:
@@ -71,7 +73,8 @@ def stage_exit_code(result: subprocess.CompletedProcess) -> int:
 
 def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
     """One dvc command for `stage`; its failure is the stage's, with the stage's own exit code."""
-    result = subprocess.run(["dvc", *arguments], cwd=cwd, env=env, capture_output=True, text=True)
+    # Other stages of the flow may hold this repository's DVC lock for a moment: wait for it, do not fail.
+    result = subprocess.run(["dvc", "--wait-for-lock", *arguments], cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         get_run_logger().error(result.stderr[-3000:])
         raise StageFailed(stage, stage_exit_code(result), last_error_line(result.stderr))

@@ -145,6 +145,11 @@ def stage_of(name: str) -> Stage[Any, Any, Any]:
 
 def dvc_commands(repo_root: Path = Path(".")) -> dict[str, str]:
     """Every stage of dvc.yaml (foreach items resolved, `finetune@sentiment`) -> its command, in DAG order."""
+    return {name: command for name, (command, _) in dvc_stages(repo_root).items()}
+
+
+def dvc_stages(repo_root: Path = Path(".")) -> dict[str, tuple[str, list[str]]]:
+    """Every stage of dvc.yaml -> (its command, the stages whose outputs it reads), in DAG order."""
     import networkx as nx
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
@@ -155,7 +160,8 @@ def dvc_commands(repo_root: Path = Path(".")) -> dict[str, str]:
             if Path(repo.root_dir).resolve() != Path(repo_root).resolve():  # dvc.yaml's paths are the root's
                 raise LmforgeError(f"{Path(repo_root).resolve()}: run lmforge in the repository root, {repo.root_dir}")
             graph = repo.index.graph  # edges point from a stage to the stages it depends on
-            return {stage.name: stage.cmd for stage in reversed(list(nx.topological_sort(graph)))}
+            return {stage.name: (stage.cmd, sorted(upstream.name for upstream in graph.successors(stage)))
+                    for stage in reversed(list(nx.topological_sort(graph)))}  # fmt: skip
     except (DvcException, SCMError) as error:
         raise LmforgeError(f"{Path(repo_root).resolve()}: cannot read dvc.yaml's stages (run lmforge in the "
                            f"repository root): {' '.join(str(error).split())[:200]}") from None  # fmt: skip

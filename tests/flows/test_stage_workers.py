@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.server import wait_until_healthy
 from tests.conftest import clone_working_tree, sh
+from tests.flows.conftest import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -33,8 +35,6 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
     from prefect import flow
     from prefect.settings import PREFECT_API_URL
 
-    from flows.pipeline import run_stage
-
     clone = clone_working_tree(tmp_path / "parent")
     sh("dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=clone)
     sh("git", "add", "-A", cwd=clone)
@@ -47,14 +47,32 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
     sh(sys.executable, "-m", "prefect", "work-pool", "create", "local", "--type", "process", cwd=clone, env=env)
     sh(sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "local", cwd=clone, env=env)
+    # Stages on several workers log at once: a tracking server, as workers on other machines need anyway.
+    tracking_uri = f"http://127.0.0.1:{free_port()}"
+    with (tmp_path / "mlflow.log").open("wb") as log:
+        tracking = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                                     f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",
+                                     (tmp_path / "artifacts").as_uri(), "--port", tracking_uri.rsplit(":", 1)[1],
+                                     "--workers", "1"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)  # fmt: skip
     with (tmp_path / "worker.log").open("wb") as log:
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "local"], cwd=clone,
                                   env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    wait_until_healthy(tracking_uri, tracking, tmp_path / "mlflow.log", timeout_s=120)
+
+    from flows.pipeline import run_dag
+    from lmforge.params import load_params
+    from lmforge.stage import dvc_stages
+
+    settings = load_params(clone / "params.yaml").orchestrate.model_copy(update={"pools": {"pretrain": "local"}})
+    stages = {name: entry for name, entry in dvc_stages(clone).items() if name.startswith("pretrain@")}
 
     @flow
-    def parent(force: bool = False) -> dict:
-        stage_env = {**os.environ, "PATH": env["PATH"]}
-        return run_stage(STAGE, stage_env, force, pool="local", repo=str(clone))
+    def parent() -> list[dict]:
+        results: list[dict] = []
+        run_dag(stages, settings, {**os.environ, "PATH": env["PATH"], "MLFLOW_TRACKING_URI": tracking_uri}, [],
+                results)  # fmt: skip
+        return results
 
     monkeypatch.chdir(clone)
     try:
@@ -63,19 +81,25 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
         first = state.result()
         again = parent()
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        worker.wait(timeout=60)
+        for process in (worker, tracking):
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=60)
         print((tmp_path / "worker.log").read_text()[-6000:])
-    assert first["status"] == "ran on local" and again["status"] == "skipped (unchanged)"
-    assert sh("dvc", "status", STAGE, cwd=clone).stdout.strip().endswith("up to date.")
+    assert [result["status"] for result in first] == ["ran on local"] * 2
+    assert [result["status"] for result in again] == ["skipped (unchanged)"] * 2  # nothing sent the second time
+    assert sh("dvc", "status", *stages, cwd=clone).stdout.strip().endswith("up to date.")
     assert (clone / "models/pretrained/decoder/model.safetensors").is_file()
 
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        children = [run for run in client.read_flow_runs() if run.parameters.get("stage") == STAGE]
-    assert [run.state_type.value for run in children] == ["COMPLETED"]  # one dispatch; the unchanged one skipped
-    assert children[0].parameters["commit"] == sh("git", "rev-parse", "HEAD", cwd=clone).stdout.strip()
+        children = [run for run in client.read_flow_runs() if run.parameters.get("stage") in stages]
+    assert sorted(run.parameters["stage"] for run in children) == sorted(stages)  # one dispatch each
+    assert {run.state_type.value for run in children} == {"COMPLETED"}
+    assert {run.parameters["commit"] for run in children} == {sh("git", "rev-parse", "HEAD", cwd=clone).stdout.strip()}
+    # The two pretrainings ran side by side on the worker: their spans, from the runs' own timestamps, overlap.
+    (a, b) = children
+    assert a.start_time < b.end_time and b.start_time < a.end_time
 
     # The same commit reproduced locally trains the same weights from the same inputs: the worker's result is
     # a local run's (its report and metrics differ in their timings only).
