@@ -80,8 +80,9 @@ def test_the_readme_walkthrough_trains_registers_and_gates_a_new_task(tmp_path: 
     assert report.baseline_decision == "pass" and report.decision in ("pass", "fail")
     assert report.champion_after is not None  # the baseline at least: a new task needs no floor
     assert any("baseline" in reason for reason in report.reasons)
-    shown = result.stdout.splitlines()  # `lmforge compare --task intent`, the last command
-    assert shown[0].startswith(" champion  version") and "macro_f1" in shown[0]
+    split, *shown = result.stdout.splitlines()  # `lmforge compare --task intent`, the last command
+    assert split.startswith("on test split ")  # every figure below is on that one split
+    assert shown[0].startswith(" champion  version") and "macro_f1" in shown[0] and "comparable" not in shown[0]
     assert any(line.startswith(" baseline  version") for line in shown)
     rows = yaml.safe_load((clone / "data/raw/intents/manifest.json").read_text())["rows"]
     assert rows["duplicates_dropped"] >= 20 and rows["train"] + rows["val"] + rows["test"] == rows["kept"]

@@ -19,10 +19,21 @@ import yaml
 from flows.server import wait_until_healthy
 from tests.conftest import clone_working_tree, sh
 from tests.flows.conftest import free_port
+from tests.flows.test_trial_workers import default_signals
 
 pytestmark = pytest.mark.slow
 
 STAGE = "pretrain@decoder"
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group (the worker and its flow-run processes), SIGKILL if it lingers."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 def lock_entry(repo: Path, stage: str) -> dict:
@@ -54,10 +65,11 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
                                      f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",
                                      (tmp_path / "artifacts").as_uri(), "--port", tracking_uri.rsplit(":", 1)[1],
                                      "--workers", "1"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # fmt: skip
+                                    start_new_session=True, preexec_fn=default_signals)  # fmt: skip
     with (tmp_path / "worker.log").open("wb") as log:
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "local"], cwd=clone,
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                  preexec_fn=default_signals)  # fmt: skip
     wait_until_healthy(tracking_uri, tracking, tmp_path / "mlflow.log", timeout_s=120)
 
     from flows.pipeline import run_dag
@@ -82,8 +94,7 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
         again = parent()
     finally:
         for process in (worker, tracking):
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=60)
+            stop(process)
         print((tmp_path / "worker.log").read_text()[-6000:])
     assert [result["status"] for result in first] == ["ran on local"] * 2
     assert [result["status"] for result in again] == ["skipped (unchanged)"] * 2  # nothing sent the second time
