@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,6 @@ from lmforge.params import Params, load_params
 from lmforge.schema import OrchestrateParams
 from lmforge.stage import RESTORE_ONLY_ENV, dvc_commands, dvc_stages, parse_command, report_files
 
-ONE_LOCAL_STAGE = threading.Lock()
 DETERMINISTIC_EXIT_CODES = {2, 3}  # lmforge: bad params/input (2), a broken expectation (3)
 
 
@@ -79,8 +77,7 @@ def run_stage(stage: str, env: dict[str, str], force: bool = False, pool: str | 
     logger = get_run_logger()
     started = time.perf_counter()
     command = ["dvc", "--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage]
-    with ONE_LOCAL_STAGE:  # this machine's stages run one at a time, whatever runs on workers meanwhile
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds = round(time.perf_counter() - started, 1)
     if result.returncode != 0:
         logger.error(result.stderr[-3000:])
@@ -115,7 +112,10 @@ def run_stage_on_pool(stage: str, env: dict[str, str], force: bool, pool: str, r
     logger = get_run_logger()
     started = time.perf_counter()
     here = Path.cwd()
-    if not force and SKIPPED in dvc(stage, ["repro", "--dry", "--single-item", stage], here, env).stdout:
+    if force:  # the restore below finds the workspace matching dvc.lock and would keep the old outputs
+        raise StageFailed(stage, 2, f"--force re-runs stages on this machine; it is routed to pool {pool!r} "
+                                    "(orchestrate.pools): change an input, or run it without the pool")  # fmt: skip
+    if SKIPPED in dvc(stage, ["repro", "--dry", "--single-item", stage], here, env).stdout:
         logger.info(f"{stage}: skipped (unchanged); not sent to pool {pool!r}")
         return {"stage": stage, "status": "skipped (unchanged)", "seconds": round(time.perf_counter() - started, 1)}
     commit = committed_head(stage)
@@ -266,29 +266,30 @@ def pipeline(params_path: str = "params.yaml", force_stages: list[str] | None = 
 
 def run_dag(stages: dict[str, tuple[str, list[str]]], settings: OrchestrateParams, env: dict[str, str],
             force_stages: list[str], results: list[dict[str, Any]]) -> None:  # fmt: skip
-    """Run the stages, appending each one's result as it ends (in DAG order).
+    """Run the stages, appending each one's result (in DAG order).
 
-    On one machine (no `orchestrate.pools`) one stage runs at a time, as `dvc repro` runs them. With
-    pools, every stage is submitted at once and starts when the stages it reads from are done, so
-    stages routed to workers run side by side; the stages of this machine still run one at a time.
+    This machine's stages run one at a time in DAG order, as `dvc repro` runs them. A stage routed to a
+    pool (`orchestrate.pools`) is submitted as soon as it is reached and starts when the stages it reads
+    from are done, so routed stages run side by side, on their workers, while this machine goes on.
     """
-
-    def call(stage: str) -> tuple[Any, tuple[Any, ...]]:
-        pool = settings.pools.get(stage.split("@")[0])  # routed: a flow run on that pool's worker
-        return stage_task(stage, settings), (stage, env, stage in force_stages, pool, settings.git_remote)
-
-    if not settings.pools:
-        for stage in stages:
-            work, arguments = call(stage)
-            results.append(work(*arguments))
-        return
     futures: dict[str, Any] = {}
-    for stage, (_, upstream) in stages.items():
-        work, arguments = call(stage)
-        # An upstream stage that is not among those run here counts as done.
-        futures[stage] = work.submit(*arguments, wait_for=[futures[name] for name in upstream if name in futures])
-    for stage in stages:
-        results.append(futures[stage].result())
+    done: dict[str, dict[str, Any]] = {}
+    try:
+        for stage, (_, upstream) in stages.items():
+            pool = settings.pools.get(stage.split("@")[0])
+            work = stage_task(stage, settings)
+            arguments = (stage, env, stage in force_stages, pool, settings.git_remote)
+            waiting = [futures[name] for name in upstream if name in futures]  # one not run here counts as done
+            if pool is not None:
+                futures[stage] = work.submit(*arguments, wait_for=waiting)
+                continue
+            for future in waiting:  # the routed stages it reads from must be done (their failure is raised)
+                future.result()
+            done[stage] = work(*arguments)
+        for stage, future in futures.items():
+            done[stage] = future.result()
+    finally:
+        results.extend(done[name] for name in stages if name in done)
 
 
 def main(argv: list[str] | None = None) -> int:

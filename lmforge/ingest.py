@@ -209,7 +209,9 @@ def changed_datasets(params: IngestParams, raw: Path, root: Path) -> list[str]:
             changed.append(name)
             continue
         current = source_sha256(params, name, root)
-        if current is not None and current != Manifest.of(raw / name).source.sha256:
+        # Read as plain JSON: a manifest another lmforge version wrote still says which source it holds.
+        recorded = json.loads((raw / name / "manifest.json").read_text()).get("source", {}).get("sha256")
+        if current is not None and current != recorded:
             changed.append(name)
     return changed
 

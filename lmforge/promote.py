@@ -135,6 +135,8 @@ def champion_on(client: mlflow.MlflowClient, name: str, candidate: Evidence, par
     if evaluated.metrics.test_sha256 == split:
         return Comparison(version, evaluated, evaluated, served)
     evidence = registry.rescored_evidence(client, version, split, evaluated.is_baseline)
+    if evidence is not None and not evidence.same_examples(candidate):
+        evidence = None  # re-scored on another part of this split (evaluate.max_test_samples changed): again
     if evidence is None and not isinstance(served, str):
         rescore.check_no_leak(version, dataset_dir)
         labels = Manifest.of(dataset_dir).label_set()
@@ -197,7 +199,7 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
                                     + "\n- ".join(reasons + [f"drift: {line}" for line in drift]))  # fmt: skip
         if decision.passed and not experiment:
             registry.crown(client, name, version)
-        else:
+        elif not candidate.is_baseline:  # @challenger is the trained candidate a person may want to compare
             client.set_registered_model_alias(name, registry.CHALLENGER, version)
         report = PromoteReport(
             task=task, registered_model=name, version=version, decision=verdict,
@@ -206,7 +208,9 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
             champion_after=registry.describe(registry.alias_version(client, name, registry.CHAMPION)),
             improvement=decision.improvement, improvement_lower_bound=decision.improvement_lower_bound,
             candidate_primary=candidate.primary, primary_metric=candidate.metrics.primary_metric,
-            champion_primary=champion.evidence.primary if champion.evidence else None, mlflow_run_id=run.info.run_id,
+            champion_primary=(champion.evidence.primary if champion.evidence is not None
+                              and champion.evidence.same_examples(candidate) else None),
+            mlflow_run_id=run.info.run_id,
             test_sha256=manifest.test_sha256,
             champion_before_primary=champion.evaluated.primary if champion.evaluated else None,
             champion_before_test_sha256=champion.evaluated.metrics.test_sha256 if champion.evaluated else None,
@@ -236,7 +240,7 @@ def run(section: PromoteSection, paths: PromotePaths) -> PromoteReport:
     if first is None:
         return report
     # The run's report speaks of the champion that served when it started: the one the baseline faced.
-    started = first if first.champion_before_primary is not None else report
+    started = report if first.decision == "unchanged" else first
     return report.model_copy(update={
         "baseline_version": baseline, "baseline_decision": first.decision, "baseline_reasons": first.reasons,
         "champion_before": started.champion_before, "champion_before_primary": started.champion_before_primary,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -162,6 +163,8 @@ def rescored_evidence(mlflow_client: mlflow.MlflowClient, version: ModelVersion,
             local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"rescored/{version.version}",
                                                              dst_path=folder))  # fmt: skip
         except Exception as error:
+            if not_found(error):  # the run was deleted: score the version again
+                return None
             raise unavailable(f"reading the re-scored evidence of {where} (promote run {run_id})", error) from None
         if scored != f"{version.name}/{version.version}":
             raise LmforgeError(f"{where}: its tag {rescored_tag(test_sha256)} names run {run_id}, which re-scored "
@@ -241,8 +244,12 @@ SERVING_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLflow's loader of a mode
 
 
 def not_found(error: Exception) -> bool:
-    """The store said the thing does not exist (as opposed to not answering)."""
-    return isinstance(error, FileNotFoundError) or getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST"
+    """The store said the thing does not exist (as opposed to not answering). A tracking server's artifact
+    proxy answers 404, which MLflow passes on only in its message."""
+    if isinstance(error, FileNotFoundError) or getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    message = str(error)
+    return "RESOURCE_DOES_NOT_EXIST" in message or bool(re.search(r"\b404\b", message))
 
 
 def lmforge_flavor(uri: str) -> tuple[bool, str]:
@@ -252,11 +259,15 @@ def lmforge_flavor(uri: str) -> tuple[bool, str]:
     unpickling runs whatever code the pickle names. A store that does not answer is a TransientError.
     """
     try:
-        mlmodel = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel")).read_text())
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{uri}/MLmodel"))
     except Exception as error:
         if not_found(error):
             return False, f"{uri}: no MLmodel in its artifacts; not loaded"
         raise unavailable(f"downloading {uri}/MLmodel", error) from None
+    try:
+        mlmodel = yaml.safe_load(local.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        return False, f"{uri}: its MLmodel is not YAML ({type(error).__name__}); not loaded"
     pyfunc = (mlmodel.get("flavors") or {}).get("python_function") or {}
     code = Path(str(pyfunc.get("model_code_path", ""))).name
     if pyfunc.get("loader_module") != SERVING_LOADER or code != "serving.py" or "python_model" in pyfunc:

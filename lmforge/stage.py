@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from lmforge.artifacts import Artifact
-from lmforge.errors import LmforgeError, TransientError, run_main
+from lmforge.errors import LmforgeError, run_main
 from lmforge.io import write_json_atomic
 from lmforge.params import Params, load_params
 from lmforge.tracking import PARAMS_ENV
@@ -125,7 +125,7 @@ class Stage(Generic[SectionT, PathsT, ReportT]):
         def go() -> None:
             if os.environ.get(RESTORE_ONLY_ENV):
                 why = "DVC's run-cache holds no run of it for these inputs, so it would train again here"
-                raise TransientError(f"{self.name}: ran on a worker, but {why}: not run ({RESTORE_ONLY_ENV})")
+                raise LmforgeError(f"{self.name}: ran on a worker, but {why}: not run ({RESTORE_ONLY_ENV})")
             params = load_params(args.params)
             os.environ[PARAMS_ENV] = str(args.params)
             section = self.section(params, getattr(args, self.item) if self.item else None)
