@@ -92,34 +92,52 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
         assert state.is_completed(), state.message
         first = state.result()
         again = parent()
+        assert [result["status"] for result in first] == ["ran on local"] * 2
+        assert [result["status"] for result in again] == ["skipped (unchanged)"] * 2  # nothing sent the second time
+        assert sh("dvc", "status", *stages, cwd=clone).stdout.strip().endswith("up to date.")
+        assert (clone / "models/pretrained/decoder/model.safetensors").is_file()
+
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            children = [run for run in client.read_flow_runs() if run.parameters.get("stage") in stages]
+        assert sorted(run.parameters["stage"] for run in children) == sorted(stages)  # one dispatch each
+        assert {run.state_type.value for run in children} == {"COMPLETED"}
+        assert {run.parameters["commit"] for run in children} == {
+            sh("git", "rev-parse", "HEAD", cwd=clone).stdout.strip()
+        }
+        # The two pretrainings ran side by side on the worker: their spans, from the runs' own timestamps, overlap.
+        (a, b) = children
+        assert a.start_time < b.end_time and b.start_time < a.end_time
+
+        # The same commit reproduced locally trains the same weights from the same inputs: the worker's result is
+        # a local run's (its report and metrics differ in their timings only).
+        local = tmp_path / "local"
+        sh("git", "clone", "-q", str(clone), str(local), cwd=tmp_path)
+        sh("cp", str(clone / "dvc.lock"), str(local / "dvc.lock"), cwd=tmp_path)
+        sh("dvc", "pull", "-q", "preprocess", cwd=local)
+        sh("dvc", "repro", "--force", "--single-item", STAGE, cwd=local)
+        here, there = lock_entry(clone, STAGE), lock_entry(local, STAGE)
+        assert here["deps"] == there["deps"] and here["params"] == there["params"]
+        model = [out for out in here["outs"] if out["path"] == "models/pretrained/decoder"]
+        assert model and model == [out for out in there["outs"] if out["path"] == "models/pretrained/decoder"]
+
+        # A stage that fails on the worker with exit 2 (bad params, committed) fails the flow at once with
+        # the stage's own line: its child flow run is not retried.
+        edit = yaml.safe_load((clone / "params.yaml").read_text())
+        edit["pretrain"]["models"]["decoder"]["max_steps"] = 0
+        (clone / "params.yaml").write_text(yaml.safe_dump(edit, allow_unicode=True, sort_keys=False))
+        sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "a bad max_steps", cwd=clone)
+        stages = {STAGE: stages[STAGE]}
+        failed = parent(return_state=True)
+        assert failed.is_failed() and "(exit 2): error: " in str(failed.message), failed.message
+        assert "pretrain.models.decoder.max_steps" in str(failed.message)
+        head = sh("git", "rev-parse", "HEAD", cwd=clone).stdout.strip()
+        with get_client(sync_client=True) as client:
+            bad = [run for run in client.read_flow_runs()
+                   if run.parameters.get("stage") == STAGE and run.parameters["commit"] == head]  # fmt: skip
+        assert [run.state_type.value for run in bad] == ["FAILED"]
     finally:
         for process in (worker, tracking):
             stop(process)
         print((tmp_path / "worker.log").read_text()[-6000:])
-    assert [result["status"] for result in first] == ["ran on local"] * 2
-    assert [result["status"] for result in again] == ["skipped (unchanged)"] * 2  # nothing sent the second time
-    assert sh("dvc", "status", *stages, cwd=clone).stdout.strip().endswith("up to date.")
-    assert (clone / "models/pretrained/decoder/model.safetensors").is_file()
-
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        children = [run for run in client.read_flow_runs() if run.parameters.get("stage") in stages]
-    assert sorted(run.parameters["stage"] for run in children) == sorted(stages)  # one dispatch each
-    assert {run.state_type.value for run in children} == {"COMPLETED"}
-    assert {run.parameters["commit"] for run in children} == {sh("git", "rev-parse", "HEAD", cwd=clone).stdout.strip()}
-    # The two pretrainings ran side by side on the worker: their spans, from the runs' own timestamps, overlap.
-    (a, b) = children
-    assert a.start_time < b.end_time and b.start_time < a.end_time
-
-    # The same commit reproduced locally trains the same weights from the same inputs: the worker's result is
-    # a local run's (its report and metrics differ in their timings only).
-    local = tmp_path / "local"
-    sh("git", "clone", "-q", str(clone), str(local), cwd=tmp_path)
-    sh("cp", str(clone / "dvc.lock"), str(local / "dvc.lock"), cwd=tmp_path)
-    sh("dvc", "pull", "-q", "preprocess", cwd=local)
-    sh("dvc", "repro", "--force", "--single-item", STAGE, cwd=local)
-    here, there = lock_entry(clone, STAGE), lock_entry(local, STAGE)
-    assert here["deps"] == there["deps"] and here["params"] == there["params"]
-    model = [out for out in here["outs"] if out["path"] == "models/pretrained/decoder"]
-    assert model and model == [out for out in there["outs"] if out["path"] == "models/pretrained/decoder"]
