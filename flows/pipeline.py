@@ -29,8 +29,6 @@ from flows.stage_worker import (
     STAGE_FLOW,
     StageFailed,
     dvc,
-    last_error_line,
-    stage_exit_code,
 )
 from lmforge import tracking
 from lmforge.artifacts import EvaluateReport, PromoteReport, label_shares
@@ -74,17 +72,11 @@ def run_stage(stage: str, env: dict[str, str], force: bool = False, pool: str | 
     the task's failure."""
     if pool is not None:
         return run_stage_on_pool(stage, env, force, pool, repo or str(Path.cwd()))
-    logger = get_run_logger()
     started = time.perf_counter()
-    command = ["dvc", "--wait-for-lock", "repro", "--single-item", *(["--force"] if force else []), stage]
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    result = dvc(stage, ["repro", "--single-item", *(["--force"] if force else []), stage], Path.cwd(), env)
     seconds = round(time.perf_counter() - started, 1)
-    if result.returncode != 0:
-        logger.error(result.stderr[-3000:])
-        code = stage_exit_code(result)
-        raise StageFailed(stage, code, last_error_line(result.stderr))
     status = "skipped (unchanged)" if SKIPPED in result.stdout else "ran"
-    logger.info(f"{stage}: {status} in {seconds}s")
+    get_run_logger().info(f"{stage}: {status} in {seconds}s")
     return {"stage": stage, "status": status, "seconds": seconds}
 
 
@@ -179,7 +171,7 @@ def summary_markdown(results: list[dict[str, Any]], experiment_id: str, parent_r
     for m in (EvaluateReport.read(path) for name, path in reports if name == "evaluate"):
         lines.append(f"| {m.task} | {m.headline()} |")
     lines += ["", "## Promotion"]
-    for report in promote_reports():
+    for report in (PromoteReport.read(path) for name, path in reports if name == "promote"):
         lines += promotion_markdown(report)
     run_link = mlflow_link(f"experiments/{experiment_id}/runs/{parent_run_id}", f"run {parent_run_id}")
     lines += ["", f"MLflow pipeline run: {run_link} (`mlflow ui --backend-store-uri {tracking.tracking_uri()}` "

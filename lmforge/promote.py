@@ -109,8 +109,7 @@ class Comparison:
 
     def rescored_primary(self) -> float | None:
         """Its figure re-scored on the candidate's split; None when it was evaluated there."""
-        rescored = self.evidence is not None and self.evidence is not self.evaluated
-        return self.evidence.primary if rescored and self.evidence is not None else None
+        return None if self.evidence is None or self.evidence is self.evaluated else self.evidence.primary
 
     def note(self) -> list[str]:
         """What a person needs to read the figures: on which split the champion was scored."""
@@ -123,7 +122,7 @@ class Comparison:
 
 
 def champion_on(client: mlflow.MlflowClient, name: str, candidate: Evidence, params: PromoteSection,
-                dataset_dir: Path, test: pd.DataFrame, run_id: str) -> Comparison:  # fmt: skip
+                dataset_dir: Path, labels: list[str], test: pd.DataFrame, run_id: str) -> Comparison:  # fmt: skip
     """The champion's evidence on the candidate's test examples: its own, a re-scoring recorded earlier,
     or a re-scoring now (after checking it never trained on those rows), recorded on its version."""
     version = registry.alias_version(client, name, registry.CHAMPION)
@@ -139,7 +138,6 @@ def champion_on(client: mlflow.MlflowClient, name: str, candidate: Evidence, par
         evidence = None  # re-scored on another part of this split (evaluate.max_test_samples changed): again
     if evidence is None and not isinstance(served, str):
         rescore.check_no_leak(version, dataset_dir)
-        labels = Manifest.of(dataset_dir).label_set()
         evidence = rescore.rescore(served, version, candidate, test, labels, params.prompt_chars, params.evaluate)
         registry.record_rescore(client, version, evidence, run_id)
     return Comparison(version, evidence or evaluated, evaluated, served)
@@ -169,7 +167,8 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
         # Loaded before anything is recorded: a store that does not answer is exit 75 with no decision.
         served = registry.load_pyfunc(name, version)  # loaded once: the smoke check and the latency timing
         loads = registry.smoke_check(served, f"models:/{name}/{version}", texts[0])
-        champion = champion_on(client, name, candidate, params, dataset_dir, test, run.info.run_id)
+        champion = champion_on(client, name, candidate, params, dataset_dir, manifest.label_set(), test,
+                               run.info.run_id)  # fmt: skip
         digest = log_test_dataset(test, dataset_dir, params.dataset)
         latency = None
         if champion.version is not None and loads[0]:
