@@ -233,7 +233,8 @@ def run(section: PromoteSection, paths: PromotePaths) -> PromoteReport:
                            {**lineage, registry.MODEL_KIND_TAG: registry.TRAINED_KIND})  # fmt: skip
     # The baseline, re-trained on today's train split, contends first on every run: a champion that new
     # data shows significantly worse than it gives way to it, and the candidate must then beat that.
-    baseline = register_baseline(client, name, paths.optimized / "candidate" / "baseline", lineage)
+    with registry.promotion_lock(name):  # two promotions at once register one baseline version, not two
+        baseline = register_baseline(client, name, paths.optimized / "candidate" / "baseline", lineage)
     first = gate_version(section, baseline, paths.dataset, paths.validation) if baseline else None
     report = gate_version(section, str(mv.version), paths.dataset, paths.validation)
     if first is None:

@@ -179,7 +179,9 @@ def test_two_promotions_at_once_never_crown_a_failed_version(smoke_evaluated: Sm
     reports = {label: json.loads((tmp_path / f"{label}.json").read_text()) for label in processes}
     champion = registry.alias_version(registry.client(), "race-sentiment", "champion")
     assert champion is not None and champion.tags["gate.decision"] == "pass"
-    # One of them crowned the task's baseline (no champion yet); the other found it serving.
+    # Both registered the same baseline once (its version is shared, not raced into two copies) ...
+    assert len({report["baseline_version"] for report in reports.values()}) == 1
+    # ... one of them crowned it (no champion yet); the other found it serving.
     assert sorted(report["baseline_decision"] for report in reports.values()) == ["pass", "unchanged"]
     passed = [version_of(report) for report in reports.values() if report["decision"] == "pass"]
     assert str(champion.version) in {*passed, *(report["baseline_version"] for report in reports.values())}
