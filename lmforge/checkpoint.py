@@ -3,7 +3,8 @@
 A checkpoint is a folder `step-000050/` holding
 - model.safetensors       the weights (safetensors.save_model handles tied weights)
 - optimizer.safetensors   every optimizer state tensor; optimizer.json the rest (param groups)
-- rng.safetensors         the global torch RNG (dropout) and the batch generator (masking, pairs)
+- rng.safetensors         the global torch RNG (dropout) and the batch generator (masking, pairs);
+                          under torchrun, every rank's torch RNG (`torch.rank1`, ...)
 - state.json              step, epoch, position in the epoch, early-stopping state, scheduler state,
                           and the fingerprint of the run it belongs to
 It is written as `step-000050.tmp/` and renamed when complete, so a kill leaves either the whole
@@ -47,6 +48,7 @@ def save_checkpoint(
     batch_generator: torch.Generator,
     state: dict[str, Any],
     keep: int,
+    rank_rngs: list[torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint `step` atomically and keep only this run's newest `keep` checkpoints.
 
@@ -62,9 +64,9 @@ def save_checkpoint(
     tensors, rest = _optimizer_tensors(optimizer)
     save_file(tensors, str(staging / "optimizer.safetensors"))
     (staging / "optimizer.json").write_text(json.dumps(rest))
-    save_file(
-        {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}, str(staging / "rng.safetensors")
-    )
+    rng = {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}
+    rng |= {f"torch.rank{rank}": state for rank, state in enumerate(rank_rngs or []) if rank > 0}
+    save_file(rng, str(staging / "rng.safetensors"))
     (staging / "state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}, indent=2))
     if final.exists():
         shutil.rmtree(final)
@@ -107,8 +109,9 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     batch_generator: torch.Generator,
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore everything `save_checkpoint` wrote; return the loop state."""
+    """Restore everything `save_checkpoint` wrote (the torch RNG of `rank`); return the loop state."""
     load_model(model, str(path / "model.safetensors"))
     tensors = load_file(str(path / "optimizer.safetensors"))
     rest = json.loads((path / "optimizer.json").read_text())
@@ -118,7 +121,7 @@ def load_checkpoint(
         by_index.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": by_index, "param_groups": rest["param_groups"]})
     rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
+    torch.set_rng_state(rng["torch" if rank == 0 else f"torch.rank{rank}"])
     batch_generator.set_state(rng["batches"])
     state = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict(state.pop("scheduler"))

@@ -39,6 +39,11 @@ class ValidationFailed(LmforgeError):
     exit_code = 3
 
 
+class Follower(Exception):
+    """Raised by a rank other than 0 of a multi-device stage once it has trained (lmforge/distributed.py):
+    rank 0 records the run and writes the stage's outputs."""
+
+
 def fail(error: LmforgeError) -> NoReturn:
     """Print `error` as one line on stderr and exit with its code."""
     message = " ".join(str(error).split())  # one line, whatever the message held

@@ -11,13 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmforge import tracking
+from lmforge import distributed, tracking
 from lmforge.artifacts import FinetuneReport
 from lmforge.models import base_folder
 from lmforge.params import Params
 from lmforge.schema import FinetuneTask, Section
 from lmforge.stage import Stage, dep, item_of, output, scratch
 from lmforge.task_training import TaskFolders, load_tokenizer, train_task
+from lmforge.training import pick_device
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,11 @@ def run(section: FinetuneSection, paths: FinetunePaths) -> FinetuneReport:
     # Fail on a bad base before an MLflow run opens, so the error stays one line on stderr.
     key = f"finetune.tasks.{name}.base"
     load_tokenizer(base_folder(paths.base, key), key)
+    folders = TaskFolders(paths.dataset, paths.tokenized, paths.base, paths.out, paths.checkpoints)
+    pick_device()  # under torchrun: join the process group, so each rank knows whether it is rank 0
+    if not distributed.is_main():
+        return train_task(name, task, section.seed, folders)  # trains, then ends with errors.Follower
     with tracking.stage_run("finetune", {"task": name, **task.model_dump(), "seed": section.seed}, item=name):
-        folders = TaskFolders(paths.dataset, paths.tokenized, paths.base, paths.out, paths.checkpoints)
         return train_task(name, task, section.seed, folders)
 
 
@@ -61,4 +65,7 @@ def section(params: Params, item: str | None) -> FinetuneSection:
 
 
 STAGE = Stage("finetune", ("finetune.seed", "finetune.tasks.{item}"), section, FinetunePaths, run, summary,
-              lambda paths: paths.report, item="task")  # fmt: skip
+              lambda paths: paths.report, item="task",
+              relaunch=lambda section, argv: distributed.relaunch(
+                  section.task.training.devices, f"finetune.tasks.{section.name}.training.devices",
+                  "stages.finetune", argv))  # fmt: skip

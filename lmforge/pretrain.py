@@ -19,9 +19,9 @@ import mlflow
 import numpy as np
 import torch
 
-from lmforge import tracking
+from lmforge import distributed, tracking
 from lmforge.artifacts import PackedCorpus, PretrainReport
-from lmforge.errors import LmforgeError, TransientError
+from lmforge.errors import Follower, LmforgeError, TransientError
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, write_json
 from lmforge.losses import causal_lm_loss
 from lmforge.models import PRETRAIN_PARAMS, build_pretrain_model, count_parameters
@@ -29,7 +29,7 @@ from lmforge.params import Params
 from lmforge.schema import RECIPE_LR, HFModel, ModelArchitecture, Section, TrainingParams
 from lmforge.stage import Stage, dep, item_of, output, scratch
 from lmforge.tokenization import read_blocks
-from lmforge.training import BatchFn, LossFn, model_loss, pick_device, train, with_learning_rate
+from lmforge.training import BatchFn, LogFn, LossFn, TrainResult, model_loss, pick_device, train, with_learning_rate
 
 
 @dataclass(frozen=True)
@@ -291,18 +291,23 @@ def run(section: PretrainSection, paths: PretrainPaths) -> PretrainReport:
         "vocab_size": len(tokenizer),
         "block_size": block_size,
     }
-    device = pick_device()
+    device = pick_device()  # under torchrun: this rank's, after joining the process group
     loss_of = loss_for(arch.objective)
 
-    with tracking.stage_run("pretrain", resolved, item=name) as mlflow_run:
-        mlflow.log_param("n_parameters", count_parameters(model))
-        result = train(
+    def train_model(log: LogFn) -> TrainResult:
+        return train(
             model, len(train_blocks), make_batch,
             lambda m: validation_loss(m, make_val_batch, n_val, training.batch_size, section.seed, loss_of),
-            training, section.seed, paths.checkpoints, run_fingerprint,
-            log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
+            training, section.seed, paths.checkpoints, run_fingerprint, log=log,
             description=f"pretrain {name} ({arch.architecture}, {arch.objective})", device=device, loss_of=loss_of,
         )  # fmt: skip
+
+    if not distributed.is_main():  # another rank of a multi-device run: it trains; rank 0 records and writes
+        train_model(log=lambda metrics, step: None)
+        raise Follower
+    with tracking.stage_run("pretrain", resolved, item=name) as mlflow_run:
+        mlflow.log_param("n_parameters", count_parameters(model))
+        result = train_model(log=lambda metrics, step: mlflow.log_metrics(metrics, step=step))
         report = PretrainReport(
             val_loss=result.best_eval_loss,
             val_perplexity=math.exp(min(result.best_eval_loss, 50)),
@@ -349,4 +354,7 @@ def section(params: Params, item: str | None) -> PretrainSection:
 
 
 STAGE = Stage("pretrain", ("pretrain.seed", "pretrain.mlm_probability", "pretrain.training", "pretrain.models.{item}"),
-              section, PretrainPaths, run, summary, lambda paths: paths.report, item="model")  # fmt: skip
+              section, PretrainPaths, run, summary, lambda paths: paths.report, item="model",
+              relaunch=lambda section, argv: distributed.relaunch(
+                  1 if isinstance(section.model, HFModel) else section.training.devices,  # a copy trains nothing
+                  "pretrain.training.devices", "stages.pretrain", argv))  # fmt: skip

@@ -241,6 +241,11 @@ class TrainingParams(Section):
     warmup_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="share of max_steps spent warming up linearly")
     schedule: Literal["linear", "cosine"] = Field("linear", description="decay after warmup")
     max_grad_norm: float = Field(1.0, gt=0.0, description="gradient clipping norm")
+    devices: int = Field(
+        1, ge=1, le=64,
+        description="devices training a pretrain/finetune stage data-parallel under torchrun (GPUs, else CPU "
+        "processes with gloo); batch_size stays one step's batch, shared by them",
+    )  # fmt: skip
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="bf16 autocast, fp32, or auto: bf16 where the hardware computes it natively "

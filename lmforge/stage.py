@@ -22,13 +22,14 @@ import dataclasses
 import importlib
 import os
 import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from lmforge.artifacts import Artifact
-from lmforge.errors import LmforgeError, run_main
+from lmforge.errors import Follower, LmforgeError, run_main
 from lmforge.io import write_json_atomic
 from lmforge.params import Params, load_params
 from lmforge.tracking import PARAMS_ENV
@@ -93,6 +94,9 @@ class Stage(Generic[SectionT, PathsT, ReportT]):
     report_file: Callable[[PathsT], Path]  # where the report is (a DVC out)
     item: str | None = None  # the option naming a foreach item: "model" or "task"
     write_report: bool = True  # False: run writes it itself (validate: before it fails; evaluate: in its folder)
+    # the stages that train: (section, argv) -> whether it started the stage again under torchrun, for
+    # several devices (lmforge/distributed.py relaunch); the other stages never import torch for it
+    relaunch: Callable[[SectionT, list[str]], bool] | None = None
 
     def parser(self) -> argparse.ArgumentParser:
         parser = argparse.ArgumentParser(prog=f"python -m stages.{self.name}", description=self.run.__doc__)
@@ -130,7 +134,12 @@ class Stage(Generic[SectionT, PathsT, ReportT]):
             os.environ[PARAMS_ENV] = str(args.params)
             section = self.section(params, getattr(args, self.item) if self.item else None)
             paths = self.paths_from(args)
-            report = self.run(section, paths)
+            if self.relaunch and self.relaunch(section, sys.argv[1:] if argv is None else argv):
+                return  # its ranks ran the stage; rank 0 wrote the report and printed the summary
+            try:
+                report = self.run(section, paths)
+            except Follower:
+                return  # another rank of a multi-device run: rank 0 writes the report
             self.write(report, paths)
             print(self.summary(report, paths))
 

@@ -25,8 +25,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from lmforge import distributed
 from lmforge.artifacts import DatasetLabels, FinetuneReport, Manifest, TaskMeta
-from lmforge.errors import LmforgeError
+from lmforge.errors import Follower, LmforgeError
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, write_json
 from lmforge.losses import causal_lm_loss
 from lmforge.models import (
@@ -106,7 +107,7 @@ def load_task_data(task: FinetuneTask, name: str, base_is_ours: bool, tokenizer:
     if not base_is_ours:  # another vocabulary: tokenize the raw splits with the base's own tokenizer
         backend = tokenizer.backend_tokenizer
         backend.enable_truncation(max_length=max_length)
-        task_dir = work_dir / "tokenized"
+        task_dir = work_dir / ("tokenized" if distributed.is_main() else f"tokenized.rank{distributed.rank()}")
         task_dir.mkdir(parents=True, exist_ok=True)
         for split in ("train", "val"):
             tokenize_split(backend, meta.kind, dataset_dir / f"{split}.parquet",
@@ -265,8 +266,9 @@ def train_task(name: str, task: FinetuneTask, seed: int, folders: TaskFolders,
             on_eval(loss)
         return loss
 
-    mlflow.log_params({"n_parameters": count_parameters(model), "trainable_parameters": trainable_parameters(model),
-                       "class_weighted": weights is not None})  # fmt: skip
+    if distributed.is_main():  # the other ranks of a multi-device run have no MLflow run
+        mlflow.log_params({"n_parameters": count_parameters(model), "trainable_parameters": trainable_parameters(model),
+                           "class_weighted": weights is not None})  # fmt: skip
     result = train(
         model, len(data.train), batch_maker(data.train, pad), validation_loss,
         training, seed, folders.checkpoints, run_fingerprint,
@@ -274,6 +276,8 @@ def train_task(name: str, task: FinetuneTask, seed: int, folders: TaskFolders,
         description=f"finetune {name} ({task.kind}, {task.method})", device=pick_device(), loss_of=loss_of,
         lengths=torch.tensor([len(row["input_ids"]) for row in data.train]),  # read_rows applied max_train_samples
     )  # fmt: skip
+    if not distributed.is_main():
+        raise Follower  # rank 0 records the run and writes the model
     if task.method == "lora":
         model = cast(Any, model).merge_and_unload()  # a plain model: evaluate and serving need no peft
     run = mlflow.active_run()

@@ -5,6 +5,8 @@ autocast, periodic validation with early stopping, and atomic checkpoints that m
 resume to the same weights as an uninterrupted one (on CPU). Determinism comes from three sources of
 randomness, all seeded and all checkpointed: the data order (a permutation per epoch from seed +
 epoch), the batch generator (masking, sentence pairs) and the global torch RNG (dropout).
+Under torchrun the same loop trains data-parallel (lmforge/distributed.py): every rank makes the
+same batches, trains on its slice, and rank 0 alone evaluates, logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm import tqdm
 
+from lmforge import distributed
 from lmforge.allocator import keep_freed_memory
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from lmforge.schema import TrainingParams
@@ -53,13 +56,14 @@ class TrainResult:
 
 
 def pick_device() -> torch.device:
+    """The GPU (this rank's, under torchrun) where there is one, else the CPU."""
+    distributed.init_from_env()
     if torch.cuda.is_available():
         # TF32 for what autocast leaves in fp32 (the optimizer, fp32 runs): Ampere and later do those
         # matmuls on tensor cores at a 10-bit mantissa, the precision training needs.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        return torch.device("cuda")
-    return torch.device("cpu")
+    return distributed.device()
 
 
 @functools.cache
@@ -196,6 +200,7 @@ def train(
     """
     loss_of = loss_of or model_loss
     device = device or pick_device()
+    rank, is_main = distributed.rank(), distributed.is_main()
     if device.type == "cpu":
         keep_freed_memory()  # each step reuses the last one's memory instead of faulting it in again
     model.to(device)
@@ -203,39 +208,46 @@ def train(
     total_steps = planned_steps(n_examples, params, description)
     optimizer = make_optimizer(model, params)
     scheduler = make_scheduler(optimizer, params, total_steps)
-    batch_generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    batch_generator = torch.Generator().manual_seed(seed)  # the same on every rank: the same batches
+    torch.manual_seed(seed + rank)  # each rank's own dropout; rank 0 draws what a single process would
     state: dict[str, Any] = {
         "fingerprint": run_fingerprint, "step": 0, "epoch": 0, "micro": 0, "best": math.inf, "last_eval": math.inf,
         "bad_evals": 0, "stopped_early": False, "tokens": 0, "history": [],
     }  # fmt: skip
     resumed_from = None
-    found = latest_checkpoint(checkpoint_dir, run_fingerprint)
+    found = distributed.from_main(latest_checkpoint(checkpoint_dir, run_fingerprint))
     if found is not None:
-        state = load_checkpoint(found, model, optimizer, scheduler, batch_generator)
+        state = load_checkpoint(found, model, optimizer, scheduler, batch_generator, rank)
         resumed_from = state["step"]
-        print(f"{description}: resuming from {found} (step {resumed_from} of {total_steps})", file=sys.stderr)
+        if is_main:
+            print(f"{description}: resuming from {found} (step {resumed_from} of {total_steps})", file=sys.stderr)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
     best_path = checkpoint_dir / f"best-{run_fingerprint}.safetensors"
+    parallel = distributed.data_parallel(model, loss_of) if distributed.world_size() > 1 else None
 
     started, tokens_at_start = time.perf_counter(), state["tokens"]
     window_loss: torch.Tensor | float = 0.0
     window_tokens, window_started = 0, time.perf_counter()
     bar = tqdm(total=total_steps, initial=state["step"], desc=description, unit="step", file=sys.stderr,
-               dynamic_ncols=True, mininterval=1.0)  # fmt: skip
+               dynamic_ncols=True, mininterval=1.0, disable=not is_main)  # fmt: skip
     with bar:
         while state["step"] < total_steps and not state["stopped_early"]:
             batches = micro_batches(n_examples, params.batch_size, seed, state["epoch"], lengths)
             usable = len(batches) // params.grad_accumulation * params.grad_accumulation
             while state["micro"] < usable and state["step"] < total_steps and not state["stopped_early"]:
                 model.train()
-                for _ in range(params.grad_accumulation):
+                for micro in range(params.grad_accumulation):
                     batch = make_batch(batches[state["micro"]], batch_generator)
                     tokens = count_tokens(batch)  # on the host, before the copy: no wait for the device
+                    batch, weight = distributed.shard(batch)
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    with autocast(params.precision, device):
-                        loss = loss_of(model, batch) / params.grad_accumulation
-                    loss.backward()
+                    # Several ranks average their gradients once, on the step's last micro-batch.
+                    last = micro == params.grad_accumulation - 1
+                    with contextlib.nullcontext() if parallel is None or last else parallel.no_sync():
+                        with autocast(params.precision, device):
+                            loss = (parallel(batch) if parallel is not None else loss_of(model, batch)) * weight
+                            loss = loss / params.grad_accumulation
+                        loss.backward()
                     state["micro"] += 1
                     state["tokens"] += tokens
                     window_tokens += tokens
@@ -252,25 +264,28 @@ def train(
                     steps_in_window = params.log_every if step % params.log_every == 0 else step % params.log_every
                     elapsed = max(time.perf_counter() - window_started, 1e-9)
                     metrics = {
-                        "train_loss": float(window_loss) / steps_in_window,
+                        "train_loss": distributed.mean_over_ranks(window_loss) / steps_in_window,
                         "learning_rate": scheduler.get_last_lr()[0],
                         "tokens_per_second": window_tokens / elapsed,
                     }
                     metrics["train_perplexity"] = math.exp(min(metrics["train_loss"], 50))
                     bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
-                    log(metrics, step)
+                    if is_main:
+                        log(metrics, step)
                     window_loss, window_tokens, window_started = 0.0, 0, time.perf_counter()
 
                 if step % params.eval_every == 0 or step == total_steps:
                     _record_eval(model, evaluate, state, params, best_path, log)
 
                 if step % params.checkpoint_every == 0 or step == total_steps:
-                    save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, batch_generator, state,
-                                    params.keep_checkpoints)  # fmt: skip
+                    rank_rngs = distributed.gathered(torch.get_rng_state())
+                    if is_main:
+                        save_checkpoint(checkpoint_dir, step, model, optimizer, scheduler, batch_generator, state,
+                                        params.keep_checkpoints, rank_rngs)  # fmt: skip
             if state["micro"] >= usable:
                 state["epoch"] += 1
                 state["micro"] = 0
-    if best_path.is_file():
+    if is_main and best_path.is_file():
         load_model(model, str(best_path))
     return TrainResult(
         steps=state["step"],
@@ -289,19 +304,25 @@ def train(
 def _record_eval(
     model: nn.Module, evaluate: EvalFn, state: dict[str, Any], params: TrainingParams, best_path: Path, log: LogFn
 ) -> None:
-    """Validation loss, best-weights file, and the early-stopping decision, all kept in `state`."""
+    """Validation loss, best-weights file, and the early-stopping decision, all kept in `state`.
+
+    Under torchrun rank 0 evaluates and the others take its loss, so every rank stops at the same step.
+    """
+    is_main = distributed.is_main()
     model.eval()
     with torch.no_grad():
-        loss = float(evaluate(model))
+        loss = distributed.from_main(float(evaluate(model)) if is_main else math.nan)
     state["last_eval"] = loss
     metrics = {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50))}
     state["history"].append({"step": state["step"], **metrics})
-    log(metrics, state["step"])
+    if is_main:
+        log(metrics, state["step"])
     if loss < state["best"]:
         state["best"], state["bad_evals"] = loss, 0
-        staging = best_path.with_suffix(".tmp")
-        save_model(model, str(staging))
-        staging.replace(best_path)
+        if is_main:
+            staging = best_path.with_suffix(".tmp")
+            save_model(model, str(staging))
+            staging.replace(best_path)
     else:
         state["bad_evals"] += 1
         if params.early_stopping_patience and state["bad_evals"] >= params.early_stopping_patience:

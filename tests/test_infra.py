@@ -7,7 +7,9 @@ started here; tests/flows/test_trial_workers.py runs the same servers and worker
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -18,8 +20,12 @@ def test_compose_serves_the_work_pool_prefect_yaml_deploys_to_and_holds_no_secre
     compose = yaml.safe_load(compose_text)
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     pools = {deployment["work_pool"]["name"] for deployment in deployments}
-    worker_command = compose["services"]["worker"]["command"]
-    assert pools == set(re.findall(r"--pool (\S+)", worker_command))
+    workers = [service["command"] for service in compose["services"].values() if "worker start" in str(service)]
+    assert pools == {pool for command in workers for pool in re.findall(r"--pool (\S+)", command)}
+    # the gpu pool's worker gets the host's GPUs, and only where asked (docker compose --profile gpu)
+    gpu_worker = compose["services"]["gpu-worker"]
+    assert gpu_worker["profiles"] == ["gpu"]
+    assert gpu_worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
     assert {"lmforge-pipeline", "lmforge-retrain", "lmforge-trial-worker"} <= {d["name"] for d in deployments}
     # Every credential is a reference to infra/.env, never a literal.
     assert not re.search(r"postgresql(\+\w+)?://[^$\s]*:[^$\s{]+@", compose_text)
@@ -37,3 +43,40 @@ def test_the_declared_retrain_schedule_is_the_one_in_params():
     assert [schedule["cron"] for schedule in retrain["schedules"]] == [
         load_params(REPO / "params.yaml").orchestrate.retrain_cron
     ]
+
+
+def bundled_default_template(worker_type: str) -> dict:
+    """Prefect's own default base job template for a worker type (shipped with Prefect, read offline)."""
+    import json
+
+    import prefect
+
+    views = Path(prefect.__file__).parent / "server/api/collections_data/views/aggregate-worker-metadata.json"
+    for workers in json.loads(views.read_text()).values():
+        if worker_type in workers:
+            return dict(workers[worker_type]["default_base_job_configuration"])
+    raise AssertionError(f"no {worker_type} worker in Prefect's metadata")
+
+
+@pytest.mark.parametrize("worker_type", ["kubernetes", "docker"])
+def test_the_gpu_pool_templates_extend_prefects_and_render_a_gpu_request(worker_type: str):
+    import json
+
+    from prefect.server.schemas.actions import WorkPoolCreate
+    from prefect.utilities.templating import apply_values
+
+    template = json.loads((REPO / f"infra/work-pools/gpu-{worker_type}.json").read_text())
+    # Prefect's own check: every placeholder names a declared variable (what `prefect work-pool create` runs)
+    WorkPoolCreate(name="gpu", type=worker_type, base_job_template=template)
+    default = bundled_default_template(worker_type)
+    assert default["variables"]["properties"].keys() <= template["variables"]["properties"].keys()
+    assert default["job_configuration"].keys() <= template["job_configuration"].keys()
+    values = {name: spec["default"] for name, spec in template["variables"]["properties"].items() if "default" in spec}
+    rendered = apply_values(template["job_configuration"], values)
+    if worker_type == "kubernetes":
+        pod = rendered["job_manifest"]["spec"]["template"]["spec"]
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert pod["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    else:
+        request = rendered["container_create_kwargs"]["device_requests"][0]
+        assert request["count"] == -1 and request["capabilities"] == [["gpu"]]

@@ -183,10 +183,12 @@ def test_generation_from_an_encoder_fails_naming_the_key(smoke_models: SmokeRun,
         finetune(smoke_models, parse_params(data), "continuation", tmp_path / "out", tmp_path / "ck")
 
 
-def cli(smoke_models: SmokeRun, tmp_path: Path, task: str, base: str | None = None, env: dict | None = None):
+def cli(smoke_models: SmokeRun, tmp_path: Path, task: str, base: str | None = None, env: dict | None = None,
+        **changes: object):  # fmt: skip
     data = params_to_dict(smoke_models.params)
     if base is not None:
         data["finetune"]["tasks"]["sentiment"]["base"] = base
+    data["finetune"]["tasks"]["sentiment"].update(changes)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     dataset = smoke_models.params.finetune.tasks["sentiment"].dataset
     return run_stage("finetune", "--params", tmp_path / "params.yaml", "--task", task,
@@ -222,6 +224,18 @@ def test_bad_task_or_base_gives_one_line(smoke_models: SmokeRun, tmp_path: Path,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr[-1500:]
     assert not (tmp_path / "out").exists()
+
+
+def test_lora_on_two_devices_trains_and_writes_one_merged_model(smoke_models: SmokeRun, tmp_path: Path):
+    """finetune under torchrun: the frozen base and the adapters in DDP, rank 0 alone merging and writing."""
+    training = {**params_to_dict(smoke_models.params)["finetune"]["tasks"]["sentiment"]["training"], "devices": 2}
+    result = cli(smoke_models, tmp_path, "sentiment", method="lora", training=training)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("finetune: val loss") == 1
+    names = tensor_names(tmp_path / "out")
+    assert not any("lora_" in name for name in names)
+    assert names == tensor_names(smoke_models.root / "models/finetuned/sentiment")
+    assert json.loads((tmp_path / "m.json").read_text())["steps"] == 10
 
 
 def test_class_weights_only_where_classes_are_skewed():

@@ -133,13 +133,15 @@ def test_killed_run_resumes_to_the_same_weights(precision: str, smoke_run: Smoke
     assert report["resumed_from_step"] >= 8 and report["steps"] == 16  # it went on from the checkpoint, to the end
 
 
-def test_model_shorter_than_blocks_fails_naming_the_key(smoke_run: SmokeRun, tmp_path: Path):
-    data = yaml.safe_load(pretrain_params(tmp_path, smoke_run).read_text())
+@pytest.mark.parametrize("devices", [1, 2])  # under torchrun too: the rank's exit code and its one line
+def test_model_shorter_than_blocks_fails_naming_the_key(devices: int, smoke_run: SmokeRun, tmp_path: Path):
+    data = yaml.safe_load(pretrain_params(tmp_path, smoke_run, devices=devices).read_text())
     data["pretrain"]["models"]["encoder"]["max_length"] = 16
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True))
     result = pretrain(tmp_path / "params.yaml", "encoder", tmp_path, smoke_run)
     assert result.returncode == 2
-    assert "pretrain.models.encoder.max_length (16) is shorter than the packed blocks" in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert "pretrain.models.encoder.max_length (16) is shorter than the packed blocks" in last_line
     assert not (tmp_path / "models" / "encoder").exists()  # nothing published
 
 
@@ -169,3 +171,40 @@ def test_logits_only_at_masked_positions_give_the_models_own_loss_and_gradients(
     for name, p in model.named_parameters():
         if name in full_grads:
             assert torch.allclose(p.grad, full_grads[name], atol=1e-5), name
+
+
+def test_two_devices_train_one_model_and_a_killed_run_resumes_to_the_same_weights(smoke_run: SmokeRun,
+                                                                                   tmp_path: Path):  # fmt: skip
+    """`training.devices: 2` runs the stage under torchrun (two gloo processes on the CPU)."""
+    params = pretrain_params(tmp_path, smoke_run, max_steps=120, checkpoint_every=4, devices=2)
+    straight = tmp_path / "straight"
+    result = pretrain(params, "encoder", straight, smoke_run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("pretrain: val loss") == 1  # rank 0 alone reports ...
+    assert [path.name for path in (straight / "models").iterdir()] == ["encoder"]  # ... and writes the one model
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, "-m", "stages.pretrain", "--params", str(params), "--model", "encoder",
+               "--blocks", str(smoke_run.processed / "pretrain"), "--tokenizer", str(smoke_run.processed / "tokenizer"),
+               "--out", str(killed / "models/encoder"), "--checkpoints", str(killed / "checkpoints/encoder"),
+               "--report", str(killed / "m.json"), "--metrics", str(killed / "figures.json")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not (killed / "checkpoints/encoder/step-000004").is_dir():
+        assert process.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks
+    process.wait()
+    assert not (killed / "models/encoder").exists()
+
+    resumed = pretrain(params, "encoder", killed, smoke_run)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr
+    resumed_from = json.loads((killed / "reports" / "encoder.json").read_text())["resumed_from_step"]
+    assert 4 <= resumed_from < 120, resumed_from  # it trained on from the checkpoint, on both ranks
+    for name in ("models/encoder/model.safetensors", "checkpoints/encoder/step-000120/model.safetensors"):
+        a, b = load_file(str(straight / name)), load_file(str(killed / name))
+        assert max(float((a[key].float() - b[key].float()).abs().max()) for key in a) <= 1e-5, name
