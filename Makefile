@@ -38,6 +38,7 @@ bench: setup
 	python -m bench.startup
 	python -m bench.preprocess_memory
 	python -m bench.hpo_pruning
+	python -m bench.dispatch
 
 clean:
 	rm -rf data/raw data/processed reports models checkpoints

@@ -176,7 +176,7 @@ def test_logits_only_at_masked_positions_give_the_models_own_loss_and_gradients(
 def test_two_devices_train_one_model_and_a_killed_run_resumes_to_the_same_weights(smoke_run: SmokeRun,
                                                                                    tmp_path: Path):  # fmt: skip
     """`training.devices: 2` runs the stage under torchrun (two gloo processes on the CPU)."""
-    params = pretrain_params(tmp_path, smoke_run, max_steps=120, checkpoint_every=4, devices=2)
+    params = pretrain_params(tmp_path, smoke_run, max_steps=48, checkpoint_every=4, devices=2)
     straight = tmp_path / "straight"
     result = pretrain(params, "encoder", straight, smoke_run)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -204,7 +204,7 @@ def test_two_devices_train_one_model_and_a_killed_run_resumes_to_the_same_weight
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr
     resumed_from = json.loads((killed / "reports" / "encoder.json").read_text())["resumed_from_step"]
-    assert 4 <= resumed_from < 120, resumed_from  # it trained on from the checkpoint, on both ranks
-    for name in ("models/encoder/model.safetensors", "checkpoints/encoder/step-000120/model.safetensors"):
+    assert 4 <= resumed_from < 48, resumed_from  # it trained on from the checkpoint, on both ranks
+    for name in ("models/encoder/model.safetensors", "checkpoints/encoder/step-000048/model.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(killed / name))
         assert max(float((a[key].float() - b[key].float()).abs().max()) for key in a) <= 1e-5, name
