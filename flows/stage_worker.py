@@ -5,10 +5,15 @@ In Prefect only flow runs go to work pools, so a stage routed to a pool (`orches
 whatever worker serves that pool (a process worker on a GPU machine, a Docker or Kubernetes worker)
 runs `stage_worker` below:
 
-1. a fresh checkout of the parent's git commit (not the worker's own working tree);
+1. a fresh checkout of the parent's git commit (not the worker's own working tree), in a folder of
+   its own for this stage and commit (under `LMFORGE_STAGE_WORKDIR`, else the temp folder);
 2. `dvc repro --pull --allow-missing --single-item <stage>`: the stage's inputs come from the DVC
    remote, the stage runs;
 3. `dvc push --run-cache <stage>`: its outputs and its run-cache entry go back to the remote.
+
+The folder is removed once the stage has run; after a failure it stays, so the retry of a stage
+killed mid-training, on the same worker (or one sharing LMFORGE_STAGE_WORKDIR), resumes from its
+checkpoints there instead of starting over.
 
 It returns only small JSON (the stage, its output hashes, seconds): models and data travel through
 the DVC remote, never through Prefect results. The parent (flows/pipeline.py) then restores the
@@ -20,6 +25,8 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from filelock import FileLock
 from prefect import flow, get_run_logger
 
 from lmforge import tracking
@@ -58,7 +66,7 @@ class StageFailed(RuntimeError):
 
 def last_error_line(stderr: str) -> str:
     """The stage's own one-line error; for a crash, the traceback's last line rather than DVC's wrapper."""
-    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    lines = [line for line in re.split(r"[\r\n]+", stderr.strip()) if line.strip()]  # \r: progress bars
     errors = [line for line in lines if line.startswith("error:")]
     own = [line for line in lines if not line.startswith("ERROR: failed to reproduce")]
     return (errors or own or lines or ["(no output)"])[-1]
@@ -77,7 +85,11 @@ def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str]) -> sub
     result = subprocess.run(["dvc", "--wait-for-lock", *arguments], cwd=cwd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         get_run_logger().error(result.stderr[-3000:])
-        raise StageFailed(stage, stage_exit_code(result), last_error_line(result.stderr))
+        code = stage_exit_code(result)
+        if code < 0:  # killed by a signal: it printed nothing of its own
+            name = signal.Signals(-code).name if -code in {int(known) for known in signal.Signals} else -code
+            raise StageFailed(stage, code, f"its process was killed by {name}")
+        raise StageFailed(stage, code, last_error_line(result.stderr))
     return result
 
 
@@ -89,6 +101,29 @@ def checkout(repo: str, commit: str, folder: Path) -> None:
         if result.returncode != 0:  # unreachable repository or an unpushed commit: the user's to fix
             where = f"{' '.join(command[:3])} {repo}@{commit}"
             raise StageFailed("checkout", 2, f"{where}: {last_error_line(result.stderr)}")
+
+
+WORKDIR_ENV = "LMFORGE_STAGE_WORKDIR"
+
+
+def stage_folder(stage: str, commit: str) -> Path:
+    """Where the worker runs `stage` of `commit`: the same folder for a retry, so it finds the checkpoints."""
+    root = Path(os.environ.get(WORKDIR_ENV) or Path(tempfile.gettempdir()) / "lmforge-stages")
+    return root / f"{re.sub(r'[^A-Za-z0-9_.-]', '-', stage)}-{commit[:12]}"
+
+
+def reuse_or_checkout(repo: str, commit: str, folder: Path) -> Path:
+    """The checkout in `folder` (an earlier attempt's, with its checkpoints), reset to `commit`; else a new one."""
+    home = folder / "checkout"
+    if (home / ".git").is_dir():
+        reset = subprocess.run(["git", "-C", str(home), "checkout", "--quiet", "--force", commit],
+                               capture_output=True, text=True)  # fmt: skip
+        if reset.returncode == 0:
+            return home
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    checkout(repo, commit, home)
+    return home
 
 
 def push_uncached_outputs(home: Path, stage: str) -> None:
@@ -120,9 +155,10 @@ def stage_worker(stage: str, repo: str, commit: str, lock: str | None = None, en
     started = time.perf_counter()
     child_env = {**os.environ, **(env or {}),
                  "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="lmforge-stage-") as folder:
-        home = Path(folder) / "checkout"
-        checkout(repo, commit, home)
+    folder = stage_folder(stage, commit)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):  # one attempt at a time in the folder
+        home = reuse_or_checkout(repo, commit, folder)
         if lock is not None:
             (home / "dvc.lock").write_text(lock)
         repro = dvc(stage, ["repro", "--pull", "--allow-missing", "--single-item", *(["--force"] if force else []),
@@ -130,6 +166,7 @@ def stage_worker(stage: str, repo: str, commit: str, lock: str | None = None, en
         dvc(stage, ["push", "--run-cache", stage], home, child_env)
         push_uncached_outputs(home, stage)
         outs = lock_outs(home / "dvc.lock", stage)
+        shutil.rmtree(folder)  # pushed: nothing here is needed any more
     status = "skipped (unchanged)" if SKIPPED in repro.stdout else "ran"
     seconds = round(time.perf_counter() - started, 1)
     print(f"{stage}: {status} in {seconds}s at commit {commit[:12]}; outputs pushed: {outs}")

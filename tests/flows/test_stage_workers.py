@@ -7,10 +7,13 @@ run-cache in its own workspace, where dvc.lock ends as a local `dvc repro` of th
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,15 @@ def stop(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
+def kill_after_a_checkpoint(checkpoints: Path, timeout_s: float = 300) -> None:
+    """SIGKILL the decoder's pretraining (the stage's own process, under dvc on the worker) once it has
+    written a checkpoint."""
+    deadline = time.monotonic() + timeout_s
+    while not list(checkpoints.glob("step-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    subprocess.run(["pkill", "-KILL", "-f", "stages.pretrain --params params.yaml --model decoder"], check=True)
+
+
 def lock_entry(repo: Path, stage: str) -> dict:
     return yaml.safe_load((repo / "dvc.lock").read_text())["stages"][stage]
 
@@ -55,6 +67,7 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_API_URL=str(PREFECT_API_URL.value()), PREFECT_HOME=str(tmp_path / "prefect"),
                PREFECT_WORKER_QUERY_SECONDS="2", LMFORGE_HOME=str(clone),
+               LMFORGE_STAGE_WORKDIR=str(tmp_path / "stages"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
     sh(sys.executable, "-m", "prefect", "work-pool", "create", "local", "--type", "process", cwd=clone, env=env)
     sh(sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "local", cwd=clone, env=env)
@@ -76,7 +89,9 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
     from lmforge.params import load_params
     from lmforge.stage import dvc_stages
 
-    settings = load_params(clone / "params.yaml").orchestrate.model_copy(update={"pools": {"pretrain": "local"}})
+    settings = load_params(clone / "params.yaml").orchestrate.model_copy(
+        update={"pools": {"pretrain": "local"}, "retry_delay_s": 1.0}
+    )
     stages = {name: entry for name, entry in dvc_stages(clone).items() if name.startswith("pretrain@")}
 
     @flow
@@ -122,13 +137,39 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
         model = [out for out in here["outs"] if out["path"] == "models/pretrained/decoder"]
         assert model and model == [out for out in there["outs"] if out["path"] == "models/pretrained/decoder"]
 
+        # A stage killed mid-training on the worker: the flow sends it again, and the retry resumes from the
+        # checkpoints the killed attempt left in its folder on the worker; the folder goes once it is done.
+        edit = yaml.safe_load((clone / "params.yaml").read_text())
+        edit["pretrain"]["models"]["decoder"]["max_steps"] = 600
+        edit["pretrain"]["training"]["early_stopping_patience"] = 0
+        (clone / "params.yaml").write_text(yaml.safe_dump(edit, allow_unicode=True, sort_keys=False))
+        sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "a longer pretraining", cwd=clone)
+        head = sh("git", "rev-parse", "HEAD", cwd=clone).stdout.strip()
+        stages = {STAGE: stages[STAGE]}
+        folder = tmp_path / "stages" / f"pretrain-decoder-{head[:12]}"
+        killed = threading.Thread(
+            target=kill_after_a_checkpoint, args=(folder / "checkout/checkpoints/pretrain/decoder",)
+        )
+        killed.start()
+        state = parent(return_state=True)
+        killed.join()
+        assert state.is_completed(), state.message
+        with get_client(sync_client=True) as client:
+            attempts = sorted((run for run in client.read_flow_runs()
+                               if run.parameters.get("stage") == STAGE and run.parameters["commit"] == head),
+                              key=lambda run: run.start_time)  # fmt: skip
+        assert [run.state_type.value for run in attempts] == ["FAILED", "COMPLETED"]
+        report = json.loads((clone / "reports/pretrain/decoder.json").read_text())
+        assert 5 <= report["resumed_from_step"] < report["steps"], report  # it went on from a checkpoint
+        assert "its process was killed by SIGKILL" in attempts[0].state.message
+        assert not folder.exists()
+
         # A stage that fails on the worker with exit 2 (bad params, committed) fails the flow at once with
         # the stage's own line: its child flow run is not retried.
         edit = yaml.safe_load((clone / "params.yaml").read_text())
         edit["pretrain"]["models"]["decoder"]["max_steps"] = 0
         (clone / "params.yaml").write_text(yaml.safe_dump(edit, allow_unicode=True, sort_keys=False))
         sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "a bad max_steps", cwd=clone)
-        stages = {STAGE: stages[STAGE]}
         failed = parent(return_state=True)
         assert failed.is_failed() and "(exit 2): error: " in str(failed.message), failed.message
         assert "pretrain.models.decoder.max_steps" in str(failed.message)
