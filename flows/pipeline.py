@@ -32,12 +32,10 @@ from flows.stage_worker import (
 )
 from lmforge import tracking
 from lmforge.artifacts import EvaluateReport, PromoteReport, label_shares
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, is_retried
 from lmforge.params import Params, load_params
 from lmforge.schema import OrchestrateParams
 from lmforge.stage import RESTORE_ONLY_ENV, dvc_commands, dvc_stages, parse_command, report_files
-
-DETERMINISTIC_EXIT_CODES = {2, 3}  # lmforge: bad params/input (2), a broken expectation (3)
 
 
 def dag_stages(repo_root: Path = Path(".")) -> list[str]:
@@ -56,13 +54,18 @@ def stage_params(params_path: str, repo_root: Path = Path(".")) -> Params:
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
-    """Retry unless the stage said the failure is the user's to fix (exit 2 or 3)."""
+    """Retry a stage that failed transiently (is_retried), or whose machinery did: the Prefect API or
+    a pipe that broke (OSError, HTTP errors) and a stage timeout (TimeoutError); never a bug in it."""
+    import httpx
+
     try:
         state.result()
     except StageFailed as error:
-        return error.code not in DETERMINISTIC_EXIT_CODES
-    except Exception:
+        return is_retried(error.code)
+    except (OSError, httpx.HTTPError):
         return True
+    except Exception:
+        return False
     return False
 
 
@@ -135,13 +138,17 @@ def run_stage_on_pool(stage: str, env: dict[str, str], force: bool, pool: str, r
     return {"stage": stage, "status": f"ran on {pool}", "seconds": seconds}
 
 
+def retry_options(settings: OrchestrateParams) -> dict[str, Any]:
+    """How a stage's task retries: orchestrate.retries, with a doubling delay, when is_transient says so."""
+    delays = [settings.retry_delay_s * 2**i for i in range(max(settings.retries, 1))]
+    return {"retries": settings.retries, "retry_condition_fn": is_transient, "retry_delay_seconds": delays}
+
+
 def stage_task(stage: str, settings: OrchestrateParams) -> Any:
     base = stage.split("@")[0]
     return task(
         name=stage,
-        retries=settings.retries,
-        retry_delay_seconds=[settings.retry_delay_s * 2**i for i in range(max(settings.retries, 1))],
-        retry_condition_fn=is_transient,
+        **retry_options(settings),
         timeout_seconds=settings.timeouts_s.get(base),
         # The gpu slot guards this machine's device; a stage routed to a pool uses its worker's.
         tags=["gpu"] if base in settings.gpu_stages and base not in settings.pools else [],

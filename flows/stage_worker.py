@@ -74,9 +74,12 @@ def last_error_line(stderr: str) -> str:
 
 def stage_exit_code(result: subprocess.CompletedProcess) -> int:
     """DVC exits 255 when a stage command fails; the stage's own code is in its message
-    (`ERROR: failed to reproduce 'validate': failed to run: ..., exited with 3`)."""
+    (`ERROR: failed to reproduce 'validate': failed to run: ..., exited with 3`). A failure of DVC's own
+    (a remote it cannot reach, a lock it cannot take) counts as transient: 75."""
     found = re.findall(r"exited with (-?\d+)", result.stderr)
-    return int(found[-1]) if found else result.returncode
+    if found:
+        return int(found[-1])
+    return 75 if result.returncode == 255 else result.returncode
 
 
 def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:

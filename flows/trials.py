@@ -20,7 +20,7 @@ from typing import Any
 
 from prefect import flow
 
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, TransientError, ValidationFailed, is_retried, run_main
 from lmforge.optimize import OptimizePaths, OptimizeSection, worker_main
 
 TRIAL_WORKER = "lmforge-trial-worker/lmforge-trial-worker"
@@ -50,14 +50,30 @@ def start_trial_workers(section: OptimizeSection, paths: OptimizePaths, study_ru
 def run_worker_processes(count: int, section: OptimizeSection, paths: OptimizePaths, study_run_id: str) -> None:
     """`count` local processes working on the same study (their trial runs nest under the study's run)."""
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch or MLflow state
-    workers = [spawn.Process(target=worker_main, args=(section, paths, study_run_id)) for _ in range(count)]
+    workers = [spawn.Process(target=trial_process, args=(section, paths, study_run_id)) for _ in range(count)]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join()
-    codes = [worker.exitcode for worker in workers]
-    if any(codes):
-        raise LmforgeError(f"optimize: {sum(1 for c in codes if c)} trial worker(s) failed (exit codes {codes})")
+    failed = [worker.exitcode for worker in workers if worker.exitcode]
+    if failed:
+        raise workers_failed(failed, f"{len(failed)} of {count} trial worker process(es)")
+
+
+def trial_process(section: OptimizeSection, paths: OptimizePaths, study_run_id: str) -> None:
+    """A local trial worker process: its one-line error and exit code as a stage's (exit 2, 75, ...)."""
+    run_main(lambda: worker_main(section, paths, study_run_id))
+
+
+def workers_failed(codes: list[int], what: str) -> Exception:
+    """The optimize stage's failure when trial workers failed, by the exit-code contract: the user's input
+    (2, 3) first; killed or transient (a signal, 75) alone is transient and retried; anything else a bug."""
+    message = f"optimize: {what} failed (exit codes {codes})"
+    if any(code in (LmforgeError.exit_code, ValidationFailed.exit_code) for code in codes):
+        return LmforgeError(message)
+    if all(is_retried(code) for code in codes):
+        return TransientError(message)
+    return RuntimeError(message)
 
 
 def run_trial_flow_runs(deployment: str, count: int, parameters: dict[str, Any],
@@ -101,5 +117,8 @@ def run_worker_flow_runs(deployment: str, count: int, section: OptimizeSection, 
     parameters = {"section": section.model_dump(mode="json"), "paths": fields, "study_run_id": study_run_id}
     states = run_trial_flow_runs(deployment, count, parameters)
     failed = {run: state for run, state in states.items() if state != "COMPLETED"}
+    message = f"optimize: {len(failed)} trial worker flow run(s) of {deployment} failed: {failed}"
+    if failed and set(failed.values()) == {"CRASHED"}:  # the worker or its machine was lost: try again
+        raise TransientError(message)
     if failed:
-        raise LmforgeError(f"optimize: {len(failed)} trial worker flow run(s) of {deployment} failed: {failed}")
+        raise LmforgeError(message)

@@ -39,6 +39,13 @@ class ValidationFailed(LmforgeError):
     exit_code = 3
 
 
+def is_retried(code: int) -> bool:
+    """The exit-code contract: a transient failure (75) or a death by signal (a killed process: -9 from
+    Python's subprocess or DVC, 137 from a shell) is retried. 2 (params, input) and 3 (an expectation)
+    are the user's to fix, and any other code is a bug (a traceback exits 1): it would only fail again."""
+    return code == TransientError.exit_code or code < 0 or 128 < code <= 128 + 64
+
+
 class Follower(Exception):
     """Raised by a rank other than 0 of a multi-device stage once it has trained (lmforge/distributed.py):
     rank 0 records the run and writes the stage's outputs."""

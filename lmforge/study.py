@@ -10,14 +10,16 @@ runs what is missing.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from lmforge import tracking
-from lmforge.errors import LmforgeError
+from lmforge.errors import LmforgeError, TransientError
 from lmforge.schema import FinetuneTask, OptimizeParams
 
 STORAGE_ENV = "LMFORGE_OPTUNA_STORAGE"
@@ -47,7 +49,14 @@ def open_study(params: OptimizeParams, study_name: str) -> optuna.Study:
     except Exception as error:  # SQLAlchemy raises per driver; the user needs which storage and why
         scheme = url.split("://")[0]
         reason = " ".join(str(error).split("\n")[0].split())[:160]
-        raise LmforgeError(f"optimize.storage: cannot open the {scheme} study storage ({reason})") from None
+        message = f"optimize.storage: cannot open the {scheme} study storage ({reason})"
+        # A database that does not answer (down, unreachable, refusing connections) may answer later:
+        # transient. A URL it cannot use (unknown scheme, no driver, a bad path) is the user's to fix.
+        refused = re.search(r"does not exist|authentication failed|no password|permission denied", str(error), re.I)
+        unreachable = sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError | TimeoutError
+        if isinstance(error, unreachable) and not refused:
+            raise TransientError(message) from None
+        raise LmforgeError(message) from None
     pruners = {
         # A trial goes on while its best loss so far is in the best third (percentile) or half (median)
         # of the other trials' at the same evaluation. The best third prunes more steps than the median

@@ -109,6 +109,21 @@ def test_open_study_on_an_unusable_storage_is_an_lmforge_error(monkeypatch: pyte
 
 
 @pytest.mark.parametrize(
+    ("storage", "code"),
+    [("nosuchdb://host/db", 2),  # a URL no driver takes: the user's to fix
+     ("postgresql://lmforge@127.0.0.1:1/optuna", 75),  # nothing listens there (yet): transient, retried
+     ("postgresql://postgres@127.0.0.1:5432/no_such_database", 2)],  # the server answers: no such database
+)  # fmt: skip
+def test_a_storage_that_does_not_answer_is_transient_and_a_wrong_one_is_the_users(
+    storage: str, code: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(STORAGE_ENV, storage)
+    with pytest.raises(LmforgeError) as raised:
+        open_study(OptimizeParams(), "s")
+    assert raised.value.exit_code == code, raised.value
+
+
+@pytest.mark.parametrize(
     ("pruner", "expected"),
     [("percentile", optuna.pruners.PercentilePruner), ("median", optuna.pruners.MedianPruner),
      ("hyperband", optuna.pruners.HyperbandPruner),
