@@ -17,12 +17,17 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
+
+from lmforge.errors import DISK_ERRNOS, cannot_write
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -57,25 +62,59 @@ def save_checkpoint(
     new run's step 40 beside an old run's steps 80 and 120, and a killed run would start over.
     """
     final = directory / f"step-{step:06d}"
-    staging = directory / f"step-{step:06d}.tmp"
+    staging = directory / f"step-{step:06d}.tmp-{os.getpid()}"  # one writer's own: a second never mixes in
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_model(model, str(staging / "model.safetensors"))
-    tensors, rest = _optimizer_tensors(optimizer)
-    save_file(tensors, str(staging / "optimizer.safetensors"))
-    (staging / "optimizer.json").write_text(json.dumps(rest))
-    rng = {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}
-    rng |= {f"torch.rank{rank}": state for rank, state in enumerate(rank_rngs or []) if rank > 0}
-    save_file(rng, str(staging / "rng.safetensors"))
-    (staging / "state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}, indent=2))
+    try:
+        with os_errors_of_safetensors():
+            staging.mkdir(parents=True)
+            save_model(model, str(staging / "model.safetensors"))
+            tensors, rest = _optimizer_tensors(optimizer)
+            save_file(tensors, str(staging / "optimizer.safetensors"))
+            (staging / "optimizer.json").write_text(json.dumps(rest))
+            rng = {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}
+            rng |= {f"torch.rank{rank}": state for rank, state in enumerate(rank_rngs or []) if rank > 0}
+            save_file(rng, str(staging / "rng.safetensors"))
+            (staging / "state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}, indent=2))
+    except OSError as error:  # a full disk: no half-written checkpoint left behind, one line naming the folder
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in DISK_ERRNOS:
+            raise cannot_write(final, error) from None
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
+    for leftover in directory.glob("step-*.tmp-*"):  # a killed writer's half checkpoint
+        if not process_alive(leftover.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(leftover, ignore_errors=True)
     ours = [path for path in list_checkpoints(directory) if fingerprint_of(path) == state.get("fingerprint")]
     stale = [path for path in list_checkpoints(directory) if path not in ours]
     for old in stale + ours[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextmanager
+def os_errors_of_safetensors() -> Iterator[None]:
+    """safetensors reports a refused write as its own error ("... (os error 28)"): raise it as the OSError it is."""
+    try:
+        yield
+    except SafetensorError as error:
+        found = re.search(r"os error (\d+)", str(error))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from error
+
+
+def process_alive(pid: str) -> bool:
+    """Whether process `pid` (a staging folder's suffix) still runs, and so may still be writing there."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def fingerprint_of(path: Path) -> str | None:

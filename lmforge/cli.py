@@ -12,6 +12,7 @@ from pathlib import Path
 import typer
 
 from lmforge.errors import LmforgeError, fail
+from lmforge.io import write_text_atomic
 from lmforge.params import PROFILES, load_params, params_to_dict, render_params_yaml, switch_profile
 from lmforge.stage import dvc_paths, report_files
 
@@ -56,7 +57,10 @@ def params_use(
         chosen, kept = switch_profile(params, profile)
     except LmforgeError as error:
         fail(error)
-    params.write_text(render_params_yaml(chosen, profile), encoding="utf-8")
+    try:  # whole or not at all: a full disk leaves the old params.yaml
+        write_text_atomic(params, render_params_yaml(chosen, profile))
+    except LmforgeError as error:
+        fail(error)
     typer.echo(f"{params}: now the {profile} profile" + (f"; kept yours: {', '.join(kept)}" if kept else ""))
 
 

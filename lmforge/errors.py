@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -51,6 +52,16 @@ class Follower(Exception):
     rank 0 records the run and writes the stage's outputs."""
 
 
+# A disk that cannot take the write: full, over quota, read-only, or not ours to write. Retrying cannot help
+# until someone frees space or fixes the permission, so these are the user's to fix (exit 2), in one line.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def cannot_write(path: object, error: OSError) -> LmforgeError:
+    """A write that the disk refused, as one line naming the path."""
+    return LmforgeError(f"{path}: cannot write: {error.strerror or error} (errno {error.errno})")
+
+
 def fail(error: LmforgeError) -> NoReturn:
     """Print `error` as one line on stderr and exit with its code."""
     message = " ".join(str(error).split())  # one line, whatever the message held
@@ -64,3 +75,7 @@ def run_main(main: Callable[[], object]) -> None:
         main()
     except LmforgeError as error:
         fail(error)
+    except OSError as error:
+        if error.errno not in DISK_ERRNOS:
+            raise
+        fail(cannot_write(error.filename or "an output", error))

@@ -7,6 +7,7 @@ output exactly as it was.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from lmforge.errors import DISK_ERRNOS, cannot_write
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -42,6 +45,11 @@ def atomic_output_dir(path: Path) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if error.errno in DISK_ERRNOS:  # a full or read-only disk: the line names the output, not a temp file
+            raise cannot_write(path, error) from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -54,11 +62,26 @@ def atomic_output_dir(path: Path) -> Iterator[Path]:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write `data` as indented, key-sorted JSON through a temporary file and a rename."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` through a temporary file and a rename: the file is the old one or the new one, whole.
+
+    A disk that refuses the write (full, read-only) leaves no temporary file and raises one line naming `path`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staging.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(staging, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging.write_text(text, encoding="utf-8")
+        os.replace(staging, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):  # a read-only disk refuses the unlink too, but holds no temp file
+            staging.unlink(missing_ok=True)
+        if error.errno in DISK_ERRNOS:
+            raise cannot_write(path, error) from None
+        raise
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -28,7 +29,8 @@ from tqdm import tqdm
 
 from lmforge import distributed
 from lmforge.allocator import keep_freed_memory
-from lmforge.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from lmforge.checkpoint import latest_checkpoint, load_checkpoint, os_errors_of_safetensors, save_checkpoint
+from lmforge.errors import DISK_ERRNOS, cannot_write
 from lmforge.schema import TrainingParams
 
 BatchFn = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
@@ -320,9 +322,16 @@ def _record_eval(
     if loss < state["best"]:
         state["best"], state["bad_evals"] = loss, 0
         if is_main:
-            staging = best_path.with_suffix(".tmp")
-            save_model(model, str(staging))
-            staging.replace(best_path)
+            staging = best_path.with_name(f"{best_path.name}.tmp-{os.getpid()}")
+            try:
+                with os_errors_of_safetensors():
+                    save_model(model, str(staging))
+                staging.replace(best_path)
+            except OSError as error:
+                staging.unlink(missing_ok=True)
+                if error.errno in DISK_ERRNOS:
+                    raise cannot_write(best_path, error) from None
+                raise
     else:
         state["bad_evals"] += 1
         if params.early_stopping_patience and state["bad_evals"] >= params.early_stopping_patience:

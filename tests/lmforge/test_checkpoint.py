@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,3 +169,13 @@ def test_latest_checkpoint_ignores_a_half_written_tmp_folder(tmp_path: Path) -> 
     half.mkdir()
     (half / "state.json").write_text(json.dumps({"step": 3, "fingerprint": "fp-a"}))  # killed before the rest
     assert latest_checkpoint(tmp_path, "fp-a") == complete
+
+
+def test_a_killed_writers_half_checkpoint_goes_and_a_live_writers_stays(tmp_path: Path) -> None:
+    """Staging folders are per process (two writers never mix one); a dead writer's is cleared at the next save."""
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    (tmp_path / f"step-000003.tmp-{ended.pid}").mkdir()
+    (tmp_path / f"step-000004.tmp-{os.getppid()}").mkdir()  # a process that still runs
+    save(tmp_path, 5)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["step-000004.tmp-" + str(os.getppid()), "step-000005"]
