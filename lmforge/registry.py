@@ -345,23 +345,38 @@ def side_by_side_latency(candidate: Any, champion: Any, texts: list[str]) -> tup
     return statistics.median(timings[0]), statistics.median(timings[1])
 
 
+PROMOTION_LOCK_TIMEOUT_S = 900.0  # a promotion re-scores the champion: minutes, never this long
+
+
 @contextmanager
-def promotion_lock(name: str) -> Iterator[None]:
+def promotion_lock(name: str, timeout_s: float = PROMOTION_LOCK_TIMEOUT_S) -> Iterator[None]:
     """One promotion of a registered model at a time: check the champion and move it atomically.
 
     With LMFORGE_LOCK_URL (PostgreSQL) the lock is an advisory lock every machine shares; otherwise
-    a file lock beside the tracking store, which serialises the processes of one machine.
+    a file lock beside the tracking store, which serialises the processes of one machine. Waiting
+    longer than `timeout_s` (another promotion stuck, a lock never released) is transient: exit 75.
     """
+    waited_too_long = TransientError(f"another promotion of {name} has held its lock for over {timeout_s:.0f}s; "
+                                     "nothing moved (try again)")  # fmt: skip
     url = os.environ.get(LOCK_ENV)
     if url:
         import psycopg2
+        import psycopg2.errors
 
         key = f"lmforge-promote:{name}"
-        connection = psycopg2.connect(url)
+        try:
+            connection = psycopg2.connect(url, connect_timeout=30)
+        except psycopg2.OperationalError as error:
+            reason = " ".join(str(error).split())[:160]
+            raise TransientError(f"{LOCK_ENV}: cannot reach the promotion lock's database ({reason})") from None
         connection.autocommit = True
         try:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+                cursor.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(timeout_s * 1000)}ms",))
+                try:
+                    cursor.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+                except psycopg2.errors.LockNotAvailable:
+                    raise waited_too_long from None
             try:
                 yield
             finally:
@@ -371,14 +386,21 @@ def promotion_lock(name: str) -> Iterator[None]:
         finally:
             connection.close()
         return
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     uri = tracking.tracking_uri()
     folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else tracking.repo_root()
     lock_dir = folder / ".lmforge-locks"
     lock_dir.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(lock_dir / f"{name}.lock")):
+    try:
+        lock = FileLock(str(lock_dir / f"{name}.lock"), timeout=timeout_s)
+        lock.acquire()
+    except Timeout:
+        raise waited_too_long from None
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def describe(version: ModelVersion | None) -> VersionRef | None:

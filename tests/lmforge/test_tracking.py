@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lmforge.tracking import dvc_lineage, loggable_params
@@ -91,3 +92,43 @@ def test_lineage_of_a_foreach_item_resolves_its_templated_deps(tmp_path: Path):
     }}))  # fmt: skip
     lineage = dvc_lineage("finetune@sentiment", tmp_path / "dvc.lock", tmp_path / "dvc.yaml")
     assert lineage == {"dvc.data/raw/reviews": "def456.dir"}
+
+
+def test_a_promotion_lock_held_too_long_is_transient_not_a_hang(postgres_url: str, monkeypatch, tmp_path: Path):
+    """Another promotion stuck with the lock (PostgreSQL's advisory lock, or the file lock): after the timeout
+    the stage gives up with exit 75 and moves nothing, instead of waiting forever."""
+    import threading
+    import time
+
+    import psycopg2
+
+    from lmforge import registry
+    from lmforge.errors import TransientError
+
+    monkeypatch.setenv(registry.LOCK_ENV, postgres_url)
+    other = psycopg2.connect(postgres_url)
+    other.autocommit = True
+    with other.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(hashtext(%s))", ("lmforge-promote:stuck-task",))
+    started = time.monotonic()
+    with pytest.raises(TransientError, match="held its lock for over 1s"), registry.promotion_lock("stuck-task", 1.0):
+        pass
+    assert time.monotonic() - started < 10
+    other.close()
+
+    monkeypatch.delenv(registry.LOCK_ENV)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with registry.promotion_lock("stuck-task"):
+            held.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    with pytest.raises(TransientError), registry.promotion_lock("stuck-task", 0.5):
+        pass
+    release.set()
+    holder.join(10)
