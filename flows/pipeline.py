@@ -70,13 +70,14 @@ def is_transient(task: Any, task_run: Any, state: Any) -> bool:
 
 
 def run_stage(stage: str, env: dict[str, str], force: bool = False, pool: str | None = None,
-              repo: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """`dvc repro --single-item <stage>` here, or on `pool`'s worker; the stage's one-line error becomes
-    the task's failure."""
+              repo: str | None = None, timeout_s: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """`dvc repro --single-item <stage>` here (ended, with everything it started, past `timeout_s`), or on
+    `pool`'s worker; the stage's one-line error becomes the task's failure."""
     if pool is not None:
         return run_stage_on_pool(stage, env, force, pool, repo or str(Path.cwd()))
     started = time.perf_counter()
-    result = dvc(stage, ["repro", "--single-item", *(["--force"] if force else []), stage], Path.cwd(), env)
+    result = dvc(stage, ["repro", "--single-item", *(["--force"] if force else []), stage], Path.cwd(), env,
+                 timeout_s)  # fmt: skip
     seconds = round(time.perf_counter() - started, 1)
     status = "skipped (unchanged)" if SKIPPED in result.stdout else "ran"
     get_run_logger().info(f"{stage}: {status} in {seconds}s")
@@ -149,7 +150,8 @@ def stage_task(stage: str, settings: OrchestrateParams) -> Any:
     return task(
         name=stage,
         **retry_options(settings),
-        timeout_seconds=settings.timeouts_s.get(base),
+        # No timeout_seconds: Prefect cannot interrupt a task running in a thread; run_stage ends the
+        # stage's process group itself at orchestrate.timeouts_s.
         # The gpu slot guards this machine's device; a stage routed to a pool uses its worker's.
         tags=["gpu"] if base in settings.gpu_stages and base not in settings.pools else [],
     )(run_stage)
@@ -277,7 +279,8 @@ def run_dag(stages: dict[str, tuple[str, list[str]]], settings: OrchestrateParam
         for stage, (_, upstream) in stages.items():
             pool = settings.pools.get(stage.split("@")[0])
             work = stage_task(stage, settings)
-            arguments = (stage, env, stage in force_stages, pool, settings.git_remote)
+            timeout_s = settings.timeouts_s.get(stage.split("@")[0])
+            arguments = (stage, env, stage in force_stages, pool, settings.git_remote, timeout_s)
             waiting = [futures[name] for name in upstream if name in futures]  # one not run here counts as done
             if pool is not None:
                 futures[stage] = work.submit(*arguments, wait_for=waiting)

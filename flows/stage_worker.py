@@ -82,12 +82,59 @@ def stage_exit_code(result: subprocess.CompletedProcess) -> int:
     return 75 if result.returncode == 255 else result.returncode
 
 
-def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    """One dvc command for `stage`; its failure is the stage's, with the stage's own exit code."""
+def end_group(process: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """End a command's whole process group (dvc, the stage, anything it started): SIGTERM, then SIGKILL."""
+    for sent in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sent)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=grace_s)
+            os.killpg(process.pid, 0)  # the leader is gone; is anyone of its group left?
+        except subprocess.TimeoutExpired:
+            continue
+        except ProcessLookupError:
+            return
+
+
+def logger() -> Any:
+    """The flow run's logger, or the module's outside a flow run."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger(__name__)
+
+
+def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str],
+        timeout_s: float | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """One dvc command for `stage`; its failure is the stage's, with the stage's own exit code.
+
+    The command runs in a process group of its own, which is ended as a whole when it runs past
+    `timeout_s`, when this call is interrupted (a cancelled flow run), or when this process dies
+    (lmforge/processes.py): no stage trains on unseen behind its retry.
+    """
     # Other stages of the flow may hold this repository's DVC lock for a moment: wait for it, do not fail.
-    result = subprocess.run(["dvc", "--wait-for-lock", *arguments], cwd=cwd, env=env, capture_output=True, text=True)
+    # lmforge.processes leads the new process group: it ends the group if this process dies or ends it.
+    command = [sys.executable, "-m", "lmforge.processes", "dvc", "--wait-for-lock", *arguments]
+    process = subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        end_group(process)
+        why = f"ran past its timeout of {timeout_s:g}s (orchestrate.timeouts_s): its processes were ended"
+        raise StageFailed(stage, -signal.SIGTERM, why) from None
+    except BaseException:
+        end_group(process)
+        raise
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if result.returncode != 0:
-        get_run_logger().error(result.stderr[-3000:])
+        logger().error(result.stderr[-3000:])
         code = stage_exit_code(result)
         if code < 0:  # killed by a signal: it printed nothing of its own
             name = signal.Signals(-code).name if -code in {int(known) for known in signal.Signals} else -code

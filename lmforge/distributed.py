@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lmforge.errors import LmforgeError
+from lmforge.processes import die_with_parent
 
 T = TypeVar("T")
 RANK_ENV, WORLD_ENV = "RANK", "WORLD_SIZE"  # set by torchrun for every process it starts
@@ -51,14 +52,7 @@ def die_with_launcher() -> None:
     Prefect timeout, a killed worker) would leave the ranks training on, and writing the checkpoints
     the retry resumes from. Linux's parent-death signal ties each rank's life to the launcher's.
     """
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() == 1:  # the launcher ended before the signal was armed
-        os._exit(128 + signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
 
 
 def init_from_env() -> None:

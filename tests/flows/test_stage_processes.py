@@ -1,0 +1,80 @@
+"""A stage the flow starts ends with it: past its timeout, or when the flow's process is killed hard, the
+whole tree (dvc, its shell, the stage and what the stage started) is ended; nothing trains on unseen."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from flows.stage_worker import StageFailed, dvc
+from tests.conftest import REPO, sh
+
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def sleepy_repo(root: Path) -> tuple[Path, str]:
+    """A DVC repository whose one stage starts a child of its own and sleeps; returns it and the child's marker."""
+    marker = f"{random.randint(100_000, 999_999)}"
+    root.mkdir()
+    sh("git", "init", "-q", cwd=root)
+    sh("dvc", "init", "-q", cwd=root, env=ENV)
+    command = f"python -c \"import subprocess, time; subprocess.Popen(['sleep', '{marker}']); time.sleep(600)\""
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleepy": {"cmd": command, "outs": ["out"]}}}))
+    return root, marker
+
+
+def alive(marker: str) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if marker in cmdline and process.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(process)
+    return found
+
+
+def gone(marker: str, within_s: float = 20) -> bool:
+    deadline = time.monotonic() + within_s
+    while alive(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return not alive(marker)
+
+
+def wait_for(marker: str, within_s: float = 60) -> None:
+    deadline = time.monotonic() + within_s
+    while not alive(marker):
+        assert time.monotonic() < deadline, "the stage never started"
+        time.sleep(0.1)
+
+
+def test_a_stage_past_its_timeout_is_ended_with_everything_it_started(tmp_path: Path):
+    repo, marker = sleepy_repo(tmp_path / "repo")
+    started = time.monotonic()
+    with pytest.raises(StageFailed, match="ran past its timeout of 3s") as failed:
+        dvc("sleepy", ["repro", "sleepy"], repo, ENV, timeout_s=3)
+    assert failed.value.code == -signal.SIGTERM  # a signal: the flow retries it (and it resumes)
+    assert time.monotonic() - started < 30
+    assert gone(marker), [process.info["cmdline"] for process in alive(marker)]
+
+
+def test_a_stage_ends_when_the_flow_process_that_started_it_is_killed(tmp_path: Path):
+    repo, marker = sleepy_repo(tmp_path / "repo")
+    script = ("import os; from pathlib import Path; from flows.stage_worker import dvc; "
+              f"dvc('sleepy', ['repro', 'sleepy'], Path({str(repo)!r}), dict(os.environ))")  # fmt: skip
+    flow_process = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, env={**ENV, "PYTHONPATH": str(REPO)})
+    try:
+        wait_for(marker)
+        flow_process.kill()  # SIGKILL: nothing of it runs any more
+        flow_process.wait()
+        assert gone(marker), [process.info["cmdline"] for process in alive(marker)]
+    finally:
+        for process in alive(marker):
+            process.kill()
