@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -80,9 +81,11 @@ def save_checkpoint(
         if error.errno in DISK_ERRNOS:
             raise cannot_write(final, error) from None
         raise
+    synced(staging)  # on disk before the rename makes it the newest: a power cut cannot tear it after
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
+    fsync_path(directory)  # the rename itself
     for leftover in directory.glob("step-*.tmp-*"):  # a killed writer's half checkpoint
         if not process_alive(leftover.name.rsplit("-", 1)[-1]):
             shutil.rmtree(leftover, ignore_errors=True)
@@ -104,6 +107,43 @@ def os_errors_of_safetensors() -> Iterator[None]:
             raise
         code = int(found.group(1))
         raise OSError(code, os.strerror(code)) from error
+
+
+def fsync_path(path: Path) -> None:
+    """fsync one file or folder (a folder's fsync makes the names in it durable)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def synced(folder: Path) -> None:
+    """Every file of `folder`, and the folder, on disk."""
+    for file in folder.iterdir():
+        fsync_path(file)
+    fsync_path(folder)
+
+
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "optimizer.json", "rng.safetensors", "state.json")
+
+
+def is_whole(path: Path) -> bool:
+    """Whether a checkpoint folder holds every file, each readable (a torn write, a disk error, a truncated copy
+    fails here, and resuming falls back to the checkpoint before it)."""
+    from safetensors import safe_open
+
+    try:
+        for name in CHECKPOINT_FILES:
+            if name.endswith(".safetensors"):
+                with safe_open(str(path / name), "pt") as tensors:
+                    for key in tensors.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                        tensors.get_slice(key)
+            else:
+                json.loads((path / name).read_text())
+    except (OSError, ValueError, SafetensorError):
+        return False
+    return True
 
 
 def process_alive(pid: str) -> bool:
@@ -135,10 +175,13 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def latest_checkpoint(directory: Path, fingerprint: str) -> Path | None:
-    """The newest complete checkpoint of the run with this fingerprint, if any."""
+    """The newest whole checkpoint of the run with this fingerprint, if any; a torn one is passed over."""
     for path in reversed(list_checkpoints(directory)):
         if fingerprint_of(path) == fingerprint:
-            return path
+            if is_whole(path):
+                return path
+            print(f"warning: {path}: a checkpoint with a missing or unreadable file; resuming from an earlier one",
+                  file=sys.stderr)  # fmt: skip
     return None
 
 

@@ -179,3 +179,18 @@ def test_a_killed_writers_half_checkpoint_goes_and_a_live_writers_stays(tmp_path
     (tmp_path / f"step-000004.tmp-{os.getppid()}").mkdir()  # a process that still runs
     save(tmp_path, 5)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["step-000004.tmp-" + str(os.getppid()), "step-000005"]
+
+
+@pytest.mark.parametrize("tear", ["truncate weights", "drop the optimizer state", "garble optimizer.json"])
+def test_a_torn_newest_checkpoint_falls_back_to_the_one_before(tear: str, tmp_path: Path) -> None:
+    """A checkpoint cut short (a power cut before the disk had it, a copy interrupted) is passed over."""
+    before = save(tmp_path, 1, fingerprint="fp-a")
+    newest = save(tmp_path, 2, fingerprint="fp-a")
+    if tear == "truncate weights":
+        weights = newest / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif tear == "drop the optimizer state":
+        (newest / "optimizer.safetensors").unlink()
+    else:
+        (newest / "optimizer.json").write_text('{"param_groups": [')
+    assert latest_checkpoint(tmp_path, "fp-a") == before
