@@ -32,6 +32,7 @@ from flows.stage_worker import (
 )
 from lmforge import tracking
 from lmforge.artifacts import EvaluateReport, PromoteReport, label_shares
+from lmforge.credentials import without_credentials
 from lmforge.errors import LmforgeError, is_retried
 from lmforge.params import Params, load_params
 from lmforge.schema import OrchestrateParams
@@ -183,8 +184,8 @@ def summary_markdown(results: list[dict[str, Any]], experiment_id: str, parent_r
     for report in (PromoteReport.read(path) for name, path in reports if name == "promote"):
         lines += promotion_markdown(report)
     run_link = mlflow_link(f"experiments/{experiment_id}/runs/{parent_run_id}", f"run {parent_run_id}")
-    lines += ["", f"MLflow pipeline run: {run_link} (`mlflow ui --backend-store-uri {tracking.tracking_uri()}` "
-              "for a local store)"]  # fmt: skip
+    store = without_credentials(tracking.tracking_uri())
+    lines += ["", f"MLflow pipeline run: {run_link} (`mlflow ui --backend-store-uri {store}` for a local store)"]
     return "\n".join(lines)
 
 
@@ -236,7 +237,7 @@ def promotion_markdown(report: PromoteReport) -> list[str]:
 
 def mlflow_link(ui_path: str, otherwise: str) -> str:
     """A link into the MLflow UI when the tracking store is a server; the plain reference otherwise."""
-    uri = tracking.tracking_uri()
+    uri = without_credentials(tracking.tracking_uri())  # the reader signs in; the artifact holds no password
     return f"[{otherwise}]({uri.rstrip('/')}/#/{ui_path})" if uri.startswith("http") else f"`{otherwise}`"
 
 

@@ -39,6 +39,7 @@ from filelock import FileLock
 from prefect import flow, get_run_logger
 
 from lmforge import tracking
+from lmforge.credentials import masked
 
 STAGE_FLOW = "lmforge-stage"  # deployments are lmforge-stage/<pool>: one per work pool
 SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for a stage it did not run
@@ -51,7 +52,7 @@ class StageFailed(RuntimeError):
     """A stage's command failed; `code` is its exit code (2 and 3 are the user's to fix, not retried)."""
 
     def __init__(self, stage: str, code: int, message: str) -> None:
-        super().__init__(f"stage {stage} failed (exit {code}): {message}")
+        super().__init__(f"stage {stage} failed (exit {code}): {masked(message)}")
         self.stage, self.code = stage, code
 
     @classmethod
@@ -134,7 +135,7 @@ def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str],
         raise
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if result.returncode != 0:
-        logger().error(result.stderr[-3000:])
+        logger().error(masked(result.stderr[-3000:]))
         code = stage_exit_code(result)
         if code < 0:  # killed by a signal: it printed nothing of its own
             name = signal.Signals(-code).name if -code in {int(known) for known in signal.Signals} else -code

@@ -64,7 +64,9 @@ def cannot_write(path: object, error: OSError) -> LmforgeError:
 
 def fail(error: LmforgeError) -> NoReturn:
     """Print `error` as one line on stderr and exit with its code."""
-    message = " ".join(str(error).split())  # one line, whatever the message held
+    from lmforge.credentials import masked
+
+    message = masked(" ".join(str(error).split()))  # one line, whatever the message held; no password in it
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(error.exit_code)
 

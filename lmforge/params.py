@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from lmforge.credentials import credential_paths
 from lmforge.errors import ParamsError
 from lmforge.schema import ARCHITECTURES, SOURCE_KINDS, Params
 
@@ -50,6 +51,10 @@ def parse_params(data: Any, source: str = "params.yaml") -> Params:
         data = {}
     if not isinstance(data, dict):
         raise ParamsError(f"{source}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    secret = credential_paths(data)
+    if secret:  # params.yaml is committed, hashed into dvc.lock and logged to MLflow: never a secret
+        raise ParamsError(f"{source}: {secret[0]}: holds a credential (a password in a URL, or a token); "
+                          "give it through the environment instead (docs: Reliability and security)")  # fmt: skip
     try:
         return Params.model_validate(data)
     except ValidationError as error:

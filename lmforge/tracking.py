@@ -21,11 +21,12 @@ from typing import Any
 
 import yaml
 
+from lmforge.credentials import is_secret_key, masked
+
 EXPERIMENT = "lmforge"
 PARENT_ENV = "LMFORGE_PARENT_RUN_ID"
 PARAMS_ENV = "LMFORGE_PARAMS_FILE"  # set by the stage command line (lmforge/stage.py) to its --params
 FLOW_RUN_ENV = "LMFORGE_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow: the flow run a stage runs in
-SECRET_WORDS = ("password", "secret", "token", "key")  # never logged as params
 # MLflow's INFO lines and download bars would bury a stage's one-line error on stderr.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -111,16 +112,17 @@ def params_digest(section: Any) -> str:
 
 
 def loggable_params(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
-    """Flatten params for mlflow.log_params, leaving out anything that could be a credential."""
+    """Flatten params for mlflow.log_params: a key that names a secret is left out, a value that looks
+    like one is masked (`max_new_tokens` is a knob, `hf_token` a secret)."""
     flat: dict[str, str] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if any(word in key.lower() for word in SECRET_WORDS):
+        if is_secret_key(str(key)):
             continue
         if isinstance(value, dict):
             flat.update(loggable_params(value, f"{name}."))
         else:
-            flat[name] = str(value)[:500]
+            flat[name] = masked(str(value))[:500]
     return flat
 
 
