@@ -80,3 +80,38 @@ def test_the_gpu_pool_templates_extend_prefects_and_render_a_gpu_request(worker_
     else:
         request = rendered["container_create_kwargs"]["device_requests"][0]
         assert request["count"] == -1 and request["capabilities"] == [["gpu"]]
+
+
+def test_no_password_on_a_command_line_no_port_open_to_the_network_and_no_secret_in_the_image():
+    compose = yaml.safe_load((REPO / "infra/compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        command = str(service.get("command") or service.get("entrypoint") or "")
+        # a password reaches a program through its environment (export ...;), never as an argument `ps` shows
+        for part in re.split(r";|&&", command):
+            if "PASSWORD" in part or "AUTH_STRING" in part:
+                assert part.strip().removeprefix("sh -c '").startswith(("export ", "exec infra/require-secrets.sh")), (
+                    f"{name}: {part.strip()}"
+                )
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name}: {port} is published to every interface"
+    # the servers start only with real secrets: not unset, not the example's
+    for name in ("mlflow", "prefect", "worker", "gpu-worker"):
+        assert "infra/require-secrets.sh" in compose["services"][name]["command"], name
+    assert "PREFECT_SERVER_API_AUTH_STRING" in compose["services"]["prefect"]["command"]
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert {"infra/.env", "data/", "models/", "mlruns/", ".venv/", ".dvc/cache/"} <= set(ignored)
+    users = re.findall(r"^USER (\S+)", (REPO / "infra/Dockerfile").read_text(), re.M)
+    assert users and users[-1] not in ("root", "0")
+
+
+@pytest.mark.parametrize(("value", "starts"), [("", False), ("change-me", False), ("a real one", True)])
+def test_the_servers_refuse_to_start_with_an_unset_or_example_secret(value: str, starts: bool):
+    import subprocess
+
+    script = REPO / "infra/require-secrets.sh"
+    env = {"PATH": "/usr/bin:/bin", "POSTGRES_PASSWORD": value}
+    result = subprocess.run([str(script), "POSTGRES_PASSWORD", "--", "echo", "started"], env=env,
+                            capture_output=True, text=True)  # fmt: skip
+    assert (result.returncode, result.stdout.strip() == "started") == ((0, True) if starts else (2, False))
+    if not starts:
+        assert "infra/.env: POSTGRES_PASSWORD" in result.stderr
