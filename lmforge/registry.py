@@ -30,6 +30,7 @@ from lmforge import tracking
 from lmforge.artifacts import EvaluateReport, PerExample, VersionRef
 from lmforge.errors import LmforgeError, TransientError
 from lmforge.gate import Evidence
+from lmforge.io import sha256_file
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 MODEL_KIND_TAG, BASELINE_KIND, TRAINED_KIND = "lmforge.model_kind", "baseline", "trained"
@@ -274,7 +275,25 @@ def lmforge_flavor(uri: str) -> tuple[bool, str]:
         flavors = ", ".join(mlmodel.get("flavors") or {}) or "none"
         return False, (f"{uri} is not lmforge's models-from-code pyfunc (flavors: {flavors}; loader "
                        f"{pyfunc.get('loader_module')}); refused before loading")  # fmt: skip
+    if pyfunc.get("code"):  # code_paths: MLflow would import the model's own copies of modules first
+        return False, f"{uri} brings code of its own (code_paths: {pyfunc['code']}); refused before loading"
     return True, f"{uri} is lmforge's models-from-code pyfunc"
+
+
+def serving_code_is_ours(local: Path) -> str | None:
+    """Why the downloaded model's serving.py is not lmforge's own, byte for byte (None when it is).
+
+    MLflow executes that file to load the model: a version carrying any other file (edited, or logged
+    by another lmforge release) is refused, never run. Log it again with `dvc repro evaluate`.
+    """
+    from lmforge.scoring import SERVING_CODE
+
+    found = sorted(local.rglob("serving.py"))
+    if len(found) != 1:
+        return f"holds {len(found)} serving.py files, not one"
+    if sha256_file(found[0]) != sha256_file(SERVING_CODE):
+        return "its serving.py is not lmforge's (sha256 differs): not executed"
+    return None
 
 
 def load_pyfunc(name: str, version: str) -> Any:
@@ -294,6 +313,9 @@ def load_pyfunc(name: str, version: str) -> Any:
         if not_found(error):
             return f"{uri}: its artifacts are gone ({type(error).__name__}); not loaded"
         raise unavailable(f"downloading {uri}", error) from None
+    foreign = serving_code_is_ours(Path(local))
+    if foreign is not None:
+        return f"{uri} {foreign}; refused before loading"
     try:
         return mlflow.pyfunc.load_model(local)
     except Exception as error:  # it arrived and does not load: the gate's reason, not a crash

@@ -218,7 +218,8 @@ def log_pyfunc(model_dir: Path, served_model: TaskModel | Baseline, example: str
         name="model",
         python_model=str(SERVING_CODE),
         artifacts={"model_dir": str(model_dir)},
-        code_paths=[str(SERVING_CODE.parent)],
+        # No code_paths: MLflow would put a copy of lmforge first on sys.path of whoever loads the model,
+        # and the gate refuses a version that brings code of its own (registry.lmforge_flavor).
         signature=signature,
         input_example=input_example,
         pip_requirements=requirements,

@@ -297,3 +297,27 @@ def test_promotion_locks_of_different_models_do_not_wait_for_each_other():
     finally:
         release.set()
         holder.join(10)
+
+
+def test_a_version_whose_serving_code_is_not_lmforges_is_refused_and_never_run(client, tmp_path: Path):
+    """The models-from-code loader executes the model's serving.py: one edited by whoever logged the version
+    (here it writes a file when imported) is refused before MLflow would run it; so is a version that brings
+    code_paths (MLflow would import its copies of lmforge's modules first)."""
+    from lmforge.scoring import SERVING_CODE
+
+    marker = tmp_path / "ran"
+    edited = tmp_path / "serving.py"
+    edited.write_text(SERVING_CODE.read_text() + f"\nopen({str(marker)!r}, 'w').close()\n")
+    (tmp_path / "model_dir").mkdir()
+    name = _name()
+    versions = []
+    for code, extra in ((edited, {}), (SERVING_CODE, {"code_paths": [str(SERVING_CODE.parent)]})):
+        with mlflow.start_run(experiment_id=tracking.setup()) as run:
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(code),
+                                           artifacts={"model_dir": str(tmp_path / "model_dir")}, **extra)  # fmt: skip
+        versions.append(registry.register(client, name, info.model_uri, run.info.run_id, {}).version)
+    marker.unlink(missing_ok=True)  # logging ran it here, as whoever logged it would have
+    edited_reason, code_paths_reason = (registry.load_pyfunc(name, str(version)) for version in versions)
+    assert isinstance(edited_reason, str) and "serving.py is not lmforge's" in edited_reason
+    assert isinstance(code_paths_reason, str) and "brings code of its own" in code_paths_reason
+    assert not marker.exists()  # never executed by the gate
