@@ -8,6 +8,7 @@ below; every random choice draws from the generator passed in, so the loop can c
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -204,6 +205,8 @@ def hf_model_folder(model: HFModel, key: str) -> Path:
         return local
     if model.source.startswith((".", "/")) or model.source.count("/") > 1:
         raise LmforgeError(f"{key}.source: local model folder {model.source} does not exist")
+    if not model.revision:  # a hub branch moves: the same params would copy other weights next time
+        raise LmforgeError(f"{key}.revision: pin the hub revision of {model.source!r} (its commit sha on the hub)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
@@ -224,6 +227,10 @@ def copy_hf_model(params: PretrainSection, model: HFModel, paths: PretrainPaths)
     key = f"pretrain.models.{params.name}"
     started = time.perf_counter()
     folder = hf_model_folder(model, key)
+    config = json.loads((folder / "config.json").read_text())
+    if config.get("auto_map"):  # the model's own Python, which trust_remote_code would run: never
+        raise LmforgeError(f"{key}.source: {folder} asks for code of its own (auto_map in config.json); lmforge "
+                           "runs only the transformers architectures it ships with")  # fmt: skip
     weights = sorted(folder.glob("*.safetensors"))
     if not weights:
         raise LmforgeError(f"{key}.source: {folder} holds no safetensors weights (lmforge never loads a pickled "

@@ -14,6 +14,18 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+MODEL_PREFIX = re.compile(r"^[a-z][a-z0-9_-]*$")  # goes into registry names, filter strings and paths
+
+
+def inside_repository(path: str) -> str:
+    """A path params name must be relative and stay inside the repository: DVC sees only what is in it."""
+    parts = path.replace("\\", "/").split("/")
+    if path.startswith(("/", "~")) or ".." in parts or re.match(r"^[A-Za-z]:", path):
+        raise ValueError(f"{path!r} must be inside the repository (relative, without ..): DVC versions only what "
+                         "is in it; copy it under data/external/ or models/external/")  # fmt: skip
+    return path
+
+
 RESERVED_DATASET_NAMES = {"corpus"}  # data/raw/corpus holds the pretraining corpus
 # The pipeline's stages, upstream first: the names of dvc.yaml's stages, of lmforge's stage modules
 # and of params.yaml's sections (a test holds dvc.yaml to this list).
@@ -65,6 +77,11 @@ class LocalSource(ColumnMapping):
     )
     tagging: Literal["ner", "pos"] = Field("pos", description="for the tagged format: ner (from nr/ns/nt) or pos")
 
+    @field_validator("path")
+    @classmethod
+    def _inside(cls, path: str) -> str:
+        return inside_repository(path)
+
 
 class HuggingFaceSource(ColumnMapping):
     """A Hugging Face dataset: a hub name (needs network) or a local folder (save_to_disk or data files)."""
@@ -74,6 +91,11 @@ class HuggingFaceSource(ColumnMapping):
     config: str | None = Field(None, description="dataset configuration name")
     split: str = Field("train", description="which split to read; lmforge makes its own train/val/test split")
     revision: str | None = Field(None, description="hub revision (commit, tag or branch) to pin")
+
+    @field_validator("name")
+    @classmethod
+    def _inside(cls, name: str) -> str:
+        return inside_repository(name)
 
 
 def union_tags(union: Any) -> tuple[str, ...]:
@@ -312,7 +334,12 @@ class HFModel(Section):
 
     architecture: Literal["hf"] = Field(description="hf: a Hugging Face model, not trained here")
     source: str = Field(description="a local model folder (relative to the repository root) or a hub id")
-    revision: str | None = Field(None, description="hub revision (commit, tag or branch) to pin")
+    revision: str | None = Field(None, description="hub revision to pin (a commit sha); required for a hub id")
+
+    @field_validator("source")
+    @classmethod
+    def _inside(cls, source: str) -> str:
+        return inside_repository(source)
 
 
 PretrainModel = Annotated[ModelArchitecture | HFModel, Field(discriminator="architecture")]
@@ -559,6 +586,7 @@ class OptimizeParams(Section):
 
 class PromoteParams(Section):
     model_prefix: str = Field("lmforge", description="registered models are named <prefix>-<task>")
+
     margin: float = Field(0.0, ge=0.0, description="the primary metric must beat the champion's by more than this")
     bootstrap_samples: int = Field(1000, ge=100, description="paired bootstrap resamples of the shared test set")
     confidence: float = Field(0.95, gt=0.5, lt=1.0, description="the improvement's lower bound is at this level")
@@ -578,6 +606,13 @@ class PromoteParams(Section):
         description="drift: a label whose share of a split moved by more than this since the "
         "previous ingest is named in the promote report and the retrain summary (as is a label never seen before)",
     )
+
+    @field_validator("model_prefix")
+    @classmethod
+    def _safe(cls, prefix: str) -> str:
+        if not MODEL_PREFIX.match(prefix):
+            raise ValueError(f"{prefix!r} must match {MODEL_PREFIX.pattern}")
+        return prefix
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,19 @@ def test_cli_check_names_a_missing_file(tmp_path: Path):
     result = lmforge("params", "check", "--params", "nope.yaml", cwd=tmp_path)
     assert result.returncode == 2
     assert "nope.yaml: file not found" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [({"ingest": {"datasets": {"mine": {"kind": "classification", "source": {
+        "kind": "local", "path": "/home/me/reviews.csv"}}}}}, "ingest.datasets.mine.source.path"),
+     ({"ingest": {"datasets": {"mine": {"kind": "classification", "source": {
+        "kind": "local", "path": "data/../../reviews.csv"}}}}}, "ingest.datasets.mine.source.path"),
+     ({"pretrain": {"models": {"mine": {"architecture": "hf", "source": "../models/bert"}}}},
+      "pretrain.models.mine.source"),
+     ({"promote": {"model_prefix": "a'b; rm"}}, "promote.model_prefix")],
+)  # fmt: skip
+def test_paths_outside_the_repository_and_unsafe_names_are_refused_naming_the_key(change: dict, key: str):
+    """DVC sees only what is inside the repository, and names go into registry names, filters and paths."""
+    with pytest.raises(ParamsError, match=re.escape(key)):
+        parse_params(change)

@@ -115,11 +115,13 @@ def hf_model(smoke_models: SmokeRun, folder: Path) -> Path:
     return folder
 
 
-def test_a_hugging_face_model_is_copied_in_and_fine_tuned_with_its_own_tokenizer(smoke_models: SmokeRun,
-                                                                                 tmp_path: Path):  # fmt: skip
-    local = hf_model(smoke_models, tmp_path / "my-bert")
+def test_a_hugging_face_model_is_copied_in_and_fine_tuned_with_its_own_tokenizer(
+    smoke_models: SmokeRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    hf_model(smoke_models, tmp_path / "models/external/my-bert")
+    monkeypatch.chdir(tmp_path)  # the repository root: a local base lives inside it, where DVC sees it
     data = params_to_dict(smoke_models.params)
-    data["pretrain"]["models"]["mine"] = {"architecture": "hf", "source": str(local)}
+    data["pretrain"]["models"]["mine"] = {"architecture": "hf", "source": "models/external/my-bert"}
     data["finetune"]["tasks"]["sentiment"]["base"] = "mine"
     from lmforge.params import parse_params
 
@@ -139,7 +141,7 @@ def test_a_hugging_face_model_is_copied_in_and_fine_tuned_with_its_own_tokenizer
 
 def test_a_hub_model_offline_is_a_transient_failure_in_one_line(smoke_models: SmokeRun, tmp_path: Path):
     data = params_to_dict(smoke_models.params)
-    data["pretrain"]["models"]["hub"] = {"architecture": "hf", "source": "bert-base-chinese"}
+    data["pretrain"]["models"]["hub"] = {"architecture": "hf", "source": "bert-base-chinese", "revision": "8d2a91f"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     result = run_stage("pretrain", "--params", tmp_path / "params.yaml", "--model", "hub",
                        "--blocks", smoke_models.processed / "pretrain",
@@ -151,6 +153,31 @@ def test_a_hub_model_offline_is_a_transient_failure_in_one_line(smoke_models: Sm
     (line,) = result.stderr.strip().splitlines()
     assert "pretrain.models.hub.source: cannot download 'bert-base-chinese'" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("trouble", ["unpinned hub id", "remote code"])
+def test_a_base_that_could_change_or_run_its_own_code_is_refused_in_one_line(trouble: str, smoke_models: SmokeRun,
+                                                                            tmp_path: Path):  # fmt: skip
+    data = params_to_dict(smoke_models.params)
+    if trouble == "unpinned hub id":  # a branch moves: the same params would copy other weights next time
+        data["pretrain"]["models"]["hub"] = {"architecture": "hf", "source": "bert-base-chinese"}
+        expected = "pretrain.models.hub.revision: pin the hub revision of 'bert-base-chinese'"
+    else:  # config.json asks for the model's own Python (what trust_remote_code would run)
+        folder = hf_model(smoke_models, tmp_path / "models/external/custom")
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoModel": "modeling.MyModel"}}))
+        data["pretrain"]["models"]["hub"] = {"architecture": "hf", "source": "models/external/custom"}
+        expected = "asks for code of its own (auto_map in config.json)"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+    result = run_stage("pretrain", "--params", tmp_path / "params.yaml", "--model", "hub",
+                       "--blocks", smoke_models.processed / "pretrain",
+                       "--tokenizer", smoke_models.processed / "tokenizer",
+                       "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--report", tmp_path / "r.json",
+                       "--metrics", tmp_path / "m.json", cwd=tmp_path,
+                       env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})  # fmt: skip
+    assert result.returncode == 2, result.stderr[-1500:]
+    (line,) = result.stderr.strip().splitlines()
+    assert expected in line
 
 
 def test_a_checkpoint_of_another_base_is_never_resumed(smoke_models: SmokeRun, tmp_path: Path):

@@ -66,7 +66,7 @@ def test_a_small_skewed_intent_set_does_not_collapse_to_the_majority_class(tmp_p
     smoke["pretrain"]["models"] = {"encoder": params_to_dict(Params())["pretrain"]["models"]["encoder"]}
     user = {  # the walkthrough's declaration (docs/your-own-data.md), with the class-share floor it asks for
         "ingest": {"datasets": {"intents": {"kind": "classification", "source": {
-            "kind": "local", "path": str(tmp_path / "data/external/intents.csv"), "text_column": "utterance",
+            "kind": "local", "path": "data/external/intents.csv", "text_column": "utterance",
             "label_column": "intent"}}}},
         "validate": {"min_class_fraction": 0.002},  # the smallest class: 6 rows, 3 of them in train
         "finetune": {"tasks": {"intent": {"dataset": "intents", "kind": "classification",
