@@ -314,7 +314,7 @@ def run(section: PretrainSection, paths: PretrainPaths) -> PretrainReport:
         raise Follower
     with tracking.stage_run("pretrain", resolved, item=name) as mlflow_run:
         mlflow.log_param("n_parameters", count_parameters(model))
-        result = train_model(log=lambda metrics, step: mlflow.log_metrics(metrics, step=step))
+        result = train_model(log=tracking.log_metrics_async)
         report = PretrainReport(
             val_loss=result.best_eval_loss,
             val_perplexity=math.exp(min(result.best_eval_loss, 50)),

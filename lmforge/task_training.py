@@ -25,7 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lmforge import distributed
+from lmforge import distributed, tracking
 from lmforge.artifacts import DatasetLabels, FinetuneReport, Manifest, TaskMeta
 from lmforge.errors import Follower, LmforgeError
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, write_json
@@ -272,7 +272,7 @@ def train_task(name: str, task: FinetuneTask, seed: int, folders: TaskFolders,
     result = train(
         model, len(data.train), batch_maker(data.train, pad), validation_loss,
         training, seed, folders.checkpoints, run_fingerprint,
-        log=lambda metrics, step: mlflow.log_metrics(metrics, step=step),
+        log=tracking.log_metrics_async,
         description=f"finetune {name} ({task.kind}, {task.method})", device=pick_device(), loss_of=loss_of,
         lengths=torch.tensor([len(row["input_ids"]) for row in data.train]),  # read_rows applied max_train_samples
     )  # fmt: skip

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from typing import Any
 import yaml
 
 from lmforge.credentials import is_secret_key, masked
+from lmforge.errors import TransientError
 
 EXPERIMENT = "lmforge"
 PARENT_ENV = "LMFORGE_PARENT_RUN_ID"
@@ -174,16 +176,44 @@ def stage_run(
     """A child run of the pipeline run named `stage@item`, tagged stage / item / git commit / dvc lineage."""
     import mlflow
 
-    experiment_id = setup()
-    parent = pipeline_parent(experiment_id)
     name = f"{stage}@{item}" if item else stage
-    tags = {"stage": stage, "git_commit": git_commit(), "params_digest": params_digest(params), **dvc_lineage(name),
-            "lmforge.pipeline_key": pipeline_key()}  # fmt: skip
-    if item:
-        tags["item"] = item
-        tags["task" if stage != "pretrain" else "model"] = item
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=name, parent_run_id=parent, tags=tags, log_system_metrics=system_metrics
-    ) as run:
-        mlflow.log_params(loggable_params(params))
-        yield run
+    try:
+        experiment_id = setup()
+        parent = pipeline_parent(experiment_id)
+        tags = {"stage": stage, "git_commit": git_commit(), "params_digest": params_digest(params),
+                **dvc_lineage(name), "lmforge.pipeline_key": pipeline_key()}  # fmt: skip
+        if item:
+            tags["item"] = item
+            tags["task" if stage != "pretrain" else "model"] = item
+        with mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent, tags=tags,
+                              log_system_metrics=system_metrics) as run:  # fmt: skip
+            mlflow.log_params(loggable_params(params))
+            yield run
+    except Exception as error:
+        if not unreachable(error):
+            raise
+        # A tracking server down or failing is transient: exit 75, the flow retries, checkpoints are kept.
+        raise TransientError(f"{masked(tracking_uri())}: the tracking server did not answer {name}'s run "
+                             f"({' '.join(str(error).split())[:160]})") from None  # fmt: skip
+
+
+def log_metrics_async(metrics: dict[str, float], step: int) -> None:
+    """Log a training step's metrics without waiting for the server: MLflow's async queue sends them (with its
+    retries) while training goes on, so a tracking server that stops answering does not stop training; the
+    run's end waits for the queue, and a server still down then is transient (stage_run: exit 75)."""
+    import mlflow
+
+    mlflow.log_metrics(metrics, step=step, synchronous=False)
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether an MLflow call failed because its server could not be reached or answered 5xx (not a bad request)."""
+    import requests
+
+    if isinstance(error, requests.exceptions.ConnectionError | requests.exceptions.Timeout | ConnectionError):
+        return True
+    text = str(error)
+    return type(error).__name__ == "MlflowException" and bool(
+        re.search(r"Max retries exceeded|Connection (refused|reset|aborted)|timed out|too many 5\d\d error"
+                  r"|TEMPORARILY_UNAVAILABLE|status code 5\d\d|API request to .* failed", text)
+    )  # fmt: skip

@@ -208,3 +208,78 @@ def test_two_devices_train_one_model_and_a_killed_run_resumes_to_the_same_weight
     for name in ("models/encoder/model.safetensors", "checkpoints/encoder/step-000048/model.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(killed / name))
         assert max(float((a[key].float() - b[key].float()).abs().max()) for key in a) <= 1e-5, name
+
+
+def test_a_tracking_server_that_does_not_answer_is_transient_in_one_line(smoke_run: SmokeRun, tmp_path: Path):
+    """Exit 75, so the flow retries it (a traceback, exit 1, would be taken for a bug and not retried)."""
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = run_stage(
+        "pretrain", "--params", pretrain_params(tmp_path, smoke_run), "--model", "decoder",
+        "--blocks", smoke_run.processed / "pretrain", "--tokenizer", smoke_run.processed / "tokenizer",
+        "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--report", tmp_path / "r.json",
+        "--metrics", tmp_path / "m.json",
+        env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+    )  # fmt: skip
+    assert result.returncode == 75, result.stderr[-1500:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: http://127.0.0.1:{port}: the tracking server did not answer pretrain@decoder")
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_goes_on_while_the_tracking_server_is_down(smoke_run: SmokeRun, tmp_path: Path):
+    """A real `mlflow server` killed after the first checkpoint and started again later: training does not
+    wait for it (metrics go through MLflow's async queue), and the run ends with every step's metrics."""
+    import mlflow
+
+    from flows.server import wait_until_healthy
+    from tests.flows.conftest import free_port
+    from tests.flows.test_trial_workers import default_signals
+
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    server_command = [sys.executable, "-m", "mlflow", "server", "--port", str(port), "--workers", "1",
+                      "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                      "--artifacts-destination", (tmp_path / "artifacts").as_uri()]  # fmt: skip
+
+    def serve(log: str) -> subprocess.Popen:
+        with (tmp_path / log).open("wb") as output:  # a group of its own: the server and its workers end together
+            server = subprocess.Popen(server_command, cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT,
+                                      start_new_session=True, preexec_fn=default_signals)  # fmt: skip
+        wait_until_healthy(uri, server, tmp_path / log, timeout_s=120)
+        return server
+
+    params = pretrain_params(tmp_path, smoke_run, max_steps=400, min_steps=400, log_every=2, checkpoint_every=10,
+                             eval_every=50, keep_checkpoints=50)  # fmt: skip
+    server = serve("mlflow-1.log")
+    root = tmp_path / "run"
+    command = [sys.executable, "-m", "stages.pretrain", "--params", str(params), "--model", "decoder",
+               "--blocks", str(smoke_run.processed / "pretrain"), "--tokenizer", str(smoke_run.processed / "tokenizer"),
+               "--out", str(root / "out"), "--checkpoints", str(root / "ck"), "--report", str(root / "r.json"),
+               "--metrics", str(root / "m.json")]  # fmt: skip
+    stage = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (root / "ck/step-000010").is_dir():
+            assert stage.poll() is None and time.time() < deadline, "the stage ended before the outage"
+            time.sleep(0.05)
+        os.killpg(server.pid, signal.SIGKILL)  # the tracking server goes away mid-run
+        server.wait()
+        while not (root / "ck/step-000060").is_dir():  # ... and training goes on without it
+            assert stage.poll() is None and time.time() < deadline, stage.stderr.read() if stage.poll() else "stuck"
+            time.sleep(0.05)
+        server = serve("mlflow-2.log")  # back, with the same store
+        _, stderr = stage.communicate(timeout=300)
+        assert stage.returncode == 0, stderr[-2000:]
+    finally:
+        if stage.poll() is None:
+            stage.kill()
+        os.killpg(server.pid, signal.SIGKILL)
+    run_id = json.loads((root / "r.json").read_text())["mlflow_run_id"]
+    store = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")  # what the server wrote
+    steps = [point.step for point in store.get_metric_history(run_id, "train_loss")]
+    assert steps == list(range(2, 401, 2))  # none lost in the outage
