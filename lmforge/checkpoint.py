@@ -29,6 +29,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from lmforge.errors import DISK_ERRNOS, cannot_write
+from lmforge.io import pid_alive
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -87,7 +88,7 @@ def save_checkpoint(
     os.replace(staging, final)
     fsync_path(directory)  # the rename itself
     for leftover in directory.glob("step-*.tmp-*"):  # a killed writer's half checkpoint
-        if not process_alive(leftover.name.rsplit("-", 1)[-1]):
+        if not pid_alive(leftover.name.rsplit("-", 1)[-1]):
             shutil.rmtree(leftover, ignore_errors=True)
     ours = [path for path in list_checkpoints(directory) if fingerprint_of(path) == state.get("fingerprint")]
     stale = [path for path in list_checkpoints(directory) if path not in ours]
@@ -143,17 +144,6 @@ def is_whole(path: Path) -> bool:
                 json.loads((path / name).read_text())
     except (OSError, ValueError, SafetensorError):
         return False
-    return True
-
-
-def process_alive(pid: str) -> bool:
-    """Whether process `pid` (a staging folder's suffix) still runs, and so may still be writing there."""
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
     return True
 
 

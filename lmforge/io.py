@@ -40,6 +40,9 @@ def atomic_output_dir(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in path.parent.glob(f".{path.name}.[to][ml][pd]-*"):  # .tmp-PID / .old-PID of a killed writer
+        if not pid_alive(leftover.name.rsplit("-", 1)[-1]):
+            shutil.rmtree(leftover, ignore_errors=True)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -58,6 +61,17 @@ def atomic_output_dir(path: Path) -> Iterator[Path]:
         os.replace(path, retired)
     os.replace(staging, path)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def pid_alive(pid: str) -> bool:
+    """Whether process `pid` (a staging folder's suffix) still runs, and so may still be writing there."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,22 @@ def test_atomic_output_dir_clears_a_stale_staging_folder(tmp_path: Path) -> None
         assert list(again.iterdir()) == []
         (again / "fresh.txt").write_text("fresh")
     assert snapshot(out) == {"fresh.txt": b"fresh"}
+
+
+def test_a_killed_writers_staging_and_retired_folders_go_and_a_live_writers_stay(tmp_path: Path) -> None:
+    """Left beside an output (models/pretrained/.encoder.tmp-PID) they would sit in the folder DVC hashes."""
+    import subprocess
+
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    out = tmp_path / "out"
+    dead = [tmp_path / f".out.tmp-{ended.pid}", tmp_path / f".out.old-{ended.pid}"]
+    live = tmp_path / f".out.tmp-{os.getppid()}"  # a process that still runs: maybe still writing
+    for folder in (*dead, live):
+        folder.mkdir()
+    with atomic_output_dir(out) as staging:
+        (staging / "x").write_text("x")
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted([live.name, "out"])
 
 
 def test_write_json_atomic_writes_sorted_unescaped_json_and_no_staging_file(tmp_path: Path) -> None:
