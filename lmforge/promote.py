@@ -229,11 +229,12 @@ def run(section: PromoteSection, paths: PromotePaths) -> PromoteReport:
     name = registry.model_name(section.promote.model_prefix, section.name)
     client = registry.client()
     lineage = lineage_tags(section, paths)
-    mv = registry.register(client, name, model.model_uri, model.run_id,
-                           {**lineage, registry.MODEL_KIND_TAG: registry.TRAINED_KIND})  # fmt: skip
+    # Two promotions at once register each model once (a look-up, then a registration: under the lock).
     # The baseline, re-trained on today's train split, contends first on every run: a champion that new
     # data shows significantly worse than it gives way to it, and the candidate must then beat that.
-    with registry.promotion_lock(name):  # two promotions at once register one baseline version, not two
+    with registry.promotion_lock(name):
+        mv = registry.register(client, name, model.model_uri, model.run_id,
+                               {**lineage, registry.MODEL_KIND_TAG: registry.TRAINED_KIND})  # fmt: skip
         baseline = register_baseline(client, name, paths.optimized / "candidate" / "baseline", lineage)
     first = gate_version(section, baseline, paths.dataset, paths.validation) if baseline else None
     report = gate_version(section, str(mv.version), paths.dataset, paths.validation)

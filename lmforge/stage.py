@@ -23,13 +23,14 @@ import importlib
 import os
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
 
 from lmforge.artifacts import Artifact
-from lmforge.errors import Follower, LmforgeError, run_main
+from lmforge.errors import Follower, LmforgeError, TransientError, run_main
 from lmforge.io import write_json_atomic
 from lmforge.params import Params, load_params
 from lmforge.tracking import PARAMS_ENV
@@ -134,16 +135,51 @@ class Stage(Generic[SectionT, PathsT, ReportT]):
             os.environ[PARAMS_ENV] = str(args.params)
             section = self.section(params, getattr(args, self.item) if self.item else None)
             paths = self.paths_from(args)
-            if self.relaunch and self.relaunch(section, sys.argv[1:] if argv is None else argv):
-                return  # its ranks ran the stage; rank 0 wrote the report and printed the summary
-            try:
-                report = self.run(section, paths)
-            except Follower:
-                return  # another rank of a multi-device run: rank 0 writes the report
-            self.write(report, paths)
-            print(self.summary(report, paths))
+            address = f"{self.name}@{getattr(args, self.item)}" if self.item else self.name
+            with one_writer(address, self.report_file(paths)):
+                if self.relaunch and self.relaunch(section, sys.argv[1:] if argv is None else argv):
+                    return  # its ranks ran the stage; rank 0 wrote the report and printed the summary
+                try:
+                    report = self.run(section, paths)
+                except Follower:
+                    return  # another rank of a multi-device run: rank 0 writes the report
+                self.write(report, paths)
+                print(self.summary(report, paths))
 
         run_main(go)
+
+
+def stage_lock_path(report: Path) -> Path:
+    """The lock of the stage run that writes `report`: one per output location on this machine."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(str(Path(report).resolve()).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / "lmforge-stage-locks" / f"{digest}.lock"
+
+
+@contextmanager
+def one_writer(address: str, report: Path) -> Iterator[None]:
+    """Refuse a second run of the same stage on the same outputs while the first runs (a second `dvc repro`
+    or `lmforge run` in one workspace: DVC lets go of its lock while a stage's command runs). Transient:
+    exit 75, the flow tries again later. The ranks of a multi-device run share their launcher's lock."""
+    from filelock import FileLock, Timeout
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    lock_path = stage_lock_path(report)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(lock_path), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise TransientError(f"{address}: another run of it is writing {report} in this workspace; not run "
+                             "twice at once (try again when it ends)") from None  # fmt: skip
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def stage_of(name: str) -> Stage[Any, Any, Any]:

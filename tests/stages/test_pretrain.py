@@ -283,3 +283,21 @@ def test_training_goes_on_while_the_tracking_server_is_down(smoke_run: SmokeRun,
     store = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")  # what the server wrote
     steps = [point.step for point in store.get_metric_history(run_id, "train_loss")]
     assert steps == list(range(2, 401, 2))  # none lost in the outage
+
+
+def test_a_second_run_of_a_stage_on_the_same_outputs_is_refused_while_the_first_runs(smoke_run: SmokeRun,
+                                                                                      tmp_path: Path):  # fmt: skip
+    """Two `dvc repro` (or a `dvc repro` beside `lmforge run`) in one workspace never interleave one stage's
+    writes: the second is refused in one line, exit 75 (try again later), and writes nothing."""
+    from filelock import FileLock
+
+    from lmforge.stage import stage_lock_path
+
+    params = pretrain_params(tmp_path, smoke_run)
+    with FileLock(str(stage_lock_path(tmp_path / "reports" / "decoder.json"))):  # the first run, still going
+        second = pretrain(params, "decoder", tmp_path, smoke_run)
+    assert second.returncode == 75, second.stderr[-1500:]
+    (line,) = second.stderr.strip().splitlines()
+    assert "pretrain@decoder: another run of it is writing" in line
+    assert not (tmp_path / "models" / "decoder").exists()
+    assert pretrain(params, "decoder", tmp_path, smoke_run).returncode == 0  # once the first has ended
