@@ -67,14 +67,14 @@ def paths_for(address: str, root: Path) -> Any:
     return dataclasses.replace(paths, **moved)
 
 
-def run_in(address: str, params: Params, root: Path, like: str | None = None, **paths_overrides: Path) -> Any:
-    """Run a stage's core in this process as its command would, on dvc.yaml's layout under `root`.
+def run_in(address: str, params: Params, under: Path, like: str | None = None, **paths_overrides: Path) -> Any:
+    """Run a stage's core in this process as its command would, on dvc.yaml's layout under `under`.
 
     `like` borrows the paths of another stage of dvc.yaml (for an item dvc.yaml does not list).
     """
     name, _, item = address.partition("@")
     stage = stage_of(name)
-    paths = dataclasses.replace(paths_for(like or address, root), **paths_overrides)
+    paths = dataclasses.replace(paths_for(like or address, under), **paths_overrides)
     report = stage.run(stage.section(params, item or None), paths)
     stage.write(report, paths)
     return report

@@ -74,7 +74,8 @@ def test_a_small_skewed_intent_set_does_not_collapse_to_the_majority_class(tmp_p
         "evaluate": {"max_test_samples": None},
     }  # fmt: skip
     params = parse_params(deep_merge(smoke, user))
-    for stage in ("ingest", "validate", "preprocess", "pretrain@encoder"):
+    run_in("ingest", params, tmp_path, root=tmp_path)  # the repository root the source path is relative to
+    for stage in ("validate", "preprocess", "pretrain@encoder"):
         run_in(stage, params, tmp_path)
     repo = dvc_repo(tmp_path / "repo", params)
     for stage in ("finetune", "evaluate"):  # the paths dvc.yaml gives the new task, resolved by DVC from these params

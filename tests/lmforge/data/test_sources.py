@@ -70,7 +70,7 @@ def test_local_classification_files_map_their_columns(tmp_path: Path, fmt: str):
         frame.to_json(path, orient="records", lines=True)
     else:
         frame.to_parquet(path)
-    spec = local("classification", str(path), text_column="review", label_column="stars")
+    spec = local("classification", path.name, text_column="review", label_column="stars")
     data = load_source("reviews", spec, tmp_path)
     assert data.table.to_dict("list") == {"text": ["good", "bad", "fine"], "label": ["pos", "neg", "pos"]}
     assert len(data.sha256) == 64
