@@ -28,8 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from lmforge.errors import DISK_ERRNOS, cannot_write
-from lmforge.io import pid_alive
+from lmforge.io import clear_dead_writers, writing
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 
@@ -66,30 +65,22 @@ def save_checkpoint(
     final = directory / f"step-{step:06d}"
     staging = directory / f"step-{step:06d}.tmp-{os.getpid()}"  # one writer's own: a second never mixes in
     shutil.rmtree(staging, ignore_errors=True)
-    try:
-        with os_errors_of_safetensors():
-            staging.mkdir(parents=True)
-            save_model(model, str(staging / "model.safetensors"))
-            tensors, rest = _optimizer_tensors(optimizer)
-            save_file(tensors, str(staging / "optimizer.safetensors"))
-            (staging / "optimizer.json").write_text(json.dumps(rest))
-            rng = {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}
-            rng |= {f"torch.rank{rank}": state for rank, state in enumerate(rank_rngs or []) if rank > 0}
-            save_file(rng, str(staging / "rng.safetensors"))
-            (staging / "state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}, indent=2))
-    except OSError as error:  # a full disk: no half-written checkpoint left behind, one line naming the folder
-        shutil.rmtree(staging, ignore_errors=True)
-        if error.errno in DISK_ERRNOS:
-            raise cannot_write(final, error) from None
-        raise
+    with writing(final, staging), os_errors_of_safetensors():  # a full disk: no half checkpoint, one line
+        staging.mkdir(parents=True)
+        save_model(model, str(staging / "model.safetensors"))
+        tensors, rest = _optimizer_tensors(optimizer)
+        save_file(tensors, str(staging / "optimizer.safetensors"))
+        (staging / "optimizer.json").write_text(json.dumps(rest))
+        rng = {"torch": torch.get_rng_state(), "batches": batch_generator.get_state()}
+        rng |= {f"torch.rank{rank}": state for rank, state in enumerate(rank_rngs or []) if rank > 0}
+        save_file(rng, str(staging / "rng.safetensors"))
+        (staging / "state.json").write_text(json.dumps({**state, "scheduler": scheduler.state_dict()}, indent=2))
     synced(staging)  # on disk before the rename makes it the newest: a power cut cannot tear it after
     if final.exists():
         shutil.rmtree(final)
     os.replace(staging, final)
     fsync_path(directory)  # the rename itself
-    for leftover in directory.glob("step-*.tmp-*"):  # a killed writer's half checkpoint
-        if not pid_alive(leftover.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(leftover, ignore_errors=True)
+    clear_dead_writers(directory, "step-*.tmp-*")  # a killed writer's half checkpoint
     ours = [path for path in list_checkpoints(directory) if fingerprint_of(path) == state.get("fingerprint")]
     stale = [path for path in list_checkpoints(directory) if path not in ours]
     for old in stale + ours[:-keep]:

@@ -40,27 +40,67 @@ def atomic_output_dir(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for leftover in path.parent.glob(f".{path.name}.[to][ml][pd]-*"):  # .tmp-PID / .old-PID of a killed writer
-        if not pid_alive(leftover.name.rsplit("-", 1)[-1]):
-            shutil.rmtree(leftover, ignore_errors=True)
+    clear_dead_writers(path.parent, f".{path.name}.[to][ml][pd]-*")  # .tmp-PID / .old-PID of a killed writer
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        yield staging
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if error.errno in DISK_ERRNOS:  # a full or read-only disk: the line names the output, not a temp file
-            raise cannot_write(path, error) from None
-        raise
+        with writing(path, staging):
+            yield staging
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        remove(staging)
         raise
     retired = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
         os.replace(path, retired)
     os.replace(staging, path)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def remove(path: Path) -> None:
+    """Remove a file or folder if it is there (a read-only disk may refuse: then it holds nothing of ours)."""
+    with contextlib.suppress(OSError):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
+@contextmanager
+def writing(path: Path, staging: Path) -> Iterator[None]:
+    """Writes to `staging` on their way to `path`: if the disk refuses one (full, read-only), the staging
+    file or folder goes and the error is one line naming `path`, not the temporary name."""
+    try:
+        yield
+    except OSError as error:
+        remove(staging)
+        if error.errno in DISK_ERRNOS:
+            raise cannot_write(path, error) from None
+        raise
+
+
+def clear_dead_writers(folder: Path, pattern: str) -> None:
+    """Remove what writers that have died left in `folder`: names matching `pattern` that end in -<pid>."""
+    for leftover in folder.glob(pattern):
+        if not pid_alive(leftover.name.rsplit("-", 1)[-1]):
+            remove(leftover)
+
+
+@contextmanager
+def file_lock(path: Path, timeout_s: float, busy: Exception) -> Iterator[None]:
+    """Hold the file lock at `path` for the block; raise `busy` if another process holds it past `timeout_s`."""
+    from filelock import FileLock, Timeout
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path), timeout=timeout_s)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise busy from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def pid_alive(pid: str) -> bool:
@@ -86,16 +126,10 @@ def write_text_atomic(path: Path, text: str) -> None:
     """
     path = Path(path)
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with writing(path, staging):
         path.parent.mkdir(parents=True, exist_ok=True)
         staging.write_text(text, encoding="utf-8")
         os.replace(staging, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):  # a read-only disk refuses the unlink too, but holds no temp file
-            staging.unlink(missing_ok=True)
-        if error.errno in DISK_ERRNOS:
-            raise cannot_write(path, error) from None
-        raise
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -30,7 +30,7 @@ from lmforge import tracking
 from lmforge.artifacts import EvaluateReport, PerExample, VersionRef
 from lmforge.errors import LmforgeError, TransientError
 from lmforge.gate import Evidence
-from lmforge.io import sha256_file
+from lmforge.io import file_lock, sha256_file
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 MODEL_KIND_TAG, BASELINE_KIND, TRAINED_KIND = "lmforge.model_kind", "baseline", "trained"
@@ -408,21 +408,10 @@ def promotion_lock(name: str, timeout_s: float = PROMOTION_LOCK_TIMEOUT_S) -> It
         finally:
             connection.close()
         return
-    from filelock import FileLock, Timeout
-
     uri = tracking.tracking_uri()
     folder = Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else tracking.repo_root()
-    lock_dir = folder / ".lmforge-locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        lock = FileLock(str(lock_dir / f"{name}.lock"), timeout=timeout_s)
-        lock.acquire()
-    except Timeout:
-        raise waited_too_long from None
-    try:
+    with file_lock(folder / ".lmforge-locks" / f"{name}.lock", timeout_s, waited_too_long):
         yield
-    finally:
-        lock.release()
 
 
 def describe(version: ModelVersion | None) -> VersionRef | None:

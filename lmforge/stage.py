@@ -31,7 +31,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from lmforge.artifacts import Artifact
 from lmforge.errors import Follower, LmforgeError, TransientError, run_main
-from lmforge.io import write_json_atomic
+from lmforge.io import file_lock, write_json_atomic
 from lmforge.params import Params, load_params
 from lmforge.tracking import PARAMS_ENV
 
@@ -163,23 +163,13 @@ def one_writer(address: str, report: Path) -> Iterator[None]:
     """Refuse a second run of the same stage on the same outputs while the first runs (a second `dvc repro`
     or `lmforge run` in one workspace: DVC lets go of its lock while a stage's command runs). Transient:
     exit 75, the flow tries again later. The ranks of a multi-device run share their launcher's lock."""
-    from filelock import FileLock, Timeout
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         yield
         return
-    lock_path = stage_lock_path(report)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise TransientError(f"{address}: another run of it is writing {report} in this workspace; not run "
-                             "twice at once (try again when it ends)") from None  # fmt: skip
-    try:
+    busy = TransientError(f"{address}: another run of it is writing {report} in this workspace; not run "
+                          "twice at once (try again when it ends)")  # fmt: skip
+    with file_lock(stage_lock_path(report), 0, busy):
         yield
-    finally:
-        lock.release()
 
 
 def stage_of(name: str) -> Stage[Any, Any, Any]:

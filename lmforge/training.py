@@ -30,7 +30,7 @@ from tqdm import tqdm
 from lmforge import distributed
 from lmforge.allocator import keep_freed_memory
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint, os_errors_of_safetensors, save_checkpoint
-from lmforge.errors import DISK_ERRNOS, cannot_write
+from lmforge.io import writing
 from lmforge.schema import TrainingParams
 
 BatchFn = Callable[[torch.Tensor, torch.Generator], dict[str, torch.Tensor]]
@@ -217,7 +217,7 @@ def train(
         "bad_evals": 0, "stopped_early": False, "tokens": 0, "history": [],
     }  # fmt: skip
     resumed_from = None
-    found = distributed.from_main(latest_checkpoint(checkpoint_dir, run_fingerprint))
+    found = distributed.from_main(latest_checkpoint(checkpoint_dir, run_fingerprint) if is_main else None)
     if found is not None:
         state = load_checkpoint(found, model, optimizer, scheduler, batch_generator, rank)
         resumed_from = state["step"]
@@ -323,15 +323,9 @@ def _record_eval(
         state["best"], state["bad_evals"] = loss, 0
         if is_main:
             staging = best_path.with_name(f"{best_path.name}.tmp-{os.getpid()}")
-            try:
-                with os_errors_of_safetensors():
-                    save_model(model, str(staging))
+            with writing(best_path, staging), os_errors_of_safetensors():
+                save_model(model, str(staging))
                 staging.replace(best_path)
-            except OSError as error:
-                staging.unlink(missing_ok=True)
-                if error.errno in DISK_ERRNOS:
-                    raise cannot_write(best_path, error) from None
-                raise
     else:
         state["bad_evals"] += 1
         if params.early_stopping_patience and state["bad_evals"] >= params.early_stopping_patience:
