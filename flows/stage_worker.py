@@ -40,6 +40,7 @@ from prefect import flow, get_run_logger
 
 from lmforge import tracking
 from lmforge.credentials import masked
+from lmforge.stage import restore_missing_outputs
 
 STAGE_FLOW = "lmforge-stage"  # deployments are lmforge-stage/<pool>: one per work pool
 SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for a stage it did not run
@@ -128,13 +129,16 @@ def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str],
         stdout, stderr = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         end_group(process)
+        restore_after(stage, arguments, cwd)
         why = f"ran past its timeout of {timeout_s:g}s (orchestrate.timeouts_s): its processes were ended"
         raise StageFailed(stage, -signal.SIGTERM, why) from None
     except BaseException:
         end_group(process)
+        restore_after(stage, arguments, cwd)
         raise
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if result.returncode != 0:
+        restore_after(stage, arguments, cwd)
         logger().error(masked(result.stderr[-3000:]))
         code = stage_exit_code(result)
         if code < 0:  # killed by a signal: it printed nothing of its own
@@ -142,6 +146,13 @@ def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str],
             raise StageFailed(stage, code, f"its process was killed by {name}")
         raise StageFailed(stage, code, last_error_line(result.stderr))
     return result
+
+
+def restore_after(stage: str, arguments: list[str], cwd: Path) -> None:
+    """After a failed `dvc repro` of `stage`, its previous outputs back from DVC's cache: a stage that fails
+    puts them back itself, but not one that was killed or ran past its timeout."""
+    if arguments[:1] == ["repro"] and "--dry" not in arguments:
+        restore_missing_outputs(stage, cwd)
 
 
 def checkout(repo: str, commit: str, folder: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Any, Generic, Literal, TypeVar
 
 from lmforge.artifacts import Artifact
 from lmforge.errors import Follower, LmforgeError, TransientError, run_main
-from lmforge.io import file_lock, write_json_atomic
+from lmforge.io import clear_dead_writers, file_lock, remove, write_json_atomic
 from lmforge.params import Params, load_params
 from lmforge.tracking import PARAMS_ENV
 
@@ -39,6 +39,7 @@ Role = Literal["in", "out", "scratch", "base"]
 # Set while a flow restores a stage that ran on a worker (flows/pipeline.py): DVC runs the command only when
 # its run-cache misses, and then the stage must not train a second time here.
 RESTORE_ONLY_ENV = "LMFORGE_RESTORE_ONLY"
+DVC_STAGE_ENV = "DVC_STAGE"  # set by DVC for a stage's command: the stage it runs (`finetune@sentiment`)
 
 SectionT = TypeVar("SectionT")
 PathsT = TypeVar("PathsT")
@@ -143,10 +144,59 @@ class Stage(Generic[SectionT, PathsT, ReportT]):
                     report = self.run(section, paths)
                 except Follower:
                     return  # another rank of a multi-device run: rank 0 writes the report
+                except BaseException:
+                    if os.environ.get(DVC_STAGE_ENV) == address:  # under `dvc repro`, which deleted the outputs
+                        restore_missing_outputs(address)
+                    raise
                 self.write(report, paths)
                 print(self.summary(report, paths))
 
         run_main(go)
+
+
+def restore_missing_outputs(address: str, root: Path = Path(".")) -> list[Path]:
+    """After a failed run of stage `address`, put back each output that DVC deleted before running it, as
+    dvc.lock records it (from DVC's cache), so a failed `dvc repro` leaves the previous outputs as a failed
+    direct run does; and clear what a killed writer left beside them. Returns what it restored. Outputs
+    the failed run wrote itself (validate's reports) stay; on a first run there is nothing to restore."""
+    recorded = locked_outputs(address, root)
+    for name in recorded:  # a killed writer's .tmp-PID / .old-PID beside an output (DVC would hash its folder)
+        clear_dead_writers((root / name).parent, f".{Path(name).name}.[to][ml][pd]-*")
+    missing = [name for name in recorded if not (root / name).exists()]
+    if not missing:
+        return []
+    from dvc.api import DVCFileSystem
+
+    restored = []
+    try:
+        fs = DVCFileSystem(str(root))
+        for name in missing:
+            path = root / name
+            staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            remove(staging)
+            fs.get(name, str(staging), recursive=recorded[name])
+            os.replace(staging, path)
+            restored.append(path)
+    except Exception as error:  # the cache lacks it (gc'd, never pulled): the failure stays the stage's own
+        print(f"warning: {address}: could not restore its previous outputs from DVC's cache: {error}", file=sys.stderr)
+    return restored
+
+
+def locked_outputs(address: str, root: Path = Path(".")) -> dict[str, bool]:
+    """The outputs dvc.lock records for stage `address` in DVC's cache: path -> whether it is a folder.
+    (Outputs with `cache: false`, the metrics committed with git, are not in the cache.)"""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    if not (root / "dvc.lock").is_file():
+        return {}
+    try:
+        with Repo(str(root)) as repo:
+            stage = next((stage for stage in repo.index.stages if stage.name == address), None)
+            outs = [] if stage is None else stage.outs
+            return {out.def_path: out.hash_info.isdir for out in outs if out.use_cache and out.hash_info}
+    except DvcException:
+        return {}
 
 
 def stage_lock_path(report: Path) -> Path:

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import clone_working_tree, sh
+from tests.conftest import clone_working_tree, sh, tree_digest
 
 pytestmark = pytest.mark.slow
 
@@ -187,6 +187,22 @@ def test_the_same_commit_and_params_give_the_same_tokenizer_tokens_models_and_fi
     assert digests() == before
     assert figures() == figures_before
     assert processed() == processed_before
+
+
+def test_a_stage_that_fails_under_dvc_repro_leaves_its_previous_outputs(clone: Path):
+    """DVC deletes a stage's outputs before it runs it; the failed stage puts them back from DVC's cache."""
+    sh("dvc", "repro", "--single-item", "ingest", cwd=clone)  # recorded in dvc.lock (skipped if it is)
+    before = tree_digest(clone / "data/raw")
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    params["ingest"]["datasets"]["sentiment"]["source"] = {"kind": "local", "path": "data/external/gone.csv"}
+    (clone / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    result = sh("dvc", "repro", "--single-item", "ingest", cwd=clone, check=False)
+    assert result.returncode != 0 and "exited with 2" in result.stderr  # the user's input, not retried
+    assert "gone.csv" in result.stderr
+    assert tree_digest(clone / "data/raw") == before
+    assert [path.name for path in (clone / "data").iterdir() if path.name.startswith(".raw.")] == []
+    sh("git", "checkout", "params.yaml", cwd=clone)  # the source fixed
+    assert "up to date" in sh("dvc", "status", "ingest", cwd=clone).stdout
 
 
 def test_a_broken_expectation_stops_the_pipeline_before_preprocess(clone: Path):

@@ -22,13 +22,20 @@ ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.envi
 
 
 def sleepy_repo(root: Path) -> tuple[Path, str]:
-    """A DVC repository whose one stage starts a child of its own and sleeps; returns it and the child's marker."""
+    """A DVC repository whose one stage starts a child of its own and sleeps; returns it and the child's marker.
+
+    Its dep `mode` says "write" once: then the stage writes out/previous.txt and ends, as an earlier run."""
     marker = f"{random.randint(100_000, 999_999)}"
     root.mkdir()
     sh("git", "init", "-q", cwd=root)
     sh("dvc", "init", "-q", cwd=root, env=ENV)
-    command = f"python -c \"import subprocess, time; subprocess.Popen(['sleep', '{marker}']); time.sleep(600)\""
-    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleepy": {"cmd": command, "outs": ["out"]}}}))
+    (root / "mode").write_text("sleep")
+    command = ("python -c \"import pathlib, subprocess, time; out = pathlib.Path('out'); "
+               "(out.mkdir(), (out / 'previous.txt').write_text('kept')) "
+               "if pathlib.Path('mode').read_text() == 'write' else "
+               f"(subprocess.Popen(['sleep', '{marker}']), time.sleep(600))\"")  # fmt: skip
+    stage = {"cmd": command, "deps": ["mode"], "outs": ["out"]}
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"sleepy": stage}}))
     return root, marker
 
 
@@ -57,12 +64,17 @@ def wait_for(marker: str, within_s: float = 60) -> None:
 
 def test_a_stage_past_its_timeout_is_ended_with_everything_it_started(tmp_path: Path):
     repo, marker = sleepy_repo(tmp_path / "repo")
+    (repo / "mode").write_text("write")
+    dvc("sleepy", ["repro", "sleepy"], repo, ENV)  # an earlier run's output, in dvc.lock and DVC's cache
+    (repo / "mode").write_text("sleep")
     started = time.monotonic()
     with pytest.raises(StageFailed, match="ran past its timeout of 3s") as failed:
         dvc("sleepy", ["repro", "sleepy"], repo, ENV, timeout_s=3)
     assert failed.value.code == -signal.SIGTERM  # a signal: the flow retries it (and it resumes)
     assert time.monotonic() - started < 30
     assert gone(marker), [process.info["cmdline"] for process in alive(marker)]
+    # DVC deleted the output before running the stage; it is back as dvc.lock records it
+    assert (repo / "out" / "previous.txt").read_text() == "kept"
 
 
 def test_a_stage_ends_when_the_flow_process_that_started_it_is_killed(tmp_path: Path):
