@@ -29,6 +29,7 @@ from flows.stage_worker import (
     STAGE_FLOW,
     StageFailed,
     dvc,
+    logger,
 )
 from lmforge import tracking
 from lmforge.artifacts import EvaluateReport, PromoteReport, label_shares
@@ -159,11 +160,26 @@ def stage_task(stage: str, settings: OrchestrateParams) -> Any:
 
 
 def ensure_gpu_limit(limit: int) -> None:
-    """The tag-based concurrency limit `gpu`: at most `limit` training stages at once, across flow runs."""
+    """The tag-based concurrency limit `gpu`: at most `limit` training stages at once, across flow runs.
+
+    Prefect keeps a slot taken on a lease its task run renews, and the server's repossessor takes back a
+    lease nobody renews. But leases live in the server's memory, and the slot count in its database: a flow
+    run killed inside a training stage on a server that has restarted since (Prefect's ephemeral API, the
+    default here, is a new server on every run) leaves a slot no lease accounts for, and with it every later
+    training stage waits forever. So the count goes back to the leases the server holds.
+    """
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 
     with get_client(sync_client=True) as client:
         client.create_concurrency_limit(tag="gpu", concurrency_limit=limit)
+        holders = client.read_concurrency_limit_by_tag("gpu").active_slots
+        taken = client.read_global_concurrency_limit_by_name("tag:gpu").active_slots
+        if taken > len(holders):
+            lost = taken - len(holders)
+            logger().warning(f"concurrency limit gpu: {lost} slot(s) held by no lease (a flow run killed inside "
+                             "a training stage): given back")  # fmt: skip
+            client.update_global_concurrency_limit("tag:gpu", GlobalConcurrencyLimitUpdate(active_slots=len(holders)))
 
 
 def summary_markdown(results: list[dict[str, Any]], experiment_id: str, parent_run_id: str) -> str:

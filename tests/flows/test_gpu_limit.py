@@ -80,30 +80,32 @@ def test_the_gpu_tag_serialises_training_stages_across_flow_runs(tmp_path: Path,
     assert overlap(spans_of_two_workers(tmp_path, limit=2))
 
 
+# As the pipeline flow does: the limit set (and its count checked) at the start of every flow run.
+EPHEMERAL_WORKER = WORKER.replace(
+    "from flows.pipeline import stage_task", "from flows.pipeline import ensure_gpu_limit, stage_task"
+).replace("def one_training_stage():\n", "def one_training_stage():\n    ensure_gpu_limit(1)\n")
+
+
 @pytest.mark.slow
-def test_a_flow_run_killed_inside_a_training_stage_gives_its_gpu_slot_back(tmp_path: Path, harness):
-    """Prefect holds a `gpu` slot on a lease its holder renews: a flow-run process killed with SIGKILL stops
-    renewing it, the server takes it back, and the next flow run's training stage starts."""
-    from prefect.settings import PREFECT_API_URL
+def test_a_flow_run_killed_inside_a_training_stage_gives_its_gpu_slot_back(tmp_path: Path):
+    """`lmforge run`'s default: each flow run on Prefect's ephemeral API, a new server on one database. One
+    killed with SIGKILL inside its training stage never lets go of its `gpu` slot, and no lease is left to
+    expire (they lived in the dead server's memory): the next flow run gives the slot back and trains."""
+    from tests.flows.conftest import env_of_a_new_prefect_home
 
-    from flows.pipeline import ensure_gpu_limit
-
-    ensure_gpu_limit(1)
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO),
+    env = {**env_of_a_new_prefect_home(tmp_path / "prefect-home"), "PYTHONPATH": str(REPO),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     stuck = tiny_dvc_repo(tmp_path / "killed")
     (stuck / "dvc.yaml").write_text(DVC_YAML.replace(RECORD_SPAN, "open('started', 'w'); import time; time.sleep(600)"))
-    killed = subprocess.Popen([sys.executable, "-c", WORKER], cwd=stuck, env=env, start_new_session=True)
+    killed = subprocess.Popen([sys.executable, "-c", EPHEMERAL_WORKER], cwd=stuck, env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while not (stuck / "started").exists():  # inside the stage, so inside the slot
             assert killed.poll() is None and time.monotonic() < deadline, "the first flow run never trained"
             time.sleep(0.2)
     finally:
-        os.killpg(killed.pid, signal.SIGKILL)  # the flow run, its dvc and its stage: nothing releases the slot
+        os.killpg(killed.pid, signal.SIGKILL)  # the flow run, its server, its dvc and its stage: nothing lets go
     killed.wait()
-    started = time.time()
     after = tiny_dvc_repo(tmp_path / "after")
-    assert subprocess.Popen([sys.executable, "-c", WORKER], cwd=after, env=env).wait(timeout=300) == 0
-    waited = json.loads((after / "span.json").read_text())[0] - started
-    assert waited < 150, f"the next training stage waited {waited:.0f}s for the slot"
+    assert subprocess.Popen([sys.executable, "-c", EPHEMERAL_WORKER], cwd=after, env=env).wait(timeout=180) == 0
+    assert (after / "span.json").is_file()  # it trained
