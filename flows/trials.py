@@ -14,14 +14,19 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from prefect import flow
 
 from lmforge.errors import LmforgeError, TransientError, ValidationFailed, is_retried, run_main
 from lmforge.optimize import OptimizePaths, OptimizeSection, worker_main
+from lmforge.processes import die_with_parent
 
 TRIAL_WORKER = "lmforge-trial-worker/lmforge-trial-worker"
 FINAL_FLOW_RUN_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -61,7 +66,10 @@ def run_worker_processes(count: int, section: OptimizeSection, paths: OptimizePa
 
 
 def trial_process(section: OptimizeSection, paths: OptimizePaths, study_run_id: str) -> None:
-    """A local trial worker process: its one-line error and exit code as a stage's (exit 2, 75, ...)."""
+    """A local trial worker process: its one-line error and exit code as a stage's (exit 2, 75, ...). It ends
+    with the stage that started it, however that ends (killed too): no trial trains on unseen."""
+    stage = multiprocessing.parent_process()
+    die_with_parent(signal.SIGTERM, stage.pid if stage is not None else None)
     run_main(lambda: worker_main(section, paths, study_run_id))
 
 
@@ -94,7 +102,8 @@ def run_trial_flow_runs(deployment: str, count: int, parameters: dict[str, Any],
         raise LmforgeError(f"optimize.worker_deployment: no deployment {deployment!r} on the Prefect API at "
                            f"{api_url}; `prefect deploy` it first") from None  # fmt: skip
     states: dict[str, str] = {}
-    with get_client(sync_client=True) as client:
+    run_ids = [run.id for run in runs]  # type: ignore[union-attr]
+    with get_client(sync_client=True) as client, cancelled_when_ended(client, run_ids, states):
         while True:
             for flow_run in runs:
                 state = client.read_flow_run(flow_run.id).state  # type: ignore[union-attr]
@@ -103,6 +112,30 @@ def run_trial_flow_runs(deployment: str, count: int, parameters: dict[str, Any],
             if len(states) == len(runs):
                 return states
             time.sleep(poll_s)
+
+
+@contextmanager
+def cancelled_when_ended(client: Any, run_ids: list[Any], states: dict[str, str]) -> Iterator[None]:
+    """While the stage waits on its trial flow runs: if it is ended (a timeout or a cancelled flow run sends
+    SIGTERM; Ctrl-C), the runs not yet final are cancelled, so that no worker trains for a stage that is gone."""
+    from prefect.states import Cancelled, Cancelling
+
+    def ended(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, ended)
+    try:
+        yield
+    except BaseException:
+        why = "the optimize stage that started it ended"
+        for run_id in run_ids:
+            if str(run_id) not in states:  # a running one is cancelled by its worker, a waiting one at once
+                running = client.read_flow_run(run_id).state.type.value == "RUNNING"
+                client.set_flow_run_state(run_id, Cancelling(message=why) if running else Cancelled(message=why),
+                                          force=True)  # fmt: skip
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_worker_flow_runs(deployment: str, count: int, section: OptimizeSection, paths: OptimizePaths,

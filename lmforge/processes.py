@@ -18,14 +18,16 @@ from types import FrameType
 GRACE_S = 10.0  # between SIGTERM (checkpoints may finish writing) and SIGKILL
 
 
-def die_with_parent(sent: int = signal.SIGTERM) -> bool:
+def die_with_parent(sent: int = signal.SIGTERM, parent: int | None = None) -> bool:
     """Have the kernel send `sent` to this process when its parent process ends (Linux's parent-death
-    signal); False where there is no such thing. A parent that is gone already ends this process now."""
+    signal); False where there is no such thing. A parent that is gone already ends this process now:
+    `parent` is the pid it started with, where it may have died before this call (a spawned process
+    that took seconds to import)."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
 
-    parent = os.getppid()
+    parent = os.getppid() if parent is None else parent
     ctypes.CDLL(None, use_errno=True).prctl(1, sent)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # the parent ended before the signal was armed
         os.kill(os.getpid(), sent)

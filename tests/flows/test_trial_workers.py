@@ -124,3 +124,67 @@ def test_trial_workers_run_as_flow_runs_on_a_work_pool(smoke_evaluated: SmokeRun
     assert fetched.is_relative_to(tmp_path / "fetch")
     trained = worker_home / best.user_attrs["model_dir"] / "model.safetensors"
     assert (fetched / "model.safetensors").read_bytes() == trained.read_bytes()
+
+
+STAGE_WAITING_ON_TRIALS = """
+import sys
+from flows.trials import run_trial_flow_runs
+run_trial_flow_runs(sys.argv[1], 2, {"section": {}, "paths": {}, "study_run_id": "none"}, poll_s=0.2)
+"""
+
+
+def test_trial_flow_runs_are_cancelled_when_the_stage_waiting_on_them_is_ended(tmp_path: Path, harness):
+    """A timeout or a cancelled pipeline run sends the optimize stage SIGTERM: the trial flow runs it started
+    are cancelled with it, not left for a worker to train for a stage that is gone."""
+    import time
+    import uuid
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL
+
+    name = f"idle-{uuid.uuid4().hex[:8]}"
+    with get_client(sync_client=True) as client:  # a pool no worker serves: its runs wait until cancelled
+        client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        flow_id = client.create_flow_from_name("lmforge-trial-worker")
+        deployment = client.create_deployment(flow_id=flow_id, name=name, work_pool_name=name,
+                                              entrypoint="flows/trials.py:trial_worker")  # fmt: skip
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
+    stage = subprocess.Popen([sys.executable, "-c", STAGE_WAITING_ON_TRIALS, f"lmforge-trial-worker/{name}"],
+                             cwd=REPO, env=env)  # fmt: skip
+
+    def runs() -> list:
+        with get_client(sync_client=True) as client:
+            return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment])))
+
+    deadline = time.monotonic() + 120
+    while len(runs()) < 2:
+        assert stage.poll() is None and time.monotonic() < deadline, "the stage never created its trial runs"
+        time.sleep(0.2)
+    stage.send_signal(signal.SIGTERM)
+    assert stage.wait(timeout=60) == 128 + signal.SIGTERM
+    assert sorted(run.state.type.value for run in runs()) == ["CANCELLED", "CANCELLED"]
+
+
+STAGE_WITH_LOCAL_WORKERS = """
+import multiprocessing, time
+from tests.flows.trial_sleeper import sleeping_trial_process
+worker = multiprocessing.get_context("spawn").Process(target=sleeping_trial_process)
+worker.start()
+print(worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_local_trial_workers_end_with_the_stage_even_when_it_is_killed(tmp_path: Path):
+    import psutil
+
+    stage = subprocess.Popen([sys.executable, "-c", STAGE_WITH_LOCAL_WORKERS], cwd=REPO, stdout=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert stage.stdout is not None
+    worker = psutil.Process(int(stage.stdout.readline()))
+    stage.kill()  # SIGKILL: the stage runs no code of its own on the way out
+    stage.wait()
+    gone, _ = psutil.wait_procs([worker], timeout=20)
+    assert gone, "the trial worker outlived its stage"
