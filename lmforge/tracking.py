@@ -50,7 +50,18 @@ def tracking_uri() -> str:
 
 
 def setup(experiment: str = EXPERIMENT) -> str:
-    """Point MLflow at the store and experiment; return the experiment id."""
+    """Point MLflow at the store and experiment; return the experiment id. A tracking server that does not
+    answer is transient (exit 75: the flow retries), in one line."""
+    try:
+        return experiment_id(experiment)
+    except Exception as error:
+        if not unreachable(error):
+            raise
+        raise TransientError(f"{masked(tracking_uri())}: the tracking server did not answer "
+                             f"({' '.join(str(error).split())[:160]})") from None  # fmt: skip
+
+
+def experiment_id(experiment: str) -> str:
     import mlflow
 
     uri = tracking_uri()

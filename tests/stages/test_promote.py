@@ -354,3 +354,30 @@ def test_a_champion_that_trained_on_todays_test_rows_is_refused_in_one_line(
     message = str(refused.value)
     assert "test rows were training rows of the champion (leak-sentiment version" in message
     assert "\n" not in message and "ingest.seed" in message
+
+
+def test_promote_with_the_tracking_server_down_is_transient_and_moves_nothing(smoke_evaluated: SmokeRun,
+                                                                             candidates, tmp_path: Path):  # fmt: skip
+    from tests.flows.conftest import free_port
+
+    run = smoke_evaluated
+    params = settings(run, "down", floors={"sentiment": 0.0})
+    first = gate(params, run, candidates["a"])  # a champion, in the store the server would serve
+    params_file = write_params(params, tmp_path / "params.yaml")
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.promote", "--params", str(params_file), "--task", "sentiment",
+         "--optimized", str(candidates["b"]), "--dataset", str(run.raw / "sentiment"),
+         "--validation", str(run.validation / "sentiment.json"), "--report", str(tmp_path / "report.json"),
+         "--metrics", str(tmp_path / "figures.json")],
+        cwd=REPO, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": down,
+             "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},  # MLflow's own retries would only make it slower
+    )  # fmt: skip
+    assert result.returncode == 75, result.stderr[-1500:]  # transient: the flow retries it
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and down in lines[0], result.stderr[-1500:]
+    assert not (tmp_path / "report.json").exists()
+    assert (
+        str(registry.alias_version(registry.client(), "down-sentiment", "champion").version) == first.baseline_version
+    )
