@@ -53,7 +53,7 @@ def setup(experiment: str = EXPERIMENT) -> str:
     """Point MLflow at the store and experiment; return the experiment id. A tracking server that does not
     answer is transient (exit 75: the flow retries), in one line."""
     try:
-        return experiment_id(experiment)
+        return find_or_create_experiment(experiment)
     except Exception as error:
         if not unreachable(error):
             raise
@@ -61,7 +61,7 @@ def setup(experiment: str = EXPERIMENT) -> str:
                              f"({' '.join(str(error).split())[:160]})") from None  # fmt: skip
 
 
-def experiment_id(experiment: str) -> str:
+def find_or_create_experiment(experiment: str) -> str:
     import mlflow
 
     uri = tracking_uri()
@@ -189,14 +189,14 @@ def stage_run(
 
     name = f"{stage}@{item}" if item else stage
     try:
-        experiment_id = setup()
-        parent = pipeline_parent(experiment_id)
+        experiment = find_or_create_experiment(EXPERIMENT)  # unanswered: the line below names this run
+        parent = pipeline_parent(experiment)
         tags = {"stage": stage, "git_commit": git_commit(), "params_digest": params_digest(params),
                 **dvc_lineage(name), "lmforge.pipeline_key": pipeline_key()}  # fmt: skip
         if item:
             tags["item"] = item
             tags["task" if stage != "pretrain" else "model"] = item
-        with mlflow.start_run(experiment_id=experiment_id, run_name=name, parent_run_id=parent, tags=tags,
+        with mlflow.start_run(experiment_id=experiment, run_name=name, parent_run_id=parent, tags=tags,
                               log_system_metrics=system_metrics) as run:  # fmt: skip
             mlflow.log_params(loggable_params(params))
             yield run
