@@ -43,6 +43,15 @@ def wait_until_healthy(api_url: str, process: subprocess.Popen, log: Path, timeo
     raise LmforgeError(f"the server for {api_url} did not answer within {timeout_s:.0f}s (log: {log})")
 
 
+def stop_server(process: subprocess.Popen, grace_s: float = 30) -> None:
+    """Ask a server to stop (SIGTERM), and kill it if it has not within `grace_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 @contextmanager
 def prefect_api(port: int = 4200, host: str = "127.0.0.1", startup_timeout_s: float = 180) -> Iterator[str]:
     """The Prefect API URL to use: PREFECT_API_URL if set, else a server started here until the block ends."""
@@ -71,11 +80,7 @@ def prefect_api(port: int = 4200, host: str = "127.0.0.1", startup_timeout_s: fl
     finally:
         if previous is None:
             os.environ.pop("PREFECT_API_URL", None)
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_server(process)
 
 
 @contextmanager

@@ -138,10 +138,10 @@ def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str],
         raise
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     if result.returncode != 0:
-        restore_after(stage, arguments, cwd)
         logger().error(masked(result.stderr[-3000:]))
         code = stage_exit_code(result)
-        if code < 0:  # killed by a signal: it printed nothing of its own
+        if code < 0:  # killed by a signal: it printed nothing of its own, nor put back its outputs
+            restore_after(stage, arguments, cwd)
             name = signal.Signals(-code).name if -code in {int(known) for known in signal.Signals} else -code
             raise StageFailed(stage, code, f"its process was killed by {name}")
         raise StageFailed(stage, code, last_error_line(result.stderr))
@@ -149,8 +149,8 @@ def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str],
 
 
 def restore_after(stage: str, arguments: list[str], cwd: Path) -> None:
-    """After a failed `dvc repro` of `stage`, its previous outputs back from DVC's cache: a stage that fails
-    puts them back itself, but not one that was killed or ran past its timeout."""
+    """After a `dvc repro` of `stage` that was killed, ran past its timeout or was interrupted, its previous
+    outputs back from DVC's cache: a stage that fails of itself puts them back on its own way out."""
     if arguments[:1] == ["repro"] and "--dry" not in arguments:
         restore_missing_outputs(stage, cwd)
 

@@ -49,7 +49,7 @@ def test_a_prefect_server_with_an_auth_string_serves_only_who_holds_it(tmp_path:
 
     import httpx
 
-    from flows.server import wait_until_healthy
+    from flows.server import stop_server, wait_until_healthy
     from tests.flows.conftest import free_port
     from tests.flows.test_trial_workers import start
 
@@ -76,8 +76,4 @@ def test_a_prefect_server_with_an_auth_string_serves_only_who_holds_it(tmp_path:
                                  env={**client, "PREFECT_API_AUTH_STRING": secret}, text=True, timeout=300)  # fmt: skip
         assert allowed.returncode == 0 and "limit set" in allowed.stdout, allowed.stderr[-2000:]
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)

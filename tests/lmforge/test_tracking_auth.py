@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from flows.server import wait_until_healthy
+from flows.server import stop_server, wait_until_healthy
 from lmforge import registry
 from tests.flows.conftest import free_port
 from tests.flows.test_trial_workers import start
@@ -43,11 +42,7 @@ def auth_server(tmp_path: Path) -> Iterator[tuple[str, str]]:
         wait_until_healthy(uri, server, tmp_path / "mlflow.log", timeout_s=180)
         yield uri, password
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop_server(server)
 
 
 def as_user(monkeypatch: pytest.MonkeyPatch, uri: str, user: str | None, password: str | None):
