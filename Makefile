@@ -40,6 +40,7 @@ bench: setup
 	python -m bench.ingest_memory
 	python -m bench.hpo_pruning
 	python -m bench.dispatch
+	python -m bench.serve_latency
 
 clean:
 	rm -rf data/raw data/processed reports models checkpoints

@@ -23,6 +23,7 @@ ends as a local `dvc repro` of the same commit would write it.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from prefect import flow, get_run_logger
 
 from lmforge import tracking
 from lmforge.credentials import masked
+from lmforge.progress import PROGRESS_ENV, Progress
 from lmforge.stage import restore_missing_outputs
 
 STAGE_FLOW = "lmforge-stage"  # deployments are lmforge-stage/<pool>: one per work pool
@@ -112,6 +115,62 @@ def logger() -> Any:
         return logging.getLogger(__name__)
 
 
+# A progress bar's redraws (tqdm: "42%|████  | 420/1000 [...]"): a terminal's, not a log's.
+BAR_REDRAW = re.compile(r"\d+%\|.*\|")
+
+
+class Relay:
+    """A running stage's output, a line as it comes: into the flow run's log (progress bars left out), its
+    progress lines (lmforge/progress.py) into the stage's progress artifact; all of it kept for the result."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.artifact: Any = None  # the progress artifact's id, from the first progress line on
+        self.context = contextvars.copy_context()  # the flow run's: the reader threads log into it
+
+    def follow(self, process: subprocess.Popen, timeout_s: float | None) -> tuple[str, str]:
+        """Both streams until the process ends (TimeoutExpired past `timeout_s`); (stdout, stderr)."""
+        kept: dict[str, list[str]] = {"stdout": [], "stderr": []}
+        readers = [threading.Thread(target=self.context.copy().run, args=(self.read, stream, kept[name]), daemon=True)
+                   for name, stream in (("stdout", process.stdout), ("stderr", process.stderr))]  # fmt: skip
+        for reader in readers:
+            reader.start()
+        process.wait(timeout=timeout_s)
+        for reader in readers:
+            reader.join()
+        return "".join(kept["stdout"]), "".join(kept["stderr"])
+
+    def read(self, stream: Any, kept: list[str]) -> None:
+        for line in stream:  # text mode: a carriage return ends a line too, so each redraw is one
+            kept.append(line)
+            self.show(line.rstrip())
+
+    def show(self, line: str) -> None:
+        if not line.strip() or BAR_REDRAW.search(line):
+            return
+        found = Progress.parse(line)
+        if found is None:
+            logger().info(masked(line))
+            return
+        try:
+            self.publish(found)
+        except Exception as error:  # a progress picture is not worth failing a stage for
+            logger().debug(f"progress artifact of {self.stage}: {type(error).__name__}: {error}")
+
+    def publish(self, found: Progress) -> None:
+        """The stage's progress artifact in the Prefect UI (inside a flow run only): created, then updated."""
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return
+        if self.artifact is None:
+            key = "progress-" + re.sub(r"[^a-z0-9]+", "-", self.stage.lower()).strip("-")
+            self.artifact = create_progress_artifact(found.percent, key=key, description=found.markdown())
+        else:
+            update_progress_artifact(self.artifact, found.percent, description=found.markdown())
+
+
 def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str],
         timeout_s: float | None = None) -> subprocess.CompletedProcess:  # fmt: skip
     """One dvc command for `stage`; its failure is the stage's, with the stage's own exit code.
@@ -123,10 +182,11 @@ def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str],
     # Other stages of the flow may hold this repository's DVC lock for a moment: wait for it, do not fail.
     # lmforge.processes leads the new process group: it ends the group if this process dies or ends it.
     command = [sys.executable, "-m", "lmforge.processes", "dvc", "--wait-for-lock", *arguments]
-    process = subprocess.Popen(command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(command, cwd=cwd, env={**env, PROGRESS_ENV: "lines"}, text=True, bufsize=1,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    relay = Relay(stage)
     try:
-        stdout, stderr = process.communicate(timeout=timeout_s)
+        stdout, stderr = relay.follow(process, timeout_s)
     except subprocess.TimeoutExpired:
         end_group(process)
         restore_after(stage, arguments, cwd)
@@ -137,8 +197,7 @@ def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str],
         restore_after(stage, arguments, cwd)
         raise
     result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    if result.returncode != 0:
-        logger().error(masked(result.stderr[-3000:]))
+    if result.returncode != 0:  # its lines are in the log already, as they came
         code = stage_exit_code(result)
         if code < 0:  # killed by a signal: it printed nothing of its own, nor put back its outputs
             restore_after(stage, arguments, cwd)

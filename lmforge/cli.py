@@ -14,7 +14,7 @@ import typer
 from lmforge.errors import LmforgeError, fail
 from lmforge.io import write_text_atomic
 from lmforge.params import PROFILES, load_params, params_to_dict, render_params_yaml, switch_profile
-from lmforge.stage import dvc_paths, report_files
+from lmforge.stage import dvc_paths, item_of, report_files
 
 app = typer.Typer(help="lmforge: corpus -> custom language model, tracked, validated and gated.", no_args_is_help=True)
 params_app = typer.Typer(help="Check, show and switch params.yaml.", no_args_is_help=True)
@@ -186,6 +186,39 @@ def compare(
         delta, lower = paired_bootstrap(other, reference, settings.bootstrap_samples, settings.confidence)
         typer.echo(f"{label} vs champion: improvement {delta:+.4f}, {settings.confidence:.0%} lower bound "
                    f"{lower:+.4f} (paired bootstrap)")  # fmt: skip
+
+
+INPUT_OPTION = typer.Option(..., "--input", "-i", help='.txt (a text per line), .jsonl ("text"), .csv (a text column)')
+OUTPUT_OPTION = typer.Option(..., "--output", "-o", help=".jsonl or .csv, written whole or not at all")
+VERSION_OPTION = typer.Option(None, "--version", "-v", help="a registered version (default: the one holding @champion)")
+BATCH_OPTION = typer.Option(32, "--batch-size", help="rows scored at once")
+NEW_TOKENS_OPTION = typer.Option(None, "--max-new-tokens", help="generation: tokens to add (default: the model's, 24)")
+
+
+@app.command("predict")
+def predict(
+    task: str = TASK_OPTION,
+    input_path: Path = INPUT_OPTION,
+    output_path: Path = OUTPUT_OPTION,
+    version: str = VERSION_OPTION,
+    batch_size: int = BATCH_OPTION,
+    max_new_tokens: int = NEW_TOKENS_OPTION,
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Score a file with the task's @champion (or --version), exactly as `mlflow models serve` would answer.
+
+    Classification: label and score; token classification: words, tags and entities; generation: continuation.
+    """
+    from lmforge.predict import predict_file
+
+    try:
+        settings = load_params(params)
+        item_of(settings.finetune.tasks, task, "finetune.tasks")  # an unknown task, named
+        scored = predict_file(settings.promote.model_prefix, task, input_path, output_path, version, batch_size,
+                              max_new_tokens)  # fmt: skip
+    except LmforgeError as error:
+        fail(error)
+    typer.echo(f"{scored.rows} rows scored by {scored.model_uri} -> {scored.output}")
 
 
 @app.command("rollback")

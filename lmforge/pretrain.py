@@ -23,6 +23,7 @@ import torch
 from lmforge import distributed, tracking
 from lmforge.artifacts import PackedCorpus, PretrainReport
 from lmforge.errors import Follower, LmforgeError, TransientError
+from lmforge.figures import curve_figure, log_figures
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, write_json
 from lmforge.losses import causal_lm_loss
 from lmforge.models import PRETRAIN_PARAMS, build_pretrain_model, count_parameters
@@ -329,6 +330,8 @@ def run(section: PretrainSection, paths: PretrainPaths) -> PretrainReport:
         )
         mlflow.log_metrics({k: float(v) for k, v in report.data().items()
                             if isinstance(v, int | float) and not isinstance(v, bool)})  # fmt: skip
+        if result.history:
+            log_figures({"training_curve": curve_figure(result.history, f"pretrain@{name}: validation loss")})
         with atomic_output_dir(paths.out) as staging:
             model.cpu().save_pretrained(str(staging), safe_serialization=True)
             tokenizer.save_pretrained(str(staging))

@@ -24,7 +24,7 @@ import mlflow
 import pandas as pd
 from mlflow.entities.model_registry import ModelVersion
 
-from lmforge import registry, rescore, tracking
+from lmforge import card, registry, rescore, tracking
 from lmforge.artifacts import DatasetValidation, GateDecision, Manifest, ModelRef, OptimizeReport, PromoteReport
 from lmforge.errors import DataError
 from lmforge.gate import Evidence, decide
@@ -183,28 +183,11 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
             [f"held: DVC experiment {experiment!r} is a what-if, so @champion does not move "
              f"(to serve it: lmforge promote --task {task} --version {version})"] if experiment else [])  # fmt: skip
         drift = manifest.drift(params.promote.max_label_share_change)
-        # The decision goes on the version before any alias moves: a crash in between leaves a
-        # recorded decision and the old aliases, and a re-run gates again and finishes the move.
-        client.set_model_version_tag(name, version, "gate.decision", verdict)
-        client.set_model_version_tag(name, version, "gate.reasons", "; ".join(reasons)[:4900])
-        client.set_model_version_tag(name, version, "dataset.test_digest", digest)
-        client.set_model_version_tag(name, version, registry.score_tag(manifest.test_sha256),
-                                     registry.score_line(candidate.metrics))  # fmt: skip
-        if experiment:
-            client.set_model_version_tag(name, version, "dvc.experiment", experiment)
-        client.update_model_version(name, version, description=f"Gate {verdict.upper()} "
-                                    f"(vs champion {champion.version.version if champion.version else 'none'}, "
-                                    f"on test split {manifest.test_sha256[:12]}):\n- "
-                                    + "\n- ".join(reasons + [f"drift: {line}" for line in drift]))  # fmt: skip
-        if decision.passed and not experiment:
-            registry.crown(client, name, version)
-        elif not candidate.is_baseline:  # @challenger is the trained candidate a person may want to compare
-            client.set_registered_model_alias(name, registry.CHALLENGER, version)
         report = PromoteReport(
             task=task, registered_model=name, version=version, decision=verdict,
             reasons=reasons, checks=decision.checks,
             champion_before=str(champion.version.version) if champion.version else None,
-            champion_after=registry.describe(registry.alias_version(client, name, registry.CHAMPION)),
+            champion_after=None,  # below, once the aliases have moved
             improvement=decision.improvement, improvement_lower_bound=decision.improvement_lower_bound,
             candidate_primary=candidate.primary, primary_metric=candidate.metrics.primary_metric,
             champion_primary=(champion.evidence.primary if champion.evidence is not None
@@ -216,8 +199,28 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
             champion_before_rescored=champion.rescored_primary(),
             data_changes=manifest.changes, label_counts=manifest.labels.counts, drift=drift,
         )  # fmt: skip
+        model_card = card.render(report.model_copy(update={"reasons": reasons + [f"drift: {line}" for line in drift]}),
+                                 candidate.metrics, manifest, mv.tags)  # fmt: skip
+        # The decision goes on the version before any alias moves: a crash in between leaves a
+        # recorded decision and the old aliases, and a re-run gates again and finishes the move.
+        client.set_model_version_tag(name, version, "gate.decision", verdict)
+        client.set_model_version_tag(name, version, "gate.reasons", "; ".join(reasons)[:4900])
+        client.set_model_version_tag(name, version, "dataset.test_digest", digest)
+        client.set_model_version_tag(name, version, registry.score_tag(manifest.test_sha256),
+                                     registry.score_line(candidate.metrics))  # fmt: skip
+        if experiment:
+            client.set_model_version_tag(name, version, "dvc.experiment", experiment)
+        client.update_model_version(name, version, description=card.as_description(model_card, run.info.run_id))
+        if decision.passed and not experiment:
+            registry.crown(client, name, version)
+        elif not candidate.is_baseline:  # @challenger is the trained candidate a person may want to compare
+            client.set_registered_model_alias(name, registry.CHALLENGER, version)
+        report = report.model_copy(
+            update={"champion_after": registry.describe(registry.alias_version(client, name, registry.CHAMPION))}
+        )
         mlflow.set_tags({"gate.decision": verdict, "registered_model": name, "model_version": version})
         mlflow.log_dict(report.data(), "promotion.json")
+        mlflow.log_text(model_card, "README.md")  # the model card, as the version's description says it
     return report
 
 

@@ -25,6 +25,7 @@ from lmforge import tracking
 from lmforge.artifacts import EvaluateReport, Manifest, ModelRef, PerExample, TrainingHistory
 from lmforge.baselines import Baseline, MajorityTag, NgramLM, TfidfLogReg
 from lmforge.errors import LmforgeError
+from lmforge.figures import evaluation_figures, log_figures
 from lmforge.inference import (
     TaskModel,
     class_probabilities,
@@ -59,6 +60,7 @@ class Evaluation:
     per_example: PerExample  # what the gate's paired bootstrap resamples
     confusion: list[dict[str, str]]  # (actual, predicted) pairs: the DVC confusion plot
     samples: list[dict[str, str]] | None = None  # generation: prompts, references, generations
+    probabilities: np.ndarray | None = None  # classification: each text's class probabilities (ROC, PR curves)
 
 
 def frozen_test_split(dataset_dir: Path, tm: TaskModel) -> pd.DataFrame:
@@ -107,7 +109,8 @@ def score_classification(probabilities: Callable[[list[str]], np.ndarray], label
         "higher_is_better": True, **scores, "baseline": {"name": "none"},
         "latency_ms_p50": p50, "latency_ms_p95": p95, "throughput_per_s": len(texts) / seconds,
     }  # fmt: skip
-    return Evaluation(metrics, PerExample(y_true=y_true.tolist(), y_pred=y_pred.tolist()), confusion)
+    per_example = PerExample(y_true=y_true.tolist(), y_pred=y_pred.tolist())
+    return Evaluation(metrics, per_example, confusion, probabilities=probs)
 
 
 def score_tokens(tagger: Callable[[list[list[str]]], list[list[str]]], test: pd.DataFrame,
@@ -374,4 +377,6 @@ def evaluate_model(
                      finetune_run_id=tm.meta.finetune_run_id).write_into(staging / "model.json")  # fmt: skip
             log_evidence(staging)
             log_rows(dataset_dir)
+            log_figures(evaluation_figures(task, result.confusion, tm.labels, result.per_example.y_true,
+                                           result.probabilities, history.data()))  # fmt: skip
     return report

@@ -28,6 +28,7 @@ from transformers import (
 from lmforge import distributed, tracking
 from lmforge.artifacts import DatasetLabels, FinetuneReport, Manifest, TaskMeta
 from lmforge.errors import Follower, LmforgeError
+from lmforge.figures import curve_figure, log_figures
 from lmforge.io import atomic_output_dir, files_sha256, fingerprint, write_json
 from lmforge.losses import causal_lm_loss
 from lmforge.models import (
@@ -293,6 +294,8 @@ def train_task(name: str, task: FinetuneTask, seed: int, folders: TaskFolders,
         mlflow_run_id=run.info.run_id if run else None,
     )
     mlflow.log_metrics({k: float(v) for k, v in report.data().items() if isinstance(v, int | float)})
+    if run is not None and result.history:
+        log_figures({"training_curve": curve_figure(result.history, f"finetune@{name}: validation loss")})
     with atomic_output_dir(folders.out) as staging:
         model.cpu().save_pretrained(str(staging), safe_serialization=True)
         tokenizer.save_pretrained(str(staging))

@@ -27,7 +27,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm import tqdm
 
-from lmforge import distributed
+from lmforge import distributed, progress
 from lmforge.allocator import keep_freed_memory
 from lmforge.checkpoint import latest_checkpoint, load_checkpoint, os_errors_of_safetensors, save_checkpoint
 from lmforge.io import writing
@@ -274,6 +274,10 @@ def train(
                     bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", tok_s=f"{metrics['tokens_per_second']:.0f}")
                     if is_main:
                         log(metrics, step)
+                        per_step = (time.perf_counter() - started) / max(step - (resumed_from or 0), 1)
+                        progress.report(progress.Progress(description, step, total_steps, metrics["train_loss"],
+                                                          metrics["tokens_per_second"],
+                                                          per_step * (total_steps - step)))  # fmt: skip
                     window_loss, window_tokens, window_started = 0.0, 0, time.perf_counter()
 
                 if step % params.eval_every == 0 or step == total_steps:

@@ -90,3 +90,48 @@ def test_a_stage_ends_when_the_flow_process_that_started_it_is_killed(tmp_path: 
     finally:
         for process in alive(marker):
             process.kill()
+
+
+STREAMING_STAGE = """
+import sys, time
+from lmforge import progress
+print("hello from the stage", file=sys.stderr, flush=True)
+sys.stderr.write("50%|#####     | 5/10 [00:01<00:01, 5.00step/s]\\r")
+sys.stderr.flush()
+for step in (5, 10):
+    progress.report(progress.Progress("finetune demo", step, 10, 3.0 / step, 1234.0, 2.0 * (10 - step)))
+"""
+
+
+def test_a_running_stage_streams_its_lines_and_its_progress_into_the_flow_run(tmp_path: Path, harness):
+    from prefect import flow, get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, LogFilter, LogFilterFlowRunId
+    from prefect.context import FlowRunContext
+    from prefect.logging.handlers import APILogHandler
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    sh("git", "init", "-q", cwd=repo)
+    sh("dvc", "init", "-q", cwd=repo, env=ENV)
+    (repo / "stage.py").write_text(STREAMING_STAGE)
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"demo": {"cmd": "python stage.py",
+                                                                        "deps": ["stage.py"]}}}))  # fmt: skip
+
+    @flow
+    def streamed() -> str:
+        dvc("demo", ["repro", "demo"], repo, ENV)
+        context = FlowRunContext.get()
+        assert context is not None and context.flow_run is not None
+        return str(context.flow_run.id)
+
+    flow_run_id = streamed()
+    APILogHandler().flush()
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["progress-demo"])))
+    messages = [log.message for log in logs]
+    assert "hello from the stage" in messages
+    assert not any("5/10 [00:01" in message or "lmforge-progress" in message for message in messages)
+    assert len(artifacts) == 1 and artifacts[0].type == "progress" and artifacts[0].data == 100.0
+    assert artifacts[0].description == ("**finetune demo**: step 10 of 10, train loss 0.3000, 1,234 tokens/s, "
+                                        "about 0 min 00 s to go")  # fmt: skip

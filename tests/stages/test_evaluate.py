@@ -49,6 +49,35 @@ def test_metrics_with_interval_baseline_latency_and_plots(evaluated: SmokeRun, t
         assert metrics["primary"] > 1 and 0 <= metrics["bleu_char"] <= 1 and 0 <= metrics["rouge_l_char"] <= 1
 
 
+@pytest.mark.parametrize(("task", "pictures"), [
+    ("sentiment", ["confusion_matrix", "precision_recall", "roc", "training_curve"]),
+    ("ner", ["confusion_matrix", "training_curve"]),
+    ("continuation", ["training_curve"]),
+])  # fmt: skip
+def test_the_evaluate_run_shows_its_pictures_in_mlflow(evaluated: SmokeRun, task: str, pictures: list[str]):
+    import mlflow
+    from PIL import Image
+
+    model = json.loads((evaluated.root / "reports/evaluate" / task / "model.json").read_text())
+    run_id = model["run_id"]
+    logged = mlflow.MlflowClient().list_artifacts(run_id, "plots")
+    assert sorted(Path(item.path).name for item in logged) == [f"{name}.png" for name in pictures]
+    trained = mlflow.MlflowClient().list_artifacts(model["finetune_run_id"], "plots")  # the training run has its own
+    assert [Path(item.path).name for item in trained] == ["training_curve.png"]
+    for item in logged:
+        with Image.open(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=item.path)) as image:
+            assert image.format == "PNG" and image.width >= 400 and image.height >= 300
+
+
+def test_the_confusion_picture_counts_each_pair_once():
+    from lmforge.figures import confusion_figure
+
+    pairs = [{"actual": "pos", "predicted": "pos"}] * 3 + [{"actual": "pos", "predicted": "neg"}]
+    figure = confusion_figure(pairs, ["neg", "pos", "unused"], "t")
+    counts = figure.axes[0].images[0].get_array()
+    assert counts.tolist() == [[0, 0], [1, 3]]  # rows actual, columns predicted; a label never seen is left out
+
+
 def test_pyfunc_model_predicts_on_raw_text(evaluated: SmokeRun):
     import mlflow
 
