@@ -1,9 +1,10 @@
 """The model card of a registered version: what it is for, what it learned from, how it scored, why it serves.
 
 Hugging Face's convention (a README.md whose YAML front matter is `huggingface_hub.ModelCardData`), so the
-same text reads on the hub, in a model folder, and in the MLflow registry, where promote writes it as the
-version's description once the gate has decided: the figures with their intervals beside the baseline's
-and the champion's on the same test split, the decision and each reason, and the lineage tags.
+same text reads on the hub and in a model folder; promote logs it as README.md of its run and writes its
+markdown (without the metadata) as the version's description in the MLflow registry, once the gate has
+decided: the figures with their intervals beside the baseline's and the champion's on the same test split,
+the decision and each reason, and the lineage tags.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ DESCRIPTION_CHARS = 5000  # the registry's column (VARCHAR(5000) on PostgreSQL, 
 
 
 def as_description(card: str, run_id: str) -> str:
-    """The card as a version's description: whole when it fits the registry, else cut with a pointer to it."""
-    if len(card) <= DESCRIPTION_CHARS:
-        return card
+    """The card as a version's description: its markdown without the YAML front matter (the registry's page
+    renders markdown, and would show the metadata as a mangled list), cut with a pointer if it is too long."""
+    text = ModelCard(card).text.lstrip("\n")
+    if len(text) <= DESCRIPTION_CHARS:
+        return text
     pointer = f"\n\n(cut here: the whole card is README.md of MLflow run {run_id})\n"
-    return card[: DESCRIPTION_CHARS - len(pointer)] + pointer
+    return text[: DESCRIPTION_CHARS - len(pointer)] + pointer
 
 
 def _figure(value: float | None) -> str:
@@ -72,11 +75,16 @@ def render(report: PromoteReport, metrics: EvaluateReport, manifest: Manifest, t
     )
     improvement = ""
     if report.improvement is not None:
+        bound = report.improvement_lower_bound
         improvement = (f"\n\nImprovement over the champion: {report.improvement:+.4f} {metrics.primary_metric}, "
-                       f"paired-bootstrap lower bound {_figure(report.improvement_lower_bound)}.")  # fmt: skip
+                       f"paired-bootstrap lower bound {'-' if bound is None else f'{bound:+.4f}'}.")  # fmt: skip
     lineage = [f"- {label}: `{tags[tag]}`" for tag, label in LINEAGE.items() if tags.get(tag)]
-    lineage += [f"- {tag}: `{value}`" for tag, value in sorted(tags.items()) if tag.startswith("dvc.")]
-    rows = ", ".join(f"{split} {count:,}" for split, count in manifest.rows.items())
+    lineage += [f"- `{tag.removeprefix('dvc.')}` in dvc.lock: `{value}`" for tag, value in sorted(tags.items())
+                if tag.startswith("dvc.") and tag != "dvc.experiment"]  # fmt: skip
+    counts = manifest.rows
+    rows = ", ".join(f"{split} {counts[split]:,}" for split in ("train", "val", "test") if split in counts)
+    if "source" in counts:
+        rows += f" (of {counts['source']:,} in the source; {counts.get('duplicates_dropped', 0):,} duplicates dropped)"
     label_line = f"\n- labels: {', '.join(labels)}" if labels else ""
     body = f"""
 # {report.registered_model}, version {report.version}
@@ -92,7 +100,7 @@ Task `{report.task}` ({kind}): it {USES.get(kind, kind)}. Score a file with
 ## Training data
 
 - dataset `{manifest.dataset}` ({manifest.kind}): {manifest.source.description}
-- rows: {rows} (split by a seeded hash of each text, seed {manifest.seed}){label_line}
+- rows: {rows}; split by a seeded hash of each text (seed {manifest.seed}){label_line}
 - source sha256: `{manifest.source.sha256}`
 - test split sha256: `{manifest.test_sha256}` (every figure below is on it)
 

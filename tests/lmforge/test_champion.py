@@ -243,7 +243,9 @@ def test_each_gated_version_carries_its_model_card(registered: Registered, smoke
     client = mlflow.MlflowClient()
     for task, report in registered.reports.items():
         version = client.get_model_version(report.registered_model, report.version)
-        card = ModelCard(version.description)  # Hugging Face's format: YAML front matter, then markdown
+        assert version.tags["gate.run_id"] == report.mlflow_run_id
+        card = ModelCard(mlflow.artifacts.load_text(f"runs:/{version.tags['gate.run_id']}/README.md"))
+        assert card.text.lstrip("\n") == version.description  # the markdown; the metadata is README.md's alone
         assert card.data.tags == ["lmforge", registered.params.finetune.tasks[task].kind, f"gate-{report.decision}"]
         metrics = EvaluateReport.read(smoke_evaluated.root / "reports/evaluate" / task / "metrics.json")
         interval = f"| {metrics.primary:.4f} | [{metrics.primary_ci_low:.4f}, {metrics.primary_ci_high:.4f}] |"
@@ -257,13 +259,11 @@ def test_each_gated_version_carries_its_model_card(registered: Registered, smoke
         assert f"- git commit: `{version.tags['git_commit']}`" in card.text
         if report.champion_before is not None:  # the trained model faced the baseline that took @champion first
             assert f"| champion it was compared with (version {report.champion_before}) |" in card.text
-        logged = mlflow.artifacts.load_text(f"runs:/{report.mlflow_run_id}/README.md")
-        assert logged == version.description
 
 
 def test_a_card_longer_than_the_registry_takes_is_cut_with_a_pointer():
     from lmforge.card import DESCRIPTION_CHARS, as_description
 
-    assert as_description("short", "r1") == "short"
+    assert as_description("---\ntags: [a]\n---\nshort", "r1") == "short"
     cut = as_description("x" * 9000, "r1")
     assert len(cut) == DESCRIPTION_CHARS and cut.endswith("README.md of MLflow run r1)\n")
