@@ -126,6 +126,7 @@ class Relay:
     def __init__(self, stage: str) -> None:
         self.stage = stage
         self.artifact: Any = None  # the progress artifact's id, from the first progress line on
+        self.last: Progress | None = None  # the latest progress line
         self.context = contextvars.copy_context()  # the flow run's: the reader threads log into it
 
     def follow(self, process: subprocess.Popen, timeout_s: float | None) -> tuple[str, str]:
@@ -138,6 +139,8 @@ class Relay:
         process.wait(timeout=timeout_s)
         for reader in readers:
             reader.join()
+        if process.returncode == 0 and self.last is not None:  # done, early stopping included: the bar is full
+            self.context.copy().run(self.publish, self.last, 100.0, True)
         return "".join(kept["stdout"]), "".join(kept["stderr"])
 
     def read(self, stream: Any, kept: list[str]) -> None:
@@ -146,29 +149,29 @@ class Relay:
             self.show(line.rstrip())
 
     def show(self, line: str) -> None:
-        if not line.strip() or BAR_REDRAW.search(line):
-            return
-        found = Progress.parse(line)
+        found = Progress.parse(line)  # first: it may come glued to a bar's redraw
         if found is None:
-            logger().info(masked(line))
+            if line.strip() and not BAR_REDRAW.search(line):
+                logger().info(masked(line))
             return
-        try:
-            self.publish(found)
-        except Exception as error:  # a progress picture is not worth failing a stage for
-            logger().debug(f"progress artifact of {self.stage}: {type(error).__name__}: {error}")
+        self.last = found
+        self.publish(found, found.percent)
 
-    def publish(self, found: Progress) -> None:
+    def publish(self, found: Progress, percent: float, done: bool = False) -> None:
         """The stage's progress artifact in the Prefect UI (inside a flow run only): created, then updated."""
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
         from prefect.context import FlowRunContext, TaskRunContext
 
         if FlowRunContext.get() is None and TaskRunContext.get() is None:
             return
-        if self.artifact is None:
-            key = "progress-" + re.sub(r"[^a-z0-9]+", "-", self.stage.lower()).strip("-")
-            self.artifact = create_progress_artifact(found.percent, key=key, description=found.markdown())
-        else:
-            update_progress_artifact(self.artifact, found.percent, description=found.markdown())
+        try:
+            if self.artifact is None:
+                key = "progress-" + re.sub(r"[^a-z0-9]+", "-", self.stage.lower()).strip("-")
+                self.artifact = create_progress_artifact(percent, key=key, description=found.markdown(done))
+            else:
+                update_progress_artifact(self.artifact, percent, description=found.markdown(done))
+        except Exception as error:  # a progress picture is not worth failing a stage for
+            logger().debug(f"progress artifact of {self.stage}: {type(error).__name__}: {error}")
 
 
 def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str],

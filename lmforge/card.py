@@ -29,6 +29,7 @@ LINEAGE = {  # tag on the version -> what a reader calls it
 }
 
 
+MAX_LABELS_SHOWN = 12  # an intent set has dozens: the card names the first ones and says how many
 DESCRIPTION_CHARS = 5000  # the registry's column (VARCHAR(5000) on PostgreSQL, which refuses a longer one)
 
 
@@ -85,7 +86,10 @@ def render(report: PromoteReport, metrics: EvaluateReport, manifest: Manifest, t
     rows = ", ".join(f"{split} {counts[split]:,}" for split in ("train", "val", "test") if split in counts)
     if "source" in counts:
         rows += f" (of {counts['source']:,} in the source; {counts.get('duplicates_dropped', 0):,} duplicates dropped)"
-    label_line = f"\n- labels: {', '.join(labels)}" if labels else ""
+    shown = ", ".join(labels[:MAX_LABELS_SHOWN]) + (
+        f", ... ({len(labels)} in all)" if len(labels) > MAX_LABELS_SHOWN else ""
+    )
+    label_line = f"\n- labels: {shown}" if labels else ""
     body = f"""
 # {report.registered_model}, version {report.version}
 

@@ -27,7 +27,10 @@ class Evidence:
 
     @property
     def primary(self) -> float:
-        return self.metrics.primary
+        """The primary metric computed from the per-example records by this code, as the paired bootstrap
+        computes it: a version scored when the metric was defined otherwise is shown as it is compared."""
+        value = scorer(self)(np.arange(self.examples))
+        return value if self.higher_is_better else -value
 
     @property
     def higher_is_better(self) -> bool:

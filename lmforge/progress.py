@@ -17,8 +17,10 @@ from dataclasses import dataclass
 
 PROGRESS_ENV = "LMFORGE_PROGRESS"
 PREFIX = "lmforge-progress "
+# Searched for, not matched from the start: tqdm redraws its bar after a carriage return and no newline, so a
+# line printed while a bar is shown arrives glued to the bar's last redraw.
 LINE = re.compile(
-    r"^lmforge-progress (?P<what>.+): step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>[-\d.einfa]+) "
+    r"lmforge-progress (?P<what>.+?): step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>[-\d.einfa]+) "
     r"tokens/s (?P<tokens>[\d.]+) eta_s (?P<eta>[\d.]+)$"
 )
 
@@ -42,16 +44,17 @@ class Progress:
 
     @classmethod
     def parse(cls, line: str) -> Progress | None:
-        found = LINE.match(line.strip())
+        found = LINE.search(line.strip())
         if found is None:
             return None
         return cls(found["what"], int(found["step"]), int(found["total"]), float(found["loss"]),
                    float(found["tokens"]), float(found["eta"]))  # fmt: skip
 
-    def markdown(self) -> str:
+    def markdown(self, done: bool = False) -> str:
         minutes, seconds = divmod(round(self.eta_s), 60)
+        to_go = "done" if done else f"about {minutes} min {seconds:02d} s to go"
         return (f"**{self.what}**: step {self.step:,} of {self.total:,}, train loss {self.loss:.4f}, "
-                f"{self.tokens_per_second:,.0f} tokens/s, about {minutes} min {seconds:02d} s to go")  # fmt: skip
+                f"{self.tokens_per_second:,.0f} tokens/s, {to_go}")  # fmt: skip
 
 
 def report(progress: Progress) -> None:

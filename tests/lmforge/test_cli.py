@@ -119,7 +119,7 @@ def test_params_use_keeps_the_users_datasets_tasks_edits_and_removals(tmp_path: 
 def test_params_use_of_an_unknown_profile_writes_nothing(tmp_path: Path):
     result = lmforge("params", "use", "tiny", "--params", "tiny.yaml", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr == "error: unknown profile 'tiny'; choose one of default, smoke, gpu\n"
+    assert result.stderr == "error: unknown profile 'tiny'; choose one of default, smoke, gpu, service\n"
     assert not (tmp_path / "tiny.yaml").exists()
 
 

@@ -158,3 +158,13 @@ def test_latency_is_no_guard_against_a_baseline_champion_but_still_timed():
     assert gate(classifier(0.9, 1), baseline_champion, latency=(7.6, 0.5)).checks["latency"] is True
     assert gate(classifier(0.9, 1), champion, latency=(7.6, 0.5)).checks["latency"] is False
     assert gate(classifier(0.9, 1), baseline_champion, latency=None).checks["latency"] is False  # still fails closed
+
+
+def test_a_champion_scored_under_another_definition_is_shown_as_it_is_compared():
+    """A version evaluated when its metric was defined otherwise (its stored figure is stale) is shown with the
+    figure the paired bootstrap compares, computed from its per-example records by this code."""
+    candidate, champion = classifier(0.9, 1), classifier(0.7, 2)
+    stale = Evidence(champion.metrics.model_copy(update={"primary": 0.123}), champion.per_example)
+    reasons = " ".join(gate(candidate, stale).reasons)
+    assert f"vs champion {champion.metrics.primary:.4f}" in reasons and "0.1230" not in reasons
+    assert stale.primary == pytest.approx(champion.metrics.primary)
