@@ -115,8 +115,12 @@ def logger() -> Any:
         return logging.getLogger(__name__)
 
 
-# A progress bar's redraws (tqdm: "42%|████  | 420/1000 [...]"): a terminal's, not a log's.
-BAR_REDRAW = re.compile(r"\d+%\|.*\|")
+# A progress bar's redraw (tqdm: "desc:  42%|████  | 420/1000 [00:01<00:02, 5.00step/s, loss=0.1]"): a terminal's,
+# not a log's. tqdm writes a carriage return before a redraw and none after, so a line printed while a bar is
+# shown arrives glued to the bar's last redraw: the redraw is cut off and the rest kept.
+BAR_REDRAW = re.compile(r"^.*?\d+%\|[^|]*\|[^\[\]]*(\[[^\]]*\])?")
+READERS_GRACE_S = 30.0  # after the stage's process ends, for whatever it started to let go of its output
+PUBLISH_EVERY_S = 2.0  # progress artifact updates at most this often: each is a call to the Prefect API
 
 
 class Relay:
@@ -127,6 +131,7 @@ class Relay:
         self.stage = stage
         self.artifact: Any = None  # the progress artifact's id, from the first progress line on
         self.last: Progress | None = None  # the latest progress line
+        self.published_at = 0.0
         self.context = contextvars.copy_context()  # the flow run's: the reader threads log into it
 
     def follow(self, process: subprocess.Popen, timeout_s: float | None) -> tuple[str, str]:
@@ -137,25 +142,35 @@ class Relay:
         for reader in readers:
             reader.start()
         process.wait(timeout=timeout_s)
+        deadline = time.monotonic() + READERS_GRACE_S
         for reader in readers:
-            reader.join()
+            reader.join(timeout=max(deadline - time.monotonic(), 0.0))
+        if any(reader.is_alive() for reader in readers):  # something the stage started still holds its output
+            end_group(process)
+            for reader in readers:
+                reader.join(timeout=5.0)
         if process.returncode == 0 and self.last is not None:  # done, early stopping included: the bar is full
-            self.context.copy().run(self.publish, self.last, 100.0, True)
+            self.publish(self.last, 100.0, done=True)
         return "".join(kept["stdout"]), "".join(kept["stderr"])
 
     def read(self, stream: Any, kept: list[str]) -> None:
         for line in stream:  # text mode: a carriage return ends a line too, so each redraw is one
             kept.append(line)
-            self.show(line.rstrip())
+            try:
+                self.show(line.rstrip())
+            except Exception as error:  # the pipe must be drained whatever happens: a full pipe stalls the stage
+                kept.append(f"(lmforge: a line was not relayed: {type(error).__name__})\n")
 
     def show(self, line: str) -> None:
         found = Progress.parse(line)  # first: it may come glued to a bar's redraw
-        if found is None:
-            if line.strip() and not BAR_REDRAW.search(line):
-                logger().info(masked(line))
+        if found is not None:
+            self.last = found
+            if time.monotonic() - self.published_at >= PUBLISH_EVERY_S:
+                self.publish(found, found.percent)
             return
-        self.last = found
-        self.publish(found, found.percent)
+        text = BAR_REDRAW.sub("", line).strip()
+        if text:
+            logger().info(masked(text))
 
     def publish(self, found: Progress, percent: float, done: bool = False) -> None:
         """The stage's progress artifact in the Prefect UI (inside a flow run only): created, then updated."""
@@ -164,6 +179,7 @@ class Relay:
 
         if FlowRunContext.get() is None and TaskRunContext.get() is None:
             return
+        self.published_at = time.monotonic()
         try:
             if self.artifact is None:
                 key = "progress-" + re.sub(r"[^a-z0-9]+", "-", self.stage.lower()).strip("-")
@@ -185,8 +201,10 @@ def dvc(stage: str, arguments: list[str], cwd: Path, env: dict[str, str],
     # Other stages of the flow may hold this repository's DVC lock for a moment: wait for it, do not fail.
     # lmforge.processes leads the new process group: it ends the group if this process dies or ends it.
     command = [sys.executable, "-m", "lmforge.processes", "dvc", "--wait-for-lock", *arguments]
-    process = subprocess.Popen(command, cwd=cwd, env={**env, PROGRESS_ENV: "lines"}, text=True, bufsize=1,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    # Unbuffered: a stage's stdout reaches the log as it prints, not when the pipe's buffer fills or it exits.
+    process = subprocess.Popen(command, cwd=cwd, env={**env, PROGRESS_ENV: "lines", "PYTHONUNBUFFERED": "1"},
+                               encoding="utf-8", errors="replace", bufsize=1, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
     relay = Relay(stage)
     try:
         stdout, stderr = relay.follow(process, timeout_s)

@@ -131,3 +131,15 @@ Latency, one text at a time: p50 {metrics.latency_ms_p50:.1f} ms, p95 {metrics.l
 - Figures are from a test split drawn from the same source as its training data, not from use in service.
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def render_or_plain(report: PromoteReport, metrics: EvaluateReport, manifest: Manifest, tags: Mapping[str, str]) -> str:
+    """The card, or (should rendering it fail) the decision and its reasons: a card is never why a gate stops."""
+    try:
+        return render(report, metrics, manifest, tags)
+    except Exception as error:
+        reasons = "\n".join(f"- {reason}" for reason in report.reasons)
+        return (
+            f"# {report.registered_model}, version {report.version}\n\nGate decision: **{report.decision.upper()}**"
+            f"\n\n{reasons}\n\n(the model card could not be written: {type(error).__name__}: {error})\n"
+        )

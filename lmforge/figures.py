@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 MAX_CONFUSION_LABELS = 40  # a tagger's tag set fits; past that a matrix is unreadable anyway
+MAX_CURVES = 10  # ROC and PR curves per class up to this many classes; a micro-average beyond
 
 
 def _figure(width: float = 5.5, height: float = 4.5) -> Figure:
@@ -58,6 +59,14 @@ def roc_and_pr_figures(y_true: Sequence[int], probabilities: np.ndarray, labels:
     truth = np.asarray(y_true)
     roc, pr = _figure(), _figure()
     roc_axes, pr_axes = roc.add_subplot(), pr.add_subplot()
+    if len(labels) > MAX_CURVES:  # dozens of intents: one curve over every (example, class) pair
+        positive, scores = (truth[:, None] == np.arange(len(labels))).ravel(), probabilities.ravel()
+        fpr, tpr, _ = roc_curve(positive, scores)
+        roc_axes.plot(fpr, tpr, label=f"{len(labels)} classes, micro-average (AUC {auc(fpr, tpr):.3f})")
+        precision, recall, _ = precision_recall_curve(positive, scores)
+        pr_axes.plot(recall, precision, label=f"{len(labels)} classes, micro-average "
+                     f"(AP {average_precision_score(positive, scores):.3f})")  # fmt: skip
+        labels = []
     for k, label in enumerate(labels):
         positive = truth == k
         if positive.all() or not positive.any():

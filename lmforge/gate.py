@@ -29,6 +29,8 @@ class Evidence:
     def primary(self) -> float:
         """The primary metric computed from the per-example records by this code, as the paired bootstrap
         computes it: a version scored when the metric was defined otherwise is shown as it is compared."""
+        if self.examples == 0:
+            return self.metrics.primary
         value = scorer(self)(np.arange(self.examples))
         return value if self.higher_is_better else -value
 

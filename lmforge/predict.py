@@ -54,6 +54,12 @@ def check_formats(input_path: Path, output_path: Path) -> None:
     if not input_path.is_file():
         raise DataError(f"{input_path}: is a directory, expected a file" if input_path.is_dir()
                         else f"{input_path}: file not found")  # fmt: skip
+    if output_path.exists() and output_path.resolve() == input_path.resolve():
+        raise DataError(f"{output_path}: is the input too; write the answers to another file")
+    try:
+        open(input_path, "rb").close()
+    except OSError as error:
+        raise DataError(f"{input_path}: cannot read: {error.strerror or error}") from None
 
 
 def read_rows(path: Path) -> Iterator[Row]:
@@ -106,10 +112,12 @@ def entities(words: list[str], tags: list[str]) -> list[dict[str, Any]]:
 
 
 def request_frame(rows: list[Row]) -> pd.DataFrame:
-    """The rows as the served model takes them: a "text" column, and "words" when every row has its words."""
+    """The rows as the served model takes them: a "text" column, and "words" when a row gives its words."""
+    from lmforge.inference import split_words
+
     frame = pd.DataFrame({"text": [row.text for row in rows]})
-    if all(row.words is not None for row in rows):
-        frame["words"] = [row.words for row in rows]
+    if any(row.words is not None for row in rows):  # the served model's own split for the rows that give none
+        frame["words"] = [row.words if row.words is not None else split_words(row.text) for row in rows]
     return frame
 
 
@@ -137,6 +145,8 @@ def served_model(prefix: str, task: str, version: str | None) -> tuple[str, Any]
             raise LmforgeError(f"{name}: no version holds @champion yet (run `dvc repro promote@{task}`, "
                                f"or give --version)")  # fmt: skip
         version = str(champion.version)
+    elif not version.isdigit():
+        raise LmforgeError(f"--version: {version!r} is not a version number (the default is the one holding @champion)")
     else:
         version = str(registry.model_version(client, name, version).version)
     loaded = registry.load_pyfunc(name, version)
@@ -202,24 +212,29 @@ def predict_file(prefix: str, task: str, input_path: Path, output_path: Path, ve
     check_formats(input_path, output_path)
     if batch_size < 1:
         raise LmforgeError(f"--batch-size: {batch_size} is not a positive number of rows")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise LmforgeError(f"--max-new-tokens: {max_new_tokens} is not a positive number of tokens")
     model_uri, model = served_model(prefix, task, version)
     request_params = generation_params(model, max_new_tokens)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
     staging = output_path.with_name(f".{output_path.name}.tmp-{os.getpid()}")
     scored = 0
     try:
-        with writing(output_path, staging), open(staging, "w", encoding="utf-8", newline="") as handle:
-            writer = Writer(handle, output_path.suffix.lower())
-            # On a terminal only (disable=None): a log file gets the one line of the result, not a bar.
-            with tqdm(total=line_count(input_path), unit="rows", desc=f"{task} ({model_uri})", leave=False,
-                      disable=None if progress else True) as bar:  # fmt: skip
-                for batch in batches(read_rows(input_path), batch_size):
-                    writer.write(answers(model, batch, request_params))
-                    scored += len(batch)
-                    bar.update(len(batch))
-        if scored == 0:
-            raise DataError(f"{input_path}: no rows to score")
-        os.replace(staging, output_path)
+        # Inside writing(): a disk that refuses (full, read-only) is one line naming the output. The input
+        # was opened once before (check_formats), so a read error here is not blamed on the output.
+        with writing(output_path, staging):
+            output_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(staging, "w", encoding="utf-8", newline="") as handle:
+                writer = Writer(handle, output_path.suffix.lower())
+                # On a terminal only (disable=None): a log file gets the one line of the result, not a bar.
+                with tqdm(total=line_count(input_path), unit="rows", desc=f"{task} ({model_uri})", leave=False,
+                          disable=None if progress else True) as bar:  # fmt: skip
+                    for batch in batches(read_rows(input_path), batch_size):
+                        writer.write(answers(model, batch, request_params))
+                        scored += len(batch)
+                        bar.update(len(batch))
+            if scored == 0:
+                raise DataError(f"{input_path}: no rows to score")
+            os.replace(staging, output_path)
     except BaseException:
         remove(staging)
         raise

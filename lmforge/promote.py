@@ -199,8 +199,8 @@ def gate_version(params: PromoteSection, version: str, dataset_dir: Path, valida
             champion_before_rescored=champion.rescored_primary(),
             data_changes=manifest.changes, label_counts=manifest.labels.counts, drift=drift,
         )  # fmt: skip
-        model_card = card.render(report.model_copy(update={"reasons": reasons + [f"drift: {line}" for line in drift]}),
-                                 candidate.metrics, manifest, mv.tags)  # fmt: skip
+        model_card = card.render_or_plain(report.model_copy(update={"reasons": reasons + [f"drift: {line}" for line
+                                          in drift]}), candidate.metrics, manifest, mv.tags)  # fmt: skip
         # The decision goes on the version before any alias moves: a crash in between leaves a
         # recorded decision and the old aliases, and a re-run gates again and finishes the move.
         client.set_model_version_tag(name, version, "gate.decision", verdict)

@@ -74,7 +74,8 @@ def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
     with handle:
         for number, raw in enumerate(handle, start=1):
             try:
-                line = raw.decode("utf-8")
+                # utf-8-sig on the first line: a byte-order mark (Excel's "CSV UTF-8") is not part of the text
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as error:
                 byte = raw[error.start : error.start + 1]
                 raise DataError(f"{path}:{number}: not valid UTF-8 (byte {offset + error.start}: {byte!r})") from None

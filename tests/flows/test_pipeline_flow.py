@@ -94,8 +94,13 @@ def test_flow_runs_the_dag_then_skips_it(clone: Path, harness, monkeypatch: pyte
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        artifact = client.read_latest_artifacts()[0]
+        latest = {artifact.key: artifact for artifact in client.read_latest_artifacts()}
+    artifact = latest["lmforge-pipeline-summary"]
     assert "## Metrics (frozen test split)" in str(artifact.data) and "## Promotion" in str(artifact.data)
+    # Each training stage kept its progress artifact, full once the stage was done.
+    assert {key for key in latest if key.startswith("progress-")} >= {"progress-pretrain-encoder",
+                                                                      "progress-finetune-sentiment"}  # fmt: skip
+    assert latest["progress-finetune-sentiment"].data == 100
     assert "`models:/smoke-sentiment/" in str(artifact.data)  # the model version the gate decided on
 
     # The secrets in the environment are nowhere: params, dvc.lock, reports, MLflow's store (params, tags,

@@ -99,6 +99,9 @@ print("hello from the stage", file=sys.stderr, flush=True)
 for step in (5, 8):  # as tqdm redraws its bar: a carriage return first, so a line printed after it is glued on
     sys.stderr.write(f"\\r{step * 10}%|#####     | {step}/10 [00:01<00:01, 5.00step/s]")
     progress.report(progress.Progress("finetune demo", step, 10, 3.0 / step, 1234.0, 2.0 * (10 - step)))
+sys.stderr.write("\\r80%|########  | 8/10 [00:02<00:01, 5.00step/s, loss=0.375]")
+print("a warning while the bar is shown", file=sys.stderr)
+print("on stdout", flush=False)
 """
 
 
@@ -129,7 +132,7 @@ def test_a_running_stage_streams_its_lines_and_its_progress_into_the_flow_run(tm
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["progress-demo"])))
     messages = [log.message for log in logs]
-    assert "hello from the stage" in messages
+    assert {"hello from the stage", "a warning while the bar is shown", "on stdout"} <= set(messages)
     assert not any("5/10 [00:01" in message or "lmforge-progress" in message for message in messages)
     assert len(artifacts) == 1 and artifacts[0].type == "progress" and artifacts[0].data == 100.0
     # It stopped early at step 8 of 10 and exited 0: the bar is full, and says so.

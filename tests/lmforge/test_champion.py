@@ -150,16 +150,36 @@ def test_a_malformed_row_is_one_line_exit_2_and_the_previous_output_stays(regist
 @pytest.mark.parametrize(("arguments", "message"), [
     (["-t", "nope"], "finetune.tasks: no task named 'nope'"),
     (["-t", "sentiment", "-v", "999"], "-sentiment: no version 999 in the registry"),
+    (["-t", "sentiment", "-v", "champion"], "--version: 'champion' is not a version number"),
     (["-t", "sentiment", "-o", "out.parquet"], "out.parquet: cannot write '.parquet'; give .jsonl, .csv"),
+    (["-t", "sentiment", "--max-new-tokens", "0"], "--max-new-tokens: 0 is not a positive number of tokens"),
+    (["-t", "sentiment", "-o", "INPUT"], "is the input too; write the answers to another file"),
 ])  # fmt: skip
 def test_what_cannot_be_scored_is_named_in_one_line(registered: Registered, tmp_path: Path, arguments, message):
     source = registered.inputs["sentiment"]
     defaults = {"-i": str(source), "-o": str(tmp_path / "out.jsonl"), "-p": str(registered.params_file)}
-    given = dict(zip(arguments[::2], arguments[1::2], strict=True))
+    given = {key: str(source) if value == "INPUT" else value for key, value in zip(arguments[::2], arguments[1::2],
+                                                                                   strict=True)}  # fmt: skip
     argv = ["predict"] + [item for key, value in {**defaults, **given}.items() for item in (key, value)]
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
     assert message in result.output
+
+
+def test_a_csv_with_a_byte_order_mark_and_a_batch_mixing_given_and_missing_words(
+    registered: Registered, tmp_path: Path
+):
+    source = tmp_path / "excel.csv"
+    source.write_bytes("text\n很好\n很差\n".encode("utf-8-sig"))  # Excel's "CSV UTF-8" starts with a BOM
+    predict_file(registered.prefix, "sentiment", source, tmp_path / "a.jsonl", progress=False)
+    assert [r["text"] for r in read_jsonl(tmp_path / "a.jsonl")] == ["很好", "很差"]
+    # A tagger: one row gives its segmentation, the next does not; the batch holds both.
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"words": ["北京", "欢迎", "你"]}, ensure_ascii=False) + "\n"
+                     + json.dumps({"text": "上海很大"}, ensure_ascii=False) + "\n", encoding="utf-8")  # fmt: skip
+    predict_file(registered.prefix, "ner", mixed, tmp_path / "b.jsonl", batch_size=2, progress=False)
+    words = [r["words"] for r in read_jsonl(tmp_path / "b.jsonl")]
+    assert words == [["北京", "欢迎", "你"], ["上", "海", "很", "大"]]  # given words kept; the served split else
 
 
 def test_no_champion_yet_says_how_to_get_one(registered: Registered, tmp_path: Path):
@@ -267,3 +287,12 @@ def test_a_card_longer_than_the_registry_takes_is_cut_with_a_pointer():
     assert as_description("---\ntags: [a]\n---\nshort", "r1") == "short"
     cut = as_description("x" * 9000, "r1")
     assert len(cut) == DESCRIPTION_CHARS and cut.endswith("README.md of MLflow run r1)\n")
+
+
+def test_a_card_that_cannot_be_rendered_never_stops_the_gate(registered: Registered):
+    from lmforge.card import render_or_plain
+
+    report = registered.reports["sentiment"]
+    plain = render_or_plain(report, None, None, {})  # type: ignore[arg-type]  # what breaks rendering
+    assert plain.startswith(f"# {report.registered_model}, version {report.version}")
+    assert all(f"- {reason}" in plain for reason in report.reasons) and "could not be written" in plain

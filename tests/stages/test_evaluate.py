@@ -78,6 +78,21 @@ def test_the_confusion_picture_counts_each_pair_once():
     assert counts.tolist() == [[0, 0], [1, 3]]  # rows actual, columns predicted; a label never seen is left out
 
 
+def test_many_classes_get_one_micro_averaged_curve_not_one_each():
+    import numpy as np
+
+    from lmforge.figures import roc_and_pr_figures
+
+    rng = np.random.default_rng(0)
+    y_true = np.arange(240) % 12
+    probabilities = rng.dirichlet(np.ones(12), 240)
+    roc, pr = roc_and_pr_figures(y_true, probabilities, [f"c{k}" for k in range(12)], "t")
+    assert len(roc.axes[0].lines) == 2 and len(pr.axes[0].lines) == 1  # ROC: the curve and the diagonal
+    assert "12 classes, micro-average" in roc.axes[0].get_legend().get_texts()[0].get_text()
+    few, _ = roc_and_pr_figures(y_true % 3, probabilities[:, :3], ["a", "b", "c"], "t")
+    assert len(few.axes[0].lines) == 4  # one per class, and the diagonal
+
+
 def test_pyfunc_model_predicts_on_raw_text(evaluated: SmokeRun):
     import mlflow
 
