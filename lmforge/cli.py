@@ -222,6 +222,28 @@ def predict(
     typer.echo(f"{scored.rows} rows scored by {scored.model_uri} -> {scored.output}")
 
 
+EXPORT_OPTION = typer.Option(..., "--out", "-o", help="the folder to write (replaced whole, or left as it was)")
+
+
+@app.command("export")
+def export(
+    task: str = TASK_OPTION,
+    out: Path = EXPORT_OPTION,
+    version: str = VERSION_OPTION,
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """Write the task's @champion (or --version) as a Hugging Face model folder, its model card as README.md."""
+    from lmforge.export import export_version
+
+    try:
+        settings = load_params(params)
+        item_of(settings.finetune.tasks, task, "finetune.tasks")
+        model_uri, folder = export_version(settings.promote.model_prefix, task, version, out)
+    except LmforgeError as error:
+        fail(error)
+    typer.echo(f"{model_uri} -> {folder} (with its model card, README.md)")
+
+
 @app.command("rollback")
 def rollback_champion(
     task: str = TASK_OPTION,

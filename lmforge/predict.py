@@ -138,17 +138,7 @@ def answers(model: Any, rows: list[Row], request_params: dict[str, Any] | None) 
 def served_model(prefix: str, task: str, version: str | None) -> tuple[str, Any]:
     """(`models:/...` with the version, the loaded pyfunc) of the task's @champion or of `version`."""
     name = registry.model_name(prefix, task)
-    client = registry.client()
-    if version is None:
-        champion = registry.alias_version(client, name, registry.CHAMPION)
-        if champion is None:
-            raise LmforgeError(f"{name}: no version holds @champion yet (run `dvc repro promote@{task}`, "
-                               f"or give --version)")  # fmt: skip
-        version = str(champion.version)
-    elif not version.isdigit():
-        raise LmforgeError(f"--version: {version!r} is not a version number (the default is the one holding @champion)")
-    else:
-        version = str(registry.model_version(client, name, version).version)
+    version = str(registry.chosen_version(registry.client(), name, task, version).version)
     loaded = registry.load_pyfunc(name, version)
     if isinstance(loaded, str):
         raise LmforgeError(loaded)

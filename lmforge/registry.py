@@ -80,6 +80,20 @@ def model_version(mlflow_client: mlflow.MlflowClient, name: str, version: str) -
         raise unavailable(f"reading {name} version {version}", error) from None
 
 
+def chosen_version(mlflow_client: mlflow.MlflowClient, name: str, task: str, version: str | None) -> ModelVersion:
+    """The version a command names (`--version N`), or the one holding @champion; a one-line error (exit 2)
+    for no champion yet, a version that is not a number, or one that does not exist."""
+    if version is None:
+        champion = alias_version(mlflow_client, name, CHAMPION)
+        if champion is None:
+            raise LmforgeError(f"{name}: no version holds @champion yet (run `dvc repro promote@{task}`, "
+                               f"or give --version)")  # fmt: skip
+        return champion
+    if not version.isdigit():
+        raise LmforgeError(f"--version: {version!r} is not a version number (the default is the one holding @champion)")
+    return model_version(mlflow_client, name, version)
+
+
 def register(mlflow_client: mlflow.MlflowClient, name: str, model_uri: str, eval_run_id: str,
              tags: dict[str, str]) -> ModelVersion:  # fmt: skip
     """Register the candidate, or return the version that already holds this very evaluation."""
@@ -296,6 +310,26 @@ def serving_code_is_ours(local: Path) -> str | None:
     return None
 
 
+def fetch_checked(name: str, version: str) -> Path | str:
+    """The registered version's files, downloaded once its MLmodel says it is lmforge's pyfunc and its
+    serving.py is lmforge's own; or the reason (a str) it was refused. Nothing of it is executed here.
+    A store that does not answer is a TransientError (exit 75)."""
+    uri = f"models:/{name}/{version}"
+    ours, why = lmforge_flavor(uri)
+    if not ours:
+        return why
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except Exception as error:
+        if not_found(error):
+            return f"{uri}: its artifacts are gone ({type(error).__name__}); not loaded"
+        raise unavailable(f"downloading {uri}", error) from None
+    foreign = serving_code_is_ours(local)
+    if foreign is not None:
+        return f"{uri} {foreign}; refused before loading"
+    return local
+
+
 def load_pyfunc(name: str, version: str) -> Any:
     """The registered version loaded as lmforge's pyfunc, or the reason (a str) it was refused or does not load.
 
@@ -304,20 +338,11 @@ def load_pyfunc(name: str, version: str) -> Any:
     and does not load (or is not lmforge's) is the gate's reason to fail it.
     """
     uri = f"models:/{name}/{version}"
-    ours, why = lmforge_flavor(uri)
-    if not ours:
-        return why
+    local = fetch_checked(name, version)
+    if isinstance(local, str):
+        return local
     try:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    except Exception as error:
-        if not_found(error):
-            return f"{uri}: its artifacts are gone ({type(error).__name__}); not loaded"
-        raise unavailable(f"downloading {uri}", error) from None
-    foreign = serving_code_is_ours(Path(local))
-    if foreign is not None:
-        return f"{uri} {foreign}; refused before loading"
-    try:
-        return mlflow.pyfunc.load_model(local)
+        return mlflow.pyfunc.load_model(str(local))
     except Exception as error:  # it arrived and does not load: the gate's reason, not a crash
         return f"{uri} does not load: {type(error).__name__}: {' '.join(str(error).split())[:120]}"
 

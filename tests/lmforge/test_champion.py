@@ -296,3 +296,34 @@ def test_a_card_that_cannot_be_rendered_never_stops_the_gate(registered: Registe
     plain = render_or_plain(report, None, None, {})  # type: ignore[arg-type]  # what breaks rendering
     assert plain.startswith(f"# {report.registered_model}, version {report.version}")
     assert all(f"- {reason}" in plain for reason in report.reasons) and "could not be written" in plain
+
+
+def test_export_writes_the_version_as_a_hugging_face_folder_with_its_card(registered: Registered, tmp_path: Path):
+    import mlflow
+    from huggingface_hub import ModelCard
+    from transformers import AutoConfig
+
+    from lmforge.inference import load_task_model
+
+    out = tmp_path / "ner-model"
+    out.mkdir()
+    (out / "stale.txt").write_text("from an earlier export")
+    trained = registered.versions["ner"]["trained"]
+    result = CliRunner().invoke(app, ["export", "-t", "ner", "-v", trained, "-o", str(out), "-p",
+                                      str(registered.params_file)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert f"models:/{registered.prefix}-ner/{trained} -> {out}" in result.output
+    files = {path.name for path in out.iterdir()}
+    assert {"model.safetensors", "config.json", "lmforge_task.json", "README.md"} <= files and "stale.txt" not in files
+    version = mlflow.MlflowClient().get_model_version(f"{registered.prefix}-ner", trained)
+    card = (out / "README.md").read_text(encoding="utf-8")
+    assert card == mlflow.artifacts.load_text(f"runs:/{version.tags['gate.run_id']}/README.md")
+    assert ModelCard(card).data.tags[:2] == ["lmforge", "token_classification"]
+    assert AutoConfig.from_pretrained(out).model_type and load_task_model(out).kind == "token_classification"
+    # Predictions from the exported folder are those of the registered version.
+    predicted = tmp_path / "p.jsonl"
+    predict_file(registered.prefix, "ner", registered.inputs["ner"], predicted, trained, progress=False)
+    from lmforge.inference import word_tags
+
+    rows = read_jsonl(predicted)
+    assert word_tags(load_task_model(out), [r["words"] for r in rows]) == [r["tags"] for r in rows]
