@@ -244,6 +244,24 @@ def export(
     typer.echo(f"{model_uri} -> {folder} (with its model card, README.md)")
 
 
+@app.command("compress")
+def compress(task: str = TASK_OPTION, version: str = VERSION_OPTION, params: Path = PARAMS_OPTION) -> None:
+    """An int8 copy of the task's @champion (or --version), scored beside it on the frozen test split and
+    gated: it serves only if it is not significantly worse, smaller on disk and within the latency ratio."""
+    from lmforge.compression import compress_version
+
+    try:
+        settings = load_params(params)
+        item_of(settings.finetune.tasks, task, "finetune.tasks")
+        done = compress_version(settings, task, version, dvc_paths(f"evaluate@{task}").dataset, Path("."))
+    except LmforgeError as error:
+        fail(error)
+    typer.echo(f"{done.registered_model} version {done.version} (int8 of version {done.original}): compression gate "
+               f"{done.decision.upper()}; @champion is version {done.champion_after or '-'}")  # fmt: skip
+    for reason in done.reasons:
+        typer.echo(f"  {reason}")
+
+
 @app.command("rollback")
 def rollback_champion(
     task: str = TASK_OPTION,

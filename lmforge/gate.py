@@ -177,3 +177,32 @@ def decide(candidate: Evidence, champion: Evidence | None, params: PromoteParams
     ok, message = loads
     decision.check("loads", ok, message)
     return decision
+
+
+def decide_compression(compressed: Evidence, original: Evidence, params: PromoteParams, sizes: tuple[int, int],
+                       latency: tuple[float, float], loads: tuple[bool, str]) -> Decision:  # fmt: skip
+    """Does a compressed copy serve instead of the model it came from? Only if it is not significantly worse
+    on the same test examples, smaller on disk, within the latency ratio, and loads. `sizes` and `latency`
+    are (original, compressed): bytes on disk, median milliseconds timed side by side."""
+    metric = compressed.metrics.primary_metric
+    decision = Decision(passed=True)
+    same = compressed.same_examples(original)
+    decision.check("same_test", same, "scored on the same test examples as the original" if same
+                   else "scored on other test examples than the original")  # fmt: skip
+    if same:
+        delta, lower = paired_bootstrap(original, compressed, params.bootstrap_samples, params.confidence)
+        decision.improvement, decision.improvement_lower_bound = -delta, -lower
+        worse = lower > 0
+        decision.check("not_worse", not worse,
+                       f"{metric} {compressed.primary:.4f} vs the original's {original.primary:.4f}: the original "
+                       f"leads by {delta:+.4f}, {params.confidence:.0%} lower bound {lower:+.4f} "
+                       + ("> 0: significantly worse" if worse else "<= 0: not significantly worse"))  # fmt: skip
+    decision.check("smaller", sizes[1] < sizes[0], f"size on disk {sizes[1] / 1e6:.2f} MB vs the original's "
+                   f"{sizes[0] / 1e6:.2f} MB ({sizes[1] / max(sizes[0], 1):.2f}x)")  # fmt: skip
+    ratio = latency[1] / max(latency[0], 1e-9)
+    decision.check("latency", ratio <= params.max_latency_ratio,
+                   f"median latency {latency[1]:.1f} ms vs the original's {latency[0]:.1f} ms, timed side by side: "
+                   f"ratio {ratio:.2f} (limit {params.max_latency_ratio})")  # fmt: skip
+    ok, message = loads
+    decision.check("loads", ok, message)
+    return decision

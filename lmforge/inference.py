@@ -61,8 +61,13 @@ class TaskModel:
 
 def load_task_model(folder: Path) -> TaskModel:
     """Load weights from safetensors only (never a pickle) and put the model in eval mode."""
+    from lmforge.int8 import is_int8, load_int8
+
     meta = TaskMeta.read(Path(folder) / "lmforge_task.json")
-    model = AUTO_BY_KIND[meta.kind].from_pretrained(str(folder), use_safetensors=True)
+    if is_int8(folder):  # lmforge compress: int8 linear layers, from safetensors too
+        model = cast(PreTrainedModel, load_int8(Path(folder), AUTO_BY_KIND[meta.kind]))
+    else:
+        model = AUTO_BY_KIND[meta.kind].from_pretrained(str(folder), use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model.eval()
     return TaskModel(model, tokenizer, meta)

@@ -327,3 +327,57 @@ def test_export_writes_the_version_as_a_hugging_face_folder_with_its_card(regist
 
     rows = read_jsonl(predicted)
     assert word_tags(load_task_model(out), [r["words"] for r in rows]) == [r["tags"] for r in rows]
+
+
+# --- compression -------------------------------------------------------------------------------------
+
+
+def test_an_int8_folder_loads_back_exactly_as_quantized(registered: Registered, tmp_path: Path):
+    import torch
+    from safetensors import safe_open
+
+    from lmforge import registry
+    from lmforge.export import model_folder
+    from lmforge.inference import load_task_model
+    from lmforge.int8 import is_int8, quantize, write_int8
+
+    local = registry.fetch_checked(f"{registered.prefix}-sentiment", registered.versions["sentiment"]["trained"])
+    assert not isinstance(local, str)
+    source = model_folder(local)
+    (tmp_path / "int8").mkdir()
+    layers = write_int8(source, tmp_path / "int8")
+    assert layers and is_int8(tmp_path / "int8")
+    with safe_open(str(tmp_path / "int8" / "model.safetensors"), "pt") as weights:
+        assert weights.get_tensor(f"{layers[0]}.weight_int8").dtype == torch.int8
+    original, loaded = load_task_model(source), load_task_model(tmp_path / "int8")
+    batch = original.tokenizer(["很好很好", "太差了"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = quantize(original.model)(**batch).logits
+        assert torch.equal(loaded.model(**batch).logits, expected)  # the same int8 model, bit for bit
+
+
+def test_compress_scores_registers_and_gates_an_int8_copy(registered: Registered, smoke_evaluated: SmokeRun,
+                                                          tmp_path: Path):  # fmt: skip
+    import mlflow
+
+    from lmforge import registry
+    from lmforge.compression import COMPRESSED_TAG, compress_version
+    from lmforge.errors import LmforgeError
+
+    name, trained = f"{registered.prefix}-ner", registered.versions["ner"]["trained"]
+    client = mlflow.MlflowClient()
+    before = registry.alias_version(client, name, registry.CHAMPION)
+    assert before is not None
+    done = compress_version(registered.params, "ner", trained, smoke_evaluated.raw / "people_daily", tmp_path)
+    made = client.get_model_version(name, done.version)
+    assert made.tags[COMPRESSED_TAG] == trained and made.tags["gate.decision"] == done.decision
+    assert any(reason.startswith(("ok: size on disk", "FAIL: size on disk")) for reason in done.reasons)
+    assert any("the original leads by" in reason for reason in done.reasons)
+    assert (tmp_path / "reports/compress/ner/int8/metrics.json").is_file()
+    serves = str(before.version) == trained and done.decision == "pass"
+    assert done.champion_after == (done.version if serves else str(before.version))
+    with pytest.raises(LmforgeError, match="is the task's baseline: there is no network to compress"):
+        compress_version(registered.params, "ner", registered.versions["ner"]["baseline"],
+                         smoke_evaluated.raw / "people_daily", tmp_path)  # fmt: skip
+    with pytest.raises(LmforgeError, match=f"is already int8 \\(made from version {trained}\\)"):
+        compress_version(registered.params, "ner", done.version, smoke_evaluated.raw / "people_daily", tmp_path)

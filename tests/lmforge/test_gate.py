@@ -168,3 +168,18 @@ def test_a_champion_scored_under_another_definition_is_shown_as_it_is_compared()
     reasons = " ".join(gate(candidate, stale).reasons)
     assert f"vs champion {champion.metrics.primary:.4f}" in reasons and "0.1230" not in reasons
     assert stale.primary == pytest.approx(champion.metrics.primary)
+
+
+def test_a_compressed_copy_serves_only_if_not_significantly_worse_and_smaller():
+    from lmforge.gate import decide_compression
+
+    original = classifier(0.85, 1)
+    same = Evidence(original.metrics, original.per_example)
+    params = PromoteParams()
+    passed = decide_compression(same, original, params, (100, 60), (5.0, 6.0), LOADS)
+    assert passed.passed, passed.reasons
+    assert not decide_compression(classifier(0.6, 2), original, params, (100, 60), (5.0, 5.0), LOADS).passed
+    bigger = decide_compression(same, original, params, (100, 120), (5.0, 5.0), LOADS)
+    assert not bigger.passed and bigger.checks == {**bigger.checks, "smaller": False}
+    slower = decide_compression(same, original, params, (100, 60), (5.0, 50.0), LOADS)
+    assert not slower.passed and slower.checks["latency"] is False
