@@ -229,13 +229,14 @@ class NgramLM:
 
     def generate(self, prompts: list[str], max_new_tokens: int) -> list[str]:
         """Greedy continuation until [SEP]: the most probable next token over the whole vocabulary."""
-        from lmforge.inference import CJK_GAP
+        from lmforge.inference import CJK_GAP, prompt_sides
 
         stop = self.tokenizer.sep_token_id if self.tokenizer.sep_token_id is not None else self.tokenizer.eos_token_id
         outputs = []
         for prompt in prompts:
             room = self.max_length - max_new_tokens
-            ids = list(self.tokenizer(prompt, truncation=True, max_length=room)["input_ids"])
+            with prompt_sides(self.tokenizer):  # a long prompt is continued from its end
+                ids = list(self.tokenizer(prompt, truncation=True, max_length=room)["input_ids"])
             generated: list[int] = []
             for _ in range(max_new_tokens):
                 token = int(self.next_token_probabilities(ids + generated).argmax())

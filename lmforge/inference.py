@@ -7,6 +7,8 @@ lmforge_task.json, which says what kind of task it is and what its labels are.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import groupby
 from operator import itemgetter
@@ -209,6 +211,18 @@ def _decoded(tokenizer: PreTrainedTokenizerBase, generated: list[int]) -> str:
 
 
 @torch.no_grad()
+@contextmanager
+def prompt_sides(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
+    """While prompts are encoded: padded and truncated on the left, so a prompt longer than the model's
+    window is continued from its end, where the text goes on, not from its start."""
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
+    try:
+        yield
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = sides
+
+
 def generate(tm: TaskModel, prompts: list[str], max_new_tokens: int, batch_size: int = 64) -> list[str]:
     """Greedy continuation of each prompt until [SEP], at most max_new_tokens tokens.
 
@@ -219,9 +233,8 @@ def generate(tm: TaskModel, prompts: list[str], max_new_tokens: int, batch_size:
     if not isinstance(tm.model, GenerationMixin):
         return [generate_one_by_one(tm, prompt, max_new_tokens) for prompt in prompts]
     tokenizer, stop, decoder = tm.tokenizer, _stop_id(tm.tokenizer), cast(Any, tm.model)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     outputs = []
-    try:
+    with prompt_sides(tokenizer):
         for start in range(0, len(prompts), batch_size):
             encoded = tokenizer(prompts[start : start + batch_size], truncation=True, padding=True,
                                 max_length=tm.max_length - max_new_tokens, return_tensors="pt")  # fmt: skip
@@ -231,8 +244,6 @@ def generate(tm: TaskModel, prompts: list[str], max_new_tokens: int, batch_size:
             )[:, encoded["input_ids"].shape[1] :]  # fmt: skip
             for row in produced.tolist():
                 outputs.append(_decoded(tokenizer, row[: row.index(stop)] if stop in row else row))
-    finally:
-        tokenizer.padding_side = side
     return outputs
 
 
@@ -240,7 +251,8 @@ def generate(tm: TaskModel, prompts: list[str], max_new_tokens: int, batch_size:
 def generate_one_by_one(tm: TaskModel, prompt: str, max_new_tokens: int) -> str:
     """The plain greedy loop, one prompt at a time, the whole sequence re-run for each token."""
     tokenizer, stop = tm.tokenizer, _stop_id(tm.tokenizer)
-    ids = tokenizer(prompt, truncation=True, max_length=tm.max_length - max_new_tokens)["input_ids"]
+    with prompt_sides(tokenizer):
+        ids = tokenizer(prompt, truncation=True, max_length=tm.max_length - max_new_tokens)["input_ids"]
     generated: list[int] = []
     for _ in range(max_new_tokens):
         token = int(tm.model(input_ids=torch.tensor([ids + generated])).logits[0, -1].argmax())

@@ -106,6 +106,8 @@ def test_ngram_fits_its_corpus_and_reloads_from_safetensors_and_json_to_the_same
     assert seen_counts.tolist() == reversed_counts.tolist() == [5]  # four characters and the closing [SEP]
     assert seen_losses[0] < reversed_losses[0] / 2
     assert model.generate(["明天"], 8) == ["天气很好"]  # greedy, stops at [SEP]
+    # A prompt longer than the model's window (32) is continued from its end, where the text goes on.
+    assert model.generate(["坏" * 60 + "我们"], 8) == model.generate(["我们"], 8) != model.generate(["坏" * 60], 8)
     model.save(tmp_path / "ngram")
     assert not [path.name for path in (tmp_path / "ngram").iterdir() if path.suffix not in (".json", ".safetensors",
                                                                                           ".txt")]  # fmt: skip
