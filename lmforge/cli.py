@@ -13,7 +13,7 @@ import typer
 
 from lmforge.errors import LmforgeError, fail
 from lmforge.io import write_text_atomic
-from lmforge.params import PROFILES, load_params, params_to_dict, render_params_yaml, switch_profile
+from lmforge.params import PROFILES, Params, load_params, params_to_dict, render_params_yaml, switch_profile
 from lmforge.stage import dvc_paths, item_of, report_files
 
 app = typer.Typer(help="lmforge: corpus -> custom language model, tracked, validated and gated.", no_args_is_help=True)
@@ -189,6 +189,13 @@ def compare(
                    f"{lower:+.4f} (paired bootstrap)")  # fmt: skip
 
 
+def task_params(params: Path, task: str) -> Params:
+    """The validated params, once `task` is known to be a key of finetune.tasks (else one line naming it)."""
+    settings = load_params(params)
+    item_of(settings.finetune.tasks, task, "finetune.tasks")
+    return settings
+
+
 INPUT_OPTION = typer.Option(..., "--input", "-i", help='.txt (a text per line), .jsonl ("text"), .csv (a text column)')
 OUTPUT_OPTION = typer.Option(..., "--output", "-o", help=".jsonl or .csv, written whole or not at all")
 VERSION_OPTION = typer.Option(None, "--version", "-v", help="a registered version (default: the one holding @champion)")
@@ -213,8 +220,7 @@ def predict(
     from lmforge.predict import predict_file
 
     try:
-        settings = load_params(params)
-        item_of(settings.finetune.tasks, task, "finetune.tasks")  # an unknown task, named
+        settings = task_params(params, task)
         scored = predict_file(settings.promote.model_prefix, task, input_path, output_path, version, batch_size,
                               max_new_tokens)  # fmt: skip
     except LmforgeError as error:
@@ -236,8 +242,7 @@ def export(
     from lmforge.export import export_version
 
     try:
-        settings = load_params(params)
-        item_of(settings.finetune.tasks, task, "finetune.tasks")
+        settings = task_params(params, task)
         model_uri, folder = export_version(settings.promote.model_prefix, task, version, out)
     except LmforgeError as error:
         fail(error)
@@ -251,8 +256,7 @@ def compress(task: str = TASK_OPTION, version: str = VERSION_OPTION, params: Pat
     from lmforge.compression import compress_version
 
     try:
-        settings = load_params(params)
-        item_of(settings.finetune.tasks, task, "finetune.tasks")
+        settings = task_params(params, task)
         done = compress_version(settings, task, version, dvc_paths(f"evaluate@{task}").dataset, Path("."))
     except LmforgeError as error:
         fail(error)

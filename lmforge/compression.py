@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmforge import registry, tracking
-from lmforge.artifacts import EvaluateReport, ModelRef, PerExample
+from lmforge.artifacts import ModelRef
 from lmforge.errors import LmforgeError
 from lmforge.gate import Evidence, decide_compression
 from lmforge.int8 import folder_bytes, median_latency_ms, write_int8
@@ -45,10 +45,6 @@ def predictor(tm: Any, max_new_tokens: int) -> Callable[[list[str]], Any]:
     if tm.kind == "token_classification":
         return lambda texts: word_tags(tm, [split_words(text) for text in texts])
     return lambda texts: generate(tm, texts, max_new_tokens)
-
-
-def evidence_in(folder: Path) -> Evidence:
-    return Evidence(EvaluateReport.read(folder / "metrics.json"), PerExample.read(folder / "per_example.json"))
 
 
 def compress_version(params: Params, task: str, version: str | None, dataset_dir: Path, root: Path) -> Compressed:
@@ -82,7 +78,7 @@ def compress_version(params: Params, task: str, version: str | None, dataset_dir
     scored = root / "reports" / "compress" / task
     evaluate_model(params.evaluate, task, source, dataset_dir, scored / "original")
     evaluate_model(params.evaluate, task, folder, dataset_dir, scored / "int8")
-    original, compressed = evidence_in(scored / "original"), evidence_in(scored / "int8")
+    original, compressed = Evidence.read(scored / "original"), Evidence.read(scored / "int8")
     texts = pd.read_parquet(dataset_dir / "test.parquet", columns=["text"])["text"].astype(str).tolist()
     texts = texts[: params.promote.latency_samples]
     latency = median_latency_ms(predictor(load_task_model(source), params.evaluate.max_new_tokens),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -24,6 +25,12 @@ class Evidence:
     per_example: PerExample
     baseline: Evidence | None = None  # the task's baseline, scored on the same examples by the same evaluate
     is_baseline: bool = False  # this is the baseline itself (registered as lmforge.model_kind=baseline)
+
+    @classmethod
+    def read(cls, folder: Path, baseline: Evidence | None = None, is_baseline: bool = False) -> Evidence:
+        """The metrics.json and per_example.json an evaluation wrote into `folder`."""
+        return cls(EvaluateReport.read(folder / "metrics.json"), PerExample.read(folder / "per_example.json"),
+                   baseline, is_baseline)  # fmt: skip
 
     @property
     def primary(self) -> float:

@@ -26,7 +26,7 @@ from typing import IO, Any
 import pandas as pd
 
 from lmforge import registry
-from lmforge.data.sources import join_words, read_csv, text_lines, utf8_lines
+from lmforge.data.sources import join_words, jsonl_records, read_csv, text_lines
 from lmforge.errors import DataError, LmforgeError
 from lmforge.io import remove, writing
 
@@ -69,20 +69,13 @@ def read_rows(path: Path) -> Iterator[Row]:
         for number, line in text_lines(path):
             yield Row(f"{path}:{number}", line)
     elif suffix == ".jsonl":
-        for number, line in utf8_lines(path):
-            if line.strip():
-                yield _json_row(line, f"{path}:{number}")
+        for number, record in jsonl_records(path):
+            yield _json_row(record, f"{path}:{number}")
     else:
         yield from _csv_rows(path)
 
 
-def _json_row(line: str, where: str) -> Row:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-    if not isinstance(record, dict):
-        raise DataError(f'{where}: expected a JSON object with a "text" field')
+def _json_row(record: dict[str, Any], where: str) -> Row:
     text, words = record.get("text"), record.get("words")
     if words is not None and not (isinstance(words, list) and all(isinstance(word, str) for word in words)):
         raise DataError(f'{where}: "words" must be a list of strings')

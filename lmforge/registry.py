@@ -27,7 +27,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from lmforge import tracking
-from lmforge.artifacts import EvaluateReport, PerExample, VersionRef
+from lmforge.artifacts import EvaluateReport, VersionRef
 from lmforge.errors import LmforgeError, TransientError
 from lmforge.gate import Evidence
 from lmforge.io import file_lock, sha256_file
@@ -135,10 +135,8 @@ def evidence_of(mlflow_client: mlflow.MlflowClient, version: ModelVersion) -> Ev
             raise unavailable(f"reading the evidence of {where} (evaluate run {tagged})", error) from None
         baseline = None
         if (local / "baseline" / "per_example.json").is_file():  # the task's baseline on the same examples
-            baseline = Evidence(EvaluateReport.read(local / "baseline" / "metrics.json"),
-                                PerExample.read(local / "baseline" / "per_example.json"), is_baseline=True)  # fmt: skip
-        return Evidence(EvaluateReport.read(local / "metrics.json"), PerExample.read(local / "per_example.json"),
-                        baseline, is_baseline=version.tags.get(MODEL_KIND_TAG) == BASELINE_KIND)  # fmt: skip
+            baseline = Evidence.read(local / "baseline", is_baseline=True)
+        return Evidence.read(local, baseline, is_baseline=version.tags.get(MODEL_KIND_TAG) == BASELINE_KIND)
 
 
 def rescored_tag(test_sha256: str) -> str:
@@ -184,8 +182,7 @@ def rescored_evidence(mlflow_client: mlflow.MlflowClient, version: ModelVersion,
         if scored != f"{version.name}/{version.version}":
             raise LmforgeError(f"{where}: its tag {rescored_tag(test_sha256)} names run {run_id}, which re-scored "
                                f"{scored or 'no version'}: the evidence is not this model's")  # fmt: skip
-        return Evidence(EvaluateReport.read(local / "metrics.json"), PerExample.read(local / "per_example.json"),
-                        is_baseline=is_baseline)  # fmt: skip
+        return Evidence.read(local, is_baseline=is_baseline)
 
 
 def record_rescore(mlflow_client: mlflow.MlflowClient, version: ModelVersion, evidence: Evidence, run_id: str) -> None:

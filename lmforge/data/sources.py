@@ -155,20 +155,22 @@ def read_tagged(path: Path, tagging: str) -> Iterator[pd.DataFrame]:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_jsonl(path: Path) -> Iterator[pd.DataFrame]:
-    def records() -> Iterator[dict[str, Any]]:
-        for number, line in utf8_lines(path):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object per line")
-            yield record
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line; a line that is not a JSON object is a one-line DataError."""
+    for number, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object per line")
+        yield number, record
 
-    iterator = records()
+
+def read_jsonl(path: Path) -> Iterator[pd.DataFrame]:
+    iterator = (record for _, record in jsonl_records(path))
     while batch := list(itertools.islice(iterator, CHUNK_ROWS)):
         yield pd.DataFrame.from_records(batch)
 
