@@ -216,8 +216,9 @@ class NgramLM:
     def continuation_losses(self, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray]:
         """Per example: summed negative log-likelihood of the continuation tokens, and how many there were
         (the same encoding as lmforge.inference.continuation_losses, so the same tokens)."""
-        encoded = self.tokenizer([p for p, _ in pairs], [c for _, c in pairs], truncation="only_second",
-                                 max_length=self.max_length, return_token_type_ids=True)  # fmt: skip
+        from lmforge.tokenization import encode_pairs
+
+        encoded = encode_pairs(self.tokenizer, pairs, self.max_length)
         losses, counts = np.zeros(len(pairs)), np.zeros(len(pairs), dtype=np.int64)
         for i, (ids, types) in enumerate(zip(encoded["input_ids"], encoded["token_type_ids"], strict=True)):
             positions = np.flatnonzero(np.asarray(types) == 1)

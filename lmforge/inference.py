@@ -29,7 +29,7 @@ from transformers import (
 
 import lmforge.models  # noqa: F401  registers the LSTM with the Auto classes
 from lmforge.artifacts import TaskMeta
-from lmforge.tokenization import window_overlap, window_word_starts
+from lmforge.tokenization import encode_pairs, window_overlap, window_word_starts
 
 AUTO_BY_KIND = {
     "classification": AutoModelForSequenceClassification,
@@ -169,10 +169,6 @@ def word_tags(tm: TaskModel, sentences: list[list[str]], batch_size: int = 64) -
     return [[labels[i] for i in best_tag_path(s, may_start, may_follow)] for s in scores]
 
 
-def generation_pairs(texts: list[str], prompt_chars: int) -> list[tuple[str, str]]:
-    return [(text[:prompt_chars], text[prompt_chars:]) for text in texts if len(text) > prompt_chars]
-
-
 def continuation_reference(tokenizer: PreTrainedTokenizerBase, continuation: str, max_new_tokens: int) -> str:
     """What a generation of max_new_tokens tokens is held to: the true continuation's first max_new_tokens
     tokens, decoded as the generation is (so BLEU's brevity penalty means stopping early, nothing else)."""
@@ -188,9 +184,7 @@ def continuation_losses(
     losses, counts = [], []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        encoded = tm.tokenizer([p for p, _ in chunk], [c for _, c in chunk], truncation="only_second",
-                               max_length=tm.max_length, padding=True, return_tensors="pt",
-                               return_token_type_ids=True)  # fmt: skip
+        encoded = encode_pairs(tm.tokenizer, chunk, tm.max_length, padding=True, return_tensors="pt")
         target = (encoded["token_type_ids"] == 1) & (encoded["attention_mask"] == 1)
         logits = tm.model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).logits.float()
         log_probs = torch.log_softmax(logits[:, :-1], dim=-1)

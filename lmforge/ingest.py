@@ -310,10 +310,14 @@ def ingest_dataset(name: str, spec: DatasetSpec, params: IngestParams, root: Pat
 
 
 def corpus_texts(datasets: list[str], folder: Path) -> Iterator[tuple[str, str]]:
-    """(dataset, text) of every train row of `datasets`, in that order, a batch at a time."""
+    """(dataset, text) of every train row of `datasets`, in that order, a batch at a time (an instruction row's
+    prompt and response are two texts)."""
     for name in datasets:
-        for batch in pq.ParquetFile(folder / name / "train.parquet").iter_batches(ROW_GROUP_ROWS, columns=["text"]):
-            yield from ((name, text) for text in batch.column("text").to_pylist())
+        train = pq.ParquetFile(folder / name / "train.parquet")
+        columns = [column for column in ("text", "response") if column in train.schema_arrow.names]
+        for batch in train.iter_batches(ROW_GROUP_ROWS, columns=columns):
+            for row in zip(*(batch.column(column).to_pylist() for column in columns), strict=True):
+                yield from ((name, text) for text in row)
 
 
 def run(section: IngestParams, paths: IngestPaths) -> IngestReport:

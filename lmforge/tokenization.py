@@ -11,15 +11,19 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from lmforge.errors import DataError
 from lmforge.schema import TokenizerParams
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = [PAD, UNK, CLS, SEP, MASK]
@@ -330,3 +334,39 @@ def tokenize_split(
             unknown += sum(e.ids.count(unk_id) for e in encodings) if unk_id is not None else 0
     return {"rows": rows, "tokens": tokens, "truncated_fraction": round(truncated / max(rows, 1), 4),
             "unknown_fraction": round(unknown / max(tokens, 1), 4)}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# generation examples: (prompt, continuation) pairs
+# ---------------------------------------------------------------------------------------------
+
+
+def generation_pairs(texts: list[str], prompt_chars: int) -> list[tuple[str, str]]:
+    return [(text[:prompt_chars], text[prompt_chars:]) for text in texts if len(text) > prompt_chars]
+
+
+def example_pairs(rows: pd.DataFrame, prompt_chars: int) -> list[tuple[str, str]]:
+    """A generation task's (prompt, continuation) examples: an instruction dataset's (prompt, response) rows,
+    or any other dataset's texts split after their first prompt_chars characters."""
+    if "response" in rows.columns:
+        return [(str(prompt), str(response)) for prompt, response in zip(rows["text"], rows["response"], strict=True)
+                if str(response)]  # fmt: skip
+    return generation_pairs([str(text) for text in rows["text"]], prompt_chars)
+
+
+def prompt_tails(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_tokens: int) -> list[str]:
+    """Each prompt cut to its last max_tokens tokens, at a token's first character: a reply answers the end of a
+    conversation, and the window must leave room for the reply."""
+    encoded = tokenizer(prompts, add_special_tokens=False, return_offsets_mapping=True)
+    return [prompt if len(offsets) <= max_tokens else prompt[offsets[-max_tokens][0] :]
+            for prompt, offsets in zip(prompts, encoded["offset_mapping"], strict=True)]  # fmt: skip
+
+
+def encode_pairs(tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], max_length: int,
+                 **options: Any) -> Any:  # fmt: skip
+    """`[CLS] prompt [SEP] continuation [SEP]`, as every generation model is trained and scored: a prompt keeps
+    at most its last half-window of tokens, the continuation is cut at the window's end. token_type_ids mark the
+    continuation (1)."""
+    prompts = prompt_tails(tokenizer, [prompt for prompt, _ in pairs], max_length // 2)
+    return tokenizer(prompts, [continuation for _, continuation in pairs], truncation="only_second",
+                     max_length=max_length, return_token_type_ids=True, **options)  # fmt: skip

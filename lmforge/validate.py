@@ -5,7 +5,7 @@ line naming the dataset, the expectation and a few offending values, so nothing 
 
 Each dataset gets up to four suites, each run on a view of its splits:
 - `<dataset>.rows`     every row of every split: text present, length bounds, labels in the
-                       declared set, words and tags of equal length;
+                       declared set, words and tags of equal length, a response to every prompt;
 - `<dataset>.balance`  classification: the share of each label in train, within bounds, all present;
 - `<dataset>.tags`     token classification: every tag of every split in the declared tag set;
 - `<dataset>.leakage`  one row per (text, split): a text in two splits is a leak.
@@ -120,6 +120,13 @@ def build_views(manifest: Manifest, dataset_dir: Path, params: ValidateParams, s
                 ],
             )
         )
+    elif task == "instruction":
+        row_checks += [
+            gxe.ExpectColumnValuesToNotBeNull(column="response"),
+            gxe.ExpectColumnValueLengthsToBeBetween(
+                column="response", min_value=params.min_chars, max_value=params.max_chars
+            ),
+        ]
     elif task == "token_classification":
         row_checks += [
             gxe.ExpectColumnPairValuesToBeEqual(column_A="n_words", column_B="n_tags"),
@@ -141,7 +148,7 @@ def build_views(manifest: Manifest, dataset_dir: Path, params: ValidateParams, s
             if task == "token_classification":
                 batch = batch.assign(n_words=batch["tokens"].map(len), n_tags=batch["tags"].map(len))
             # Only the columns the expectations read: GX copies the frame, and list columns are heavy.
-            yield batch[[c for c in ("text", "label", "n_words", "n_tags", "split") if c in batch.columns]]
+            yield batch[[c for c in ("text", "label", "response", "n_words", "n_tags", "split") if c in batch.columns]]
 
     return [View("rows", rows, row_checks), *views]
 

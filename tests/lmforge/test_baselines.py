@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from lmforge.baselines import MajorityTag, NgramLM, TfidfLogReg, is_baseline, load_baseline
-from lmforge.inference import generation_pairs
+from lmforge.tokenization import generation_pairs
 
 POSITIVE = ["很好很好", "好吃好吃", "真好真好", "好好好", "非常好好"]
 NEGATIVE = ["很差很差", "难吃很差", "真差真差", "差差差", "非常差差"]

@@ -30,13 +30,12 @@ from lmforge.inference import (
     continuation_reference,
     generate,
     generate_one_by_one,
-    generation_pairs,
     load_task_model,
     split_words,
     word_tags,
 )
 from lmforge.schema import LoraParams, TokenizerParams, TrainingParams
-from lmforge.tokenization import save_hf_tokenizer, train_tokenizer, word_starts
+from lmforge.tokenization import generation_pairs, save_hf_tokenizer, train_tokenizer, word_starts
 
 MAX_LENGTH = 16  # the models' position embeddings too: anything longer must be truncated away
 CORPUS = "你好世界\n今天天气很好\n中文\nabc def\n"
@@ -377,3 +376,33 @@ def test_batched_kv_cached_generation_gives_the_plain_loops_tokens(tokenizer_dir
     expected = [generate_one_by_one(tm, prompt, 6) for prompt in prompts]
     assert any(len(text) > 1 for text in expected)  # a random model: it says something before any [SEP]
     assert generate(tm, prompts, 6, batch_size=3) == expected
+
+
+# --- instruction data: (prompt, response) pairs ----------------------------------------------------
+
+
+def test_example_pairs_take_an_instruction_datasets_responses_and_split_other_texts():
+    import pandas as pd
+
+    from lmforge.tokenization import example_pairs
+
+    replies = pd.DataFrame({"text": ["你好", "天气"], "response": ["你好啊", ""]})
+    assert example_pairs(replies, 1) == [("你好", "你好啊")]  # an empty response teaches nothing
+    assert example_pairs(pd.DataFrame({"text": ["一二三四"]}), 1) == [("一", "二三四")]
+
+
+def test_a_long_prompt_keeps_its_end_and_the_response_its_start(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    from lmforge.tokenization import encode_pairs, prompt_tails
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    assert prompt_tails(tokenizer, ["今天天气很好", "你好"], 3) == ["气很好", "你好"]
+    encoded = encode_pairs(tokenizer, [("今天天气很好今天天气很好", "你好世界你好世界你好世界")], MAX_LENGTH)
+    ids, types = encoded["input_ids"][0], encoded["token_type_ids"][0]
+    assert len(ids) == MAX_LENGTH
+    prompt = [token for token, kind in zip(ids, types, strict=True) if kind == 0]
+    response = [token for token, kind in zip(ids, types, strict=True) if kind == 1]
+    text = tokenizer.convert_ids_to_tokens
+    assert text(prompt) == ["[CLS]", *"今天天气很好今天天气很好"[-MAX_LENGTH // 2 :], "[SEP]"]
+    assert text(response)[:-1] == list("你好世界你好世界你好世界")[: MAX_LENGTH - 10 - 1]  # room left, then [SEP]

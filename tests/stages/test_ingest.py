@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -96,6 +97,14 @@ def write_bad(root: Path, case: str) -> tuple[str, dict]:
     if case == "no_text_column":
         (root / "cols.csv").write_text("body,label\nhello,pos\n")
         return "cols.csv", {}
+    if case == "malformed_alpaca":
+        (root / "al.jsonl").write_text('{"instruction": "问候", "output": "你好"}\n{"instruction": "道别"}\n',
+                                       encoding="utf-8")  # fmt: skip
+        return "al.jsonl", {"format": "alpaca"}
+    if case == "malformed_sharegpt":
+        talk = {"conversations": [{"from": "human", "value": "在吗"}, {"from": "robot", "value": "在"}]}
+        (root / "sg.jsonl").write_text(json.dumps(talk, ensure_ascii=False) + "\n", encoding="utf-8")
+        return "sg.jsonl", {"format": "sharegpt"}
     (root / "pd.txt").write_text("江/nr 泽民/nr\n发表/v 讲话\n", encoding="utf-8")
     return "pd.txt", {"format": "tagged", "tagging": "ner"}
 
@@ -108,12 +117,15 @@ def write_bad(root: Path, case: str) -> tuple[str, dict]:
         ("non_utf8", "latin.csv:2: not valid UTF-8"),
         ("no_text_column", "cols.csv: no column 'text'"),
         ("malformed_tagged", "pd.txt:2: malformed tagged token '讲话'"),
+        ("malformed_alpaca", "al.jsonl:2: 'output' must be a string (missing)"),
+        ("malformed_sharegpt", "sg.jsonl:1: conversations[1]: 'from' is 'robot'; expected one of"),
     ],
 )
 def test_bad_input_fails_in_one_line_and_leaves_outputs(good_ingest, case: str, expected: str):
     root, before = good_ingest
     file_name, options = write_bad(root, case)
-    task = "token_classification" if case == "malformed_tagged" else "classification"
+    task = {"malformed_tagged": "token_classification", "malformed_alpaca": "instruction",
+            "malformed_sharegpt": "instruction"}.get(case, "classification")  # fmt: skip
     result = run_stage(
         "ingest",
         "--params",

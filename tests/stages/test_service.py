@@ -1,5 +1,6 @@
-"""The service profile's intent recognition: real customer-service utterances (chatbot-nlu) ingested, validated,
-trained, evaluated and gated like the bundled tasks, at smoke sizes."""
+"""The service profile's applications: intent recognition on real customer-service utterances (chatbot-nlu) and
+reply generation on chatterbot-corpus's conversations, ingested, validated, trained, evaluated and gated like the
+bundled tasks, at smoke sizes."""
 
 from __future__ import annotations
 
@@ -7,12 +8,14 @@ import json
 import uuid
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
 from lmforge.artifacts import EvaluateReport, Manifest, PromoteReport, ValidateReport
 from lmforge.data.sources import chatbot_nlu_intents_file
 from lmforge.params import PROFILES_DIR, deep_merge, params_to_dict, parse_params, profile_params
+from lmforge.schema import Params
 from tests.conftest import run_in
 
 
@@ -21,21 +24,33 @@ def service_smoke() -> dict:
     overlay = yaml.safe_load((PROFILES_DIR / "service.yaml").read_text())
     smoke_training = params_to_dict(profile_params("smoke"))["finetune"]["tasks"]["sentiment"]["training"]
     overlay["finetune"]["tasks"]["intent"]["training"] = smoke_training
+    overlay["finetune"]["tasks"]["reply"]["training"] = params_to_dict(profile_params("smoke"))["finetune"]["tasks"][
+        "continuation"
+    ]["training"]
     overlay["promote"] = {"model_prefix": f"service-{uuid.uuid4().hex[:8]}"}
     return deep_merge(params_to_dict(profile_params("smoke")), overlay)
 
 
-def test_the_service_profile_is_the_default_plus_intent_recognition():
+def test_the_service_profile_is_the_default_plus_intents_and_replies():
     default, service = params_to_dict(profile_params("default")), params_to_dict(profile_params("service"))
-    assert set(service["finetune"]["tasks"]) == set(default["finetune"]["tasks"]) | {"intent"}
+    assert set(service["finetune"]["tasks"]) == set(default["finetune"]["tasks"]) | {"intent", "reply"}
     assert service["ingest"]["datasets"]["intents"]["source"]["kind"] == "chatbot_nlu_intents"
+    assert service["ingest"]["datasets"]["replies"]["source"]["kind"] == "chatterbot_corpus"
     assert service["pretrain"] == default["pretrain"]
 
 
-def test_intents_are_ingested_validated_trained_evaluated_and_gated(tmp_path: Path):
-    params = parse_params(service_smoke())
-    for stage in ("ingest", "validate", "preprocess", "pretrain@encoder"):
-        run_in(stage, params, tmp_path)
+@pytest.fixture(scope="module")
+def service_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Params, Path]:
+    """ingest -> validate -> preprocess of the service profile at smoke sizes."""
+    params, root = parse_params(service_smoke()), tmp_path_factory.mktemp("service")
+    for stage in ("ingest", "validate", "preprocess"):
+        run_in(stage, params, root)
+    return params, root
+
+
+def test_intents_are_ingested_validated_trained_evaluated_and_gated(service_data: tuple[Params, Path]):
+    params, tmp_path = service_data
+    run_in("pretrain@encoder", params, tmp_path)
     # This repository's dvc.yaml lists the default tasks; a params.yaml of the service profile lists intent too.
     raw, model, scores = tmp_path / "data/raw/intents", tmp_path / "models/finetuned/intent", tmp_path / "evaluated"
     run_in("finetune@intent", params, tmp_path, like="finetune@sentiment", dataset=raw, out=model,
@@ -68,6 +83,55 @@ def test_intents_are_ingested_validated_trained_evaluated_and_gated(tmp_path: Pa
            metrics=tmp_path / "promoted.figures.json")  # fmt: skip
     decided = PromoteReport.read(tmp_path / "promoted.json")
     assert decided.baseline_version is not None and decided.champion_after is not None
+    assert decided.champion_after.version in {decided.baseline_version, decided.version}
+
+
+def test_replies_are_ingested_validated_trained_on_the_reply_alone_evaluated_and_gated(
+    service_data: tuple[Params, Path],
+):
+    from transformers import AutoTokenizer
+
+    from lmforge.task_training import generation_rows
+
+    params, tmp_path = service_data
+    raw = tmp_path / "data/raw/replies"
+    manifest = Manifest.of(raw)
+    assert manifest.kind == "instruction" and manifest.rows["source"] == 552
+    assert manifest.rows["kept"] == 447  # one reply per message: the first
+    train = pd.read_parquet(raw / "train.parquet")
+    assert list(train.columns) == ["text", "response"]
+    assert ValidateReport.read(tmp_path / "reports/validate.json").datasets["replies"].success
+
+    # The loss covers the reply: every labelled token lies after the message's [SEP].
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "data/processed/tokenizer"))
+    rows = generation_rows(raw / "train.parquet", tokenizer, 12, 64, limit=50)
+    assert len(rows) == 50
+    for row in rows:
+        sep = row["input_ids"].index(tokenizer.sep_token_id)
+        assert set(row["labels"][: sep + 1]) == {-100} and any(label != -100 for label in row["labels"][sep + 1 :])
+
+    run_in("pretrain@decoder", params, tmp_path)
+    model, scores = tmp_path / "models/finetuned/reply", tmp_path / "evaluated-reply"
+    run_in("finetune@reply", params, tmp_path, like="finetune@continuation", dataset=raw, out=model,
+           tokenized=tmp_path / "data/processed/datasets/replies", checkpoints=tmp_path / "checkpoints/reply",
+           report=tmp_path / "finetuned-reply.json", metrics=tmp_path / "finetuned-reply.figures.json")  # fmt: skip
+    run_in("evaluate@reply", params, tmp_path, like="evaluate@continuation", model=model, dataset=raw, out=scores,
+           metrics=tmp_path / "evaluated-reply.figures.json")  # fmt: skip
+    report = EvaluateReport.read(scores / "metrics.json")
+    assert report.primary_metric == "perplexity" and report.baseline.name.startswith("ngram")
+    test = pd.read_parquet(raw / "test.parquet")
+    assert report.test_examples == min(params.evaluate.max_test_samples or 10**9, len(test))
+    samples = json.loads((scores / "samples.json").read_text(encoding="utf-8"))
+    assert samples and {sample["prompt"] for sample in samples} <= set(test["text"])  # the messages, whole
+
+    optimized = tmp_path / "optimized-reply"
+    optimized.mkdir()
+    (optimized / "candidate").symlink_to(scores)
+    run_in("promote@reply", params, tmp_path, like="promote@continuation", optimized=optimized, dataset=raw,
+           validation=tmp_path / "reports/validation/replies.json", report=tmp_path / "promoted-reply.json",
+           metrics=tmp_path / "promoted-reply.figures.json")  # fmt: skip
+    decided = PromoteReport.read(tmp_path / "promoted-reply.json")
+    assert decided.champion_after is not None
     assert decided.champion_after.version in {decided.baseline_version, decided.version}
 
 
