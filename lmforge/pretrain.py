@@ -30,13 +30,16 @@ from lmforge.models import PRETRAIN_PARAMS, build_pretrain_model, count_paramete
 from lmforge.params import Params
 from lmforge.schema import RECIPE_LR, HFModel, ModelArchitecture, Section, TrainingParams
 from lmforge.stage import Stage, dep, item_of, output, scratch
-from lmforge.tokenization import read_blocks
+from lmforge.tokenization import BlockMarks, pack_corpus, read_blocks
 from lmforge.training import BatchFn, LogFn, LossFn, TrainResult, model_loss, pick_device, train, with_learning_rate
 
 
 @dataclass(frozen=True)
 class PretrainPaths:
     blocks: Path = dep("data/processed/pretrain: packed token blocks")
+    corpus: Path = dep(
+        "data/raw/corpus: the corpus text, packed with a Hugging Face model's own tokenizer to train it further"
+    )
     tokenizer: Path = dep("data/processed/tokenizer: the tokenizer trained on the corpus")
     out: Path = output("models/pretrained/<model>: the model in HF format")
     checkpoints: Path = scratch("checkpoints/pretrain/<model>: resumable checkpoints")
@@ -221,12 +224,11 @@ def hf_model_folder(model: HFModel, key: str) -> Path:
                              f"({' '.join(str(error).split())[:160]})") from None  # fmt: skip
 
 
-def copy_hf_model(params: PretrainSection, model: HFModel, paths: PretrainPaths) -> PretrainReport:
-    """Copy a Hugging Face model's config, safetensors weights and tokenizer into paths.out (no training)."""
+def checked_hf_folder(model: HFModel, key: str) -> tuple[Path, dict[str, Any], int]:
+    """The Hugging Face model's folder, its config and its parameter count, once it is known to hold
+    safetensors weights and to ask for no code of its own."""
     from safetensors import safe_open
 
-    key = f"pretrain.models.{params.name}"
-    started = time.perf_counter()
     folder = hf_model_folder(model, key)
     config = json.loads((folder / "config.json").read_text())
     if config.get("auto_map"):  # the model's own Python, which trust_remote_code would run: never
@@ -240,13 +242,25 @@ def copy_hf_model(params: PretrainSection, model: HFModel, paths: PretrainPaths)
     for file in weights:
         with safe_open(str(file), "pt") as tensors:
             n_parameters += sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())  # noqa: SIM118
+    return folder, config, n_parameters
+
+
+def copy_hf_files(folder: Path, staging: Path) -> None:
+    """Its config, weights and tokenizer. lmforge's own records (a model lmforge pretrained elsewhere) stay
+    behind: its tokenizer is not this pipeline's, so fine-tuning treats it like any Hugging Face model."""
+    files = {file for pattern in HF_FILES for file in folder.glob(pattern) if file.is_file()}
+    for file in sorted(file for file in files if not file.name.startswith("lmforge_")):
+        shutil.copyfile(file, staging / file.name)
+
+
+def copy_hf_model(params: PretrainSection, model: HFModel, paths: PretrainPaths) -> PretrainReport:
+    """Copy a Hugging Face model's config, safetensors weights and tokenizer into paths.out (no training)."""
+    key = f"pretrain.models.{params.name}"
+    started = time.perf_counter()
+    folder, _, n_parameters = checked_hf_folder(model, key)
     with tracking.stage_run("pretrain", {"model": params.name, **model.model_dump()}, item=params.name) as run:
         with atomic_output_dir(paths.out) as staging:
-            # lmforge's own records (a model lmforge pretrained elsewhere) stay behind: its tokenizer is
-            # not this pipeline's, so fine-tuning treats it like any Hugging Face model.
-            files = {file for pattern in HF_FILES for file in folder.glob(pattern) if file.is_file()}
-            for file in sorted(file for file in files if not file.name.startswith("lmforge_")):
-                shutil.copyfile(file, staging / file.name)
+            copy_hf_files(folder, staging)
             write_json(staging / HF_SOURCE, {"source": model.source, "revision": model.revision,
                                              "files": files_sha256(staging, "*")})  # fmt: skip
         report = PretrainReport(
@@ -258,6 +272,109 @@ def copy_hf_model(params: PretrainSection, model: HFModel, paths: PretrainPaths)
     return report
 
 
+def hf_objective(config: dict[str, Any], key: str) -> str:
+    """mlm or causal, from the architectures config.json names: what the model was pretrained to do."""
+    names = [str(name) for name in config.get("architectures") or []]
+    if any(name.endswith(("ForMaskedLM", "ForPreTraining")) for name in names):
+        return "mlm"
+    if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in names):
+        return "causal"
+    raise LmforgeError(f"{key}.continue_pretraining: config.json's architectures ({', '.join(names) or 'none'}) "
+                       "name neither a masked LM nor a causal LM head to train further")  # fmt: skip
+
+
+def hf_special_ids(tokenizer: Any) -> tuple[SpecialIds, BlockMarks]:
+    """The ids a Hugging Face tokenizer gives the batches and the packing. A GPT-2-style tokenizer has no [CLS],
+    [SEP] or padding: documents end with its end-of-text token and a partial last block is dropped; its "pad" is
+    an id no block holds (the vocabulary size), so every position is attended to and learned."""
+    vocab_size = len(tokenizer)
+    separator = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if separator is None:
+        raise LmforgeError("its tokenizer has neither a separator nor an end-of-text token to end documents with")
+    start = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else None
+    pad = tokenizer.pad_token_id
+    ids = SpecialIds(pad=vocab_size if pad is None else pad, unk=tokenizer.unk_token_id,
+                     cls=vocab_size if start is None else start, sep=separator,
+                     mask=tokenizer.mask_token_id, vocab_size=vocab_size)  # fmt: skip
+    return ids, BlockMarks(start, separator, pad, tokenizer.unk_token_id)
+
+
+def continue_hf_model(section: PretrainSection, model: HFModel, paths: PretrainPaths) -> PretrainReport:
+    """Train a Hugging Face model further on the pretraining corpus (domain adaptation) with its own tokenizer,
+    by the objective it was pretrained with, then write it (and its tokenizer) as the stage's model.
+
+    Its tokenizer is its own, not this pipeline's: the corpus text (data/raw/corpus) is packed with it into
+    blocks beside the checkpoints, and fine-tuning treats the result like any Hugging Face model."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+
+    key = f"pretrain.models.{section.name}"
+    folder, config, n_parameters = checked_hf_folder(model, key)
+    objective = hf_objective(config, key)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))  # trust_remote_code stays off
+    try:
+        ids, marks = hf_special_ids(tokenizer)
+    except LmforgeError as error:
+        raise LmforgeError(f"{key}.source: {error}") from None
+    if objective == "mlm" and ids.mask is None:
+        raise LmforgeError(f"{key}.source: a masked LM's tokenizer needs a mask token; {folder}'s has none")
+    positions = int(config.get("max_position_embeddings") or config.get("n_positions") or model.block_size)
+    if model.block_size > positions:
+        raise LmforgeError(f"{key}.block_size ({model.block_size}) is longer than the model's {positions} positions")
+    blocks_dir = paths.checkpoints / "blocks"
+    blocks_dir.mkdir(parents=True, exist_ok=True)
+    packed = {side: pack_corpus(tokenizer.backend_tokenizer, paths.corpus / f"{side}.txt", blocks_dir / f"{side}.bin",
+                                model.block_size, batch_size=1000, marks=marks)
+              for side in ("train", "val")}  # fmt: skip
+    train_blocks, val_blocks = (read_blocks(blocks_dir / f"{side}.bin", packed[side]["dtype"], model.block_size)
+                                for side in ("train", "val"))  # fmt: skip
+    own = ("max_steps", "epochs", "batch_size")
+    budget = {name: getattr(model, name) for name in own if getattr(model, name) is not None}
+    training = with_learning_rate(section.training, RECIPE_LR["full"]).model_copy(update=budget)  # a trained model
+    n_val = min(len(val_blocks), training.max_eval_samples or len(val_blocks))
+    auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
+    net = auto.from_pretrained(str(folder), use_safetensors=True)
+    make_batch = batch_maker(objective, train_blocks, ids, section.mlm_probability)
+    make_val_batch = batch_maker(objective, val_blocks, ids, section.mlm_probability)
+    inputs = files_sha256(blocks_dir, "*.bin") | files_sha256(folder, "*.safetensors")
+    run_fingerprint = fingerprint(model.model_dump(), training.model_dump(), section.seed, section.mlm_probability,
+                                  inputs)  # fmt: skip
+    resolved = {"model": section.name, **model.model_dump(), "objective": objective, "training": training.model_dump(),
+                "seed": section.seed, "vocab_size": len(tokenizer)}  # fmt: skip
+    with tracking.stage_run("pretrain", resolved, item=section.name) as mlflow_run:
+        mlflow.log_param("n_parameters", n_parameters)
+        before = validation_loss(net, make_val_batch, n_val, training.batch_size, section.seed)
+        result = train(
+            net, len(train_blocks), make_batch,
+            lambda m: validation_loss(m, make_val_batch, n_val, training.batch_size, section.seed),
+            training, section.seed, paths.checkpoints, run_fingerprint, log=tracking.log_metrics_async,
+            description=f"pretrain {section.name} (continued, {objective})", device=pick_device(),
+        )  # fmt: skip
+        report = PretrainReport(
+            val_loss=result.best_eval_loss, val_perplexity=math.exp(min(result.best_eval_loss, 50)),
+            steps=result.steps, tokens=result.tokens, seconds=result.seconds,
+            tokens_per_second=round(result.tokens_per_second), n_parameters=n_parameters,
+            stopped_early=result.stopped_early, resumed_from_step=result.resumed_from_step,
+            mlflow_run_id=mlflow_run.info.run_id,
+        )  # fmt: skip
+        mlflow.log_metrics({"val_loss_before": before, **{k: float(v) for k, v in report.data().items()
+                            if isinstance(v, int | float) and not isinstance(v, bool)}})  # fmt: skip
+        if result.history:
+            log_figures({"training_curve": curve_figure(result.history, f"pretrain@{section.name}: validation loss")})
+        with atomic_output_dir(paths.out) as staging:
+            copy_hf_files(folder, staging)  # its tokenizer and config; the weights are replaced
+            for file in staging.glob("*.safetensors"):
+                file.unlink()
+            net.cpu().save_pretrained(str(staging), safe_serialization=True)
+            tokenizer.save_pretrained(str(staging))
+            write_json(staging / "history.json", result.history)
+            write_json(staging / HF_SOURCE, {"source": model.source, "revision": model.revision,
+                                             "continued": {"objective": objective, "steps": result.steps,
+                                                           "val_loss_before": before,
+                                                           "val_loss_after": result.best_eval_loss},
+                                             "files": files_sha256(staging, "*")})  # fmt: skip
+    return report
+
+
 def run(section: PretrainSection, paths: PretrainPaths) -> PretrainReport:
     """Pretrain one model of pretrain.models on the packed blocks and write it in HF format (safetensors);
     a Hugging Face model (architecture hf) is copied in as it is."""
@@ -265,7 +382,11 @@ def run(section: PretrainSection, paths: PretrainPaths) -> PretrainReport:
 
     name, arch = section.name, section.model
     if isinstance(arch, HFModel):
-        return copy_hf_model(section, arch, paths)
+        return (
+            continue_hf_model(section, arch, paths)
+            if arch.continue_pretraining
+            else copy_hf_model(section, arch, paths)
+        )
     meta = PackedCorpus.read(paths.blocks / "meta.json")
     block_size = meta.train.block_size
     if arch.max_length < block_size:

@@ -361,12 +361,25 @@ class HFModel(Section):
     """A model trained elsewhere, to fine-tune from: a local Hugging Face model folder or a hub id.
 
     The pretrain stage copies its config, safetensors weights and tokenizer into
-    models/pretrained/<name> (nothing is trained), so every fine-tuning base is a folder DVC tracks.
+    models/pretrained/<name>, so every fine-tuning base is a folder DVC tracks; with
+    continue_pretraining it first trains the model further on this pipeline's corpus, with its own
+    tokenizer (domain adaptation).
     """
 
-    architecture: Literal["hf"] = Field(description="hf: a Hugging Face model, not trained here")
+    architecture: Literal["hf"] = Field(description="hf: a Hugging Face model, trained elsewhere")
     source: str = Field(description="a local model folder (relative to the repository root) or a hub id")
     revision: str | None = Field(None, description="hub revision to pin (a commit sha); required for a hub id")
+    continue_pretraining: bool = Field(
+        False,
+        description="train it further on the pretraining corpus (data/raw/corpus) with its own tokenizer and "
+        "objective (masked LM for an encoder, next token for a decoder); false: copy it as it is",
+    )
+    block_size: int = Field(128, ge=8, le=8192, description="continue_pretraining: tokens per training sequence")
+    max_steps: int | None = Field(
+        None, ge=1, description="continue_pretraining: steps at most (null: pretrain.training.max_steps)"
+    )
+    epochs: int | None = Field(None, ge=1, description="continue_pretraining: passes over the corpus at most")
+    batch_size: int | None = Field(None, ge=1, description="continue_pretraining: sequences per micro-batch")
 
     @field_validator("source")
     @classmethod

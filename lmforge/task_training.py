@@ -8,6 +8,7 @@ brings its own tokenizer, so the raw splits are tokenized again with it, by the 
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from collections import Counter
@@ -62,6 +63,13 @@ def load_tokenizer(base: str, key: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token is None:  # GPT-2-style tokenizers have none; padding needs one
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def base_positions(base: str) -> int:
+    """The longest sequence the base model's position embeddings hold (a tokenizer saved without its
+    model_max_length would otherwise allow any length)."""
+    config = json.loads((Path(base) / "config.json").read_text())  # base_folder checked it is there
+    return int(config.get("max_position_embeddings") or config.get("n_positions") or 4096)
 
 
 def read_rows(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
@@ -232,7 +240,7 @@ def train_task(name: str, task: FinetuneTask, seed: int, folders: TaskFolders,
     dropout = task.dropout if dropout is None else dropout
     base = base_folder(folders.base, f"finetune.tasks.{name}.base")
     tokenizer = load_tokenizer(base, f"finetune.tasks.{name}.base")
-    max_length = min(tokenizer.model_max_length, 4096)
+    max_length = min(tokenizer.model_max_length, base_positions(base), 4096)
     base_is_ours = pretrained_objective(Path(base)) is not None
     data = load_task_data(task, name, base_is_ours, tokenizer, folders.dataset, folders.tokenized, folders.checkpoints,
                           max_length)  # fmt: skip

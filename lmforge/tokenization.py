@@ -185,16 +185,36 @@ class PackStats:
     unknown: int = 0
 
 
-def pack_corpus(tokenizer: Tokenizer, corpus: Path, out_path: Path, block_size: int, batch_size: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class BlockMarks:
+    """The ids pack_corpus writes besides the text: each block's first token (None: a block starts anywhere in
+    the text, as a GPT-2 tokenizer has no [CLS]), the one after each document, and the padding of the last
+    block (None: a tokenizer without a pad token drops a partial last block instead)."""
+
+    start: int | None
+    separator: int
+    pad: int | None
+    unknown: int | None
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> BlockMarks:
+        """lmforge's own tokenizers: `[CLS] doc [SEP] doc [SEP] ... [PAD]`."""
+        cls_id, sep_id, pad_id, unk_id = (special_id(tokenizer, token) for token in (CLS, SEP, PAD, UNK))
+        return cls(cls_id, sep_id, pad_id, unk_id)
+
+
+def pack_corpus(tokenizer: Tokenizer, corpus: Path, out_path: Path, block_size: int, batch_size: int,
+                marks: BlockMarks | None = None) -> dict[str, Any]:  # fmt: skip
     """Pack documents into fixed blocks `[CLS] doc [SEP] doc [SEP] ...`, appended to a flat file.
 
     Read it back with `np.memmap(out_path, dtype, mode="r").reshape(-1, block_size)`. Only the
     last block is padded, so the padding fraction is at most one block's worth.
     """
-    cls_id, sep_id, pad_id, unk_id = (special_id(tokenizer, token) for token in (CLS, SEP, PAD, UNK))
+    marks = marks or BlockMarks.of(tokenizer)
     dtype = token_dtype(tokenizer.get_vocab_size())
     stats = PackStats()
-    body = block_size - 1  # every block starts with [CLS]
+    lead = [] if marks.start is None else [marks.start]
+    body = block_size - len(lead)  # every block starts with [CLS], where the tokenizer has one
     pending: list[int] = []
     with open(out_path, "wb") as handle:
 
@@ -203,29 +223,30 @@ def pack_corpus(tokenizer: Tokenizer, corpus: Path, out_path: Path, block_size: 
             n_full = len(pending) // body
             if n_full:
                 chunk = np.asarray(pending[: n_full * body], dtype=dtype).reshape(n_full, body)
-                blocks = np.concatenate([np.full((n_full, 1), cls_id, dtype=dtype), chunk], axis=1)
+                blocks = np.concatenate([np.full((n_full, len(lead)), lead, dtype=dtype), chunk], axis=1)
                 blocks.tofile(handle)
                 stats.blocks += n_full
                 stats.tokens += n_full * block_size
                 pending = pending[n_full * body :]
-            if not complete_only and pending:
-                tail = [cls_id, *pending] + [pad_id] * (body - len(pending))
+            if not complete_only and pending and marks.pad is not None:
+                tail = [*lead, *pending] + [marks.pad] * (body - len(pending))
                 np.asarray(tail, dtype=dtype).tofile(handle)
                 stats.blocks += 1
-                stats.tokens += 1 + len(pending)
+                stats.tokens += len(lead) + len(pending)
                 stats.padding += body - len(pending)
                 pending = []
 
         for batch in iter_lines(corpus, batch_size):
             for encoding in tokenizer.encode_batch(batch, add_special_tokens=False):
                 pending.extend(encoding.ids)
-                pending.append(sep_id)
-                stats.unknown += encoding.ids.count(unk_id)
+                pending.append(marks.separator)
+                stats.unknown += encoding.ids.count(marks.unknown) if marks.unknown is not None else 0
             stats.documents += len(batch)
             flush(complete_only=True)
         flush(complete_only=False)
     if stats.blocks == 0:
-        raise DataError(f"{corpus}: the pretraining corpus is empty")
+        short = f"is shorter than one block of {block_size} tokens" if stats.documents else "is empty"
+        raise DataError(f"{corpus}: the pretraining corpus {short}")
     total = stats.blocks * block_size
     return {
         "file": out_path.name,

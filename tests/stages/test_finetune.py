@@ -115,6 +115,63 @@ def hf_model(smoke_models: SmokeRun, folder: Path) -> Path:
     return folder
 
 
+def gpt2_style_model(folder: Path, corpus: Path) -> Path:
+    """A GPT-2-style decoder folder: a character tokenizer with an end-of-text token and no [CLS], [SEP] or pad."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    chars = sorted({char for char in corpus.read_text(encoding="utf-8") if not char.isspace()})
+    vocab = {"<|endoftext|>": 0, "<unk>": 1, **{char: i + 2 for i, char in enumerate(chars)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="<unk>")
+    config = GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=32, n_layer=1, n_head=2)
+    GPT2LMHeadModel(config).save_pretrained(str(folder), safe_serialization=True)
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_a_hugging_face_model_is_pretrained_further_on_the_corpus_with_its_own_tokenizer(
+    kind: str, smoke_models: SmokeRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    source = tmp_path / "models/external/theirs"
+    if kind == "bert":
+        hf_model(smoke_models, source)
+    else:
+        gpt2_style_model(source, smoke_models.raw / "corpus/train.txt")
+    monkeypatch.chdir(tmp_path)
+    data = params_to_dict(smoke_models.params)
+    data["pretrain"]["models"]["theirs"] = {"architecture": "hf", "source": "models/external/theirs",
+                                           "continue_pretraining": True, "block_size": 32, "max_steps": 12,
+                                           "batch_size": 8}  # fmt: skip
+    data["pretrain"]["training"]["learning_rate"] = 3e-3
+    data["finetune"]["tasks"]["continuation"]["base"] = "theirs"
+    from lmforge.params import parse_params
+
+    params = parse_params(data)
+    base = tmp_path / "pretrained/theirs"
+    report = run_in("pretrain@theirs", params, smoke_models.root, like="pretrain@encoder", out=base,
+                    checkpoints=tmp_path / "pck", report=tmp_path / "theirs.json",
+                    metrics=tmp_path / "theirs.figures.json")  # fmt: skip
+    assert report.steps == 12 and report.val_loss is not None
+    record = json.loads((base / "lmforge_source.json").read_text())["continued"]
+    assert record["objective"] == ("mlm" if kind == "bert" else "causal") and record["steps"] == 12
+    assert record["val_loss_after"] < record["val_loss_before"]  # it learned the corpus
+    assert not (base / "lmforge_params.json").exists()  # its tokenizer is its own, not the pipeline's
+    assert (base / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    auto = AutoModelForMaskedLM if kind == "bert" else AutoModelForCausalLM
+    before, after = (auto.from_pretrained(str(folder), use_safetensors=True) for folder in (source, base))
+    assert any(not a.equal(b) for a, b in zip(before.parameters(), after.parameters(), strict=True))
+    if kind == "gpt2":  # no pad token: every position of every block is real text, attended to and learned
+        blocks = (tmp_path / "pck/blocks/train.bin").read_bytes()
+        assert blocks and len(blocks) % (32 * 2) == 0  # uint16 ids, whole blocks only
+        finetune(smoke_models, params, "continuation", tmp_path / "out", tmp_path / "ck", base=base)
+        assert json.loads((tmp_path / "out/lmforge_task.json").read_text())["base_resolved"] == str(base)
+
+
 def test_a_hugging_face_model_is_copied_in_and_fine_tuned_with_its_own_tokenizer(
     smoke_models: SmokeRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
