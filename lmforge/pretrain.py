@@ -329,7 +329,7 @@ def continue_hf_model(section: PretrainSection, model: HFModel, paths: PretrainP
                                 for side in ("train", "val"))  # fmt: skip
     own = ("max_steps", "epochs", "batch_size")
     budget = {name: getattr(model, name) for name in own if getattr(model, name) is not None}
-    training = with_learning_rate(section.training, RECIPE_LR["full"]).model_copy(update=budget)  # a trained model
+    training = section.training.model_copy(update={**budget, "learning_rate": model.learning_rate})
     n_val = min(len(val_blocks), training.max_eval_samples or len(val_blocks))
     auto = AutoModelForMaskedLM if objective == "mlm" else AutoModelForCausalLM
     net = auto.from_pretrained(str(folder), use_safetensors=True)

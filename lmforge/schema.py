@@ -380,6 +380,13 @@ class HFModel(Section):
     )
     epochs: int | None = Field(None, ge=1, description="continue_pretraining: passes over the corpus at most")
     batch_size: int | None = Field(None, ge=1, description="continue_pretraining: sequences per micro-batch")
+    learning_rate: float = Field(
+        5e-5,
+        gt=0.0,
+        le=1.0,
+        description="continue_pretraining: peak learning rate (a trained model's, not "
+        "pretrain.training's from-scratch rate)",
+    )
 
     @field_validator("source")
     @classmethod

@@ -146,8 +146,7 @@ def test_a_hugging_face_model_is_pretrained_further_on_the_corpus_with_its_own_t
     data = params_to_dict(smoke_models.params)
     data["pretrain"]["models"]["theirs"] = {"architecture": "hf", "source": "models/external/theirs",
                                            "continue_pretraining": True, "block_size": 32, "max_steps": 12,
-                                           "batch_size": 8}  # fmt: skip
-    data["pretrain"]["training"]["learning_rate"] = 3e-3
+                                           "batch_size": 8, "learning_rate": 3e-3}  # fmt: skip
     data["finetune"]["tasks"]["continuation"]["base"] = "theirs"
     from lmforge.params import parse_params
 
