@@ -250,18 +250,24 @@ def export(
 
 
 @app.command("compress")
-def compress(task: str = TASK_OPTION, version: str = VERSION_OPTION, params: Path = PARAMS_OPTION) -> None:
-    """An int8 copy of the task's @champion (or --version), scored beside it on the frozen test split and
+def compress(
+    task: str = TASK_OPTION,
+    version: str = VERSION_OPTION,
+    to: str = typer.Option("int8", "--to", help="int8: PyTorch int8 linear layers; onnx: ONNX with int8 weights"),
+    params: Path = PARAMS_OPTION,
+) -> None:
+    """A smaller copy of the task's @champion (or --version), scored beside it on the frozen test split and
     gated: it serves only if it is not significantly worse, smaller on disk and within the latency ratio."""
     from lmforge.compression import compress_version
 
     try:
         settings = task_params(params, task)
-        done = compress_version(settings, task, version, dvc_paths(f"evaluate@{task}").dataset, Path("."))
+        done = compress_version(settings, task, version, dvc_paths(f"evaluate@{task}").dataset, Path("."), to)
     except LmforgeError as error:
         fail(error)
-    typer.echo(f"{done.registered_model} version {done.version} (int8 of version {done.original}): compression gate "
-               f"{done.decision.upper()}; @champion is version {done.champion_after or '-'}")  # fmt: skip
+    champion = done.champion_after or "-"
+    typer.echo(f"{done.registered_model} version {done.version} ({done.method} of version {done.original}): "
+               f"compression gate {done.decision.upper()}; @champion is version {champion}")  # fmt: skip
     for reason in done.reasons:
         typer.echo(f"  {reason}")
 

@@ -62,12 +62,15 @@ class TaskModel:
 
 
 def load_task_model(folder: Path) -> TaskModel:
-    """Load weights from safetensors only (never a pickle) and put the model in eval mode."""
+    """Load weights from safetensors (or an ONNX graph) only, never a pickle, and put the model in eval mode."""
     from lmforge.int8 import is_int8, load_int8
+    from lmforge.onnx_export import OnnxLogits, is_onnx
 
     meta = TaskMeta.read(Path(folder) / "lmforge_task.json")
     if is_int8(folder):  # lmforge compress: int8 linear layers, from safetensors too
         model = cast(PreTrainedModel, load_int8(Path(folder), AUTO_BY_KIND[meta.kind]))
+    elif is_onnx(folder):  # lmforge compress --to onnx: a graph ONNX Runtime runs, called as the model is
+        model = cast(PreTrainedModel, OnnxLogits(Path(folder)))
     else:
         model = AUTO_BY_KIND[meta.kind].from_pretrained(str(folder), use_safetensors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))

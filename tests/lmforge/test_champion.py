@@ -379,5 +379,57 @@ def test_compress_scores_registers_and_gates_an_int8_copy(registered: Registered
     with pytest.raises(LmforgeError, match="is the task's baseline: there is no network to compress"):
         compress_version(registered.params, "ner", registered.versions["ner"]["baseline"],
                          smoke_evaluated.raw / "people_daily", tmp_path)  # fmt: skip
-    with pytest.raises(LmforgeError, match=f"is already int8 \\(made from version {trained}\\)"):
+    with pytest.raises(
+        LmforgeError, match=f"is already a compressed copy \\(int8-dynamic, made from version {trained}\\)"
+    ):
         compress_version(registered.params, "ner", done.version, smoke_evaluated.raw / "people_daily", tmp_path)
+
+
+@pytest.mark.parametrize("task", ["sentiment", "ner", "continuation"])
+def test_an_onnx_graph_answers_as_the_model_does(task: str, registered: Registered, tmp_path: Path):
+    import onnx
+    import torch
+
+    from lmforge import registry
+    from lmforge.export import model_folder
+    from lmforge.inference import load_task_model
+    from lmforge.onnx_export import is_onnx, write_onnx
+
+    local = registry.fetch_checked(f"{registered.prefix}-{task}", registered.versions[task]["trained"])
+    assert not isinstance(local, str)
+    source = model_folder(local)
+    for int8 in (False, True):
+        (tmp_path / str(int8)).mkdir()
+        write_onnx(source, tmp_path / str(int8), int8=int8)
+    assert is_onnx(tmp_path / "True") and not list((tmp_path / "True").glob("*.safetensors"))
+    weights = {
+        tensor.name: tensor.data_type for tensor in onnx.load(str(tmp_path / "True/model.onnx")).graph.initializer
+    }
+    assert sum(kind == onnx.TensorProto.INT8 for kind in weights.values()) >= 4  # the matrix products' weights
+    original, graph, small = (load_task_model(folder) for folder in (source, tmp_path / "False", tmp_path / "True"))
+    texts = ["很好很好，下次还来", "太差了", "一二三四五六七八九十一二三四五六七八九十"]  # other lengths than exported
+    batch = original.tokenizer(texts, return_tensors="pt", padding=True)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if original.meta.word_start_types:
+        inputs["token_type_ids"] = torch.ones_like(batch["input_ids"])
+    with torch.no_grad():
+        expected = original.model(**inputs).logits
+    assert torch.allclose(graph.model(**inputs).logits, expected, atol=1e-4)  # the float graph: the same model
+    assert (small.model(**inputs).logits - expected).abs().max() < 0.5  # int8: close
+
+
+def test_compress_to_onnx_registers_and_gates_the_graph(registered: Registered, smoke_evaluated: SmokeRun,
+                                                        tmp_path: Path):  # fmt: skip
+    import mlflow
+
+    from lmforge.compression import COMPRESSED_TAG, compress_version
+
+    name, trained = f"{registered.prefix}-sentiment", registered.versions["sentiment"]["trained"]
+    done = compress_version(registered.params, "sentiment", trained, smoke_evaluated.raw / "sentiment", tmp_path,
+                            method="onnx")  # fmt: skip
+    made = mlflow.MlflowClient().get_model_version(name, done.version)
+    assert made.tags[COMPRESSED_TAG] == trained and made.tags["lmforge.compression"] == "onnx-int8-dynamic"
+    assert made.description.startswith(f"ONNX with int8 weights (ONNX Runtime) of version {trained}")
+    assert (tmp_path / "models/compressed/sentiment/onnx/model.onnx").is_file()
+    assert (tmp_path / "reports/compress/sentiment/onnx/metrics.json").is_file()
+    assert f"ok: models:/{name}/{done.version} loads from the registry and predicts on a smoke input" in done.reasons
