@@ -14,7 +14,6 @@ params.yaml; training stages carry the tag `gpu`, whose concurrency limit caps h
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,9 +24,11 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.stage_worker import (
     FORWARDED_ENV,
+    GIT_REMOTE_ENV,
     SKIPPED,
     STAGE_FLOW,
     StageFailed,
+    committed_head,
     dvc,
     logger,
 )
@@ -84,21 +85,6 @@ def run_stage(stage: str, env: dict[str, str], force: bool = False, pool: str | 
     status = "skipped (unchanged)" if SKIPPED in result.stdout else "ran"
     get_run_logger().info(f"{stage}: {status} in {seconds}s")
     return {"stage": stage, "status": status, "seconds": seconds}
-
-
-RUN_WRITTEN = ("dvc.lock", ".gitignore")
-
-
-def committed_head(stage: str) -> str:
-    """The commit a worker checks out, after checking the working tree holds nothing it would miss."""
-    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
-    paths = [line[3:] for line in status.stdout.splitlines()]
-    # What DVC and the stages write into tracked files: the worker does not need them.
-    dirty = [path for path in paths if not path.startswith("metrics/") and Path(path).name not in RUN_WRITTEN]
-    if dirty:
-        raise StageFailed(stage, 2, f"orchestrate.pools sends it to a worker, which checks out this commit: commit "
-                                    f"{', '.join(dirty[:5])} first")  # fmt: skip
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def run_stage_on_pool(stage: str, env: dict[str, str], force: bool, pool: str, repo: str) -> dict[str, Any]:
@@ -269,7 +255,8 @@ def pipeline(params_path: str = "params.yaml", force_stages: list[str] | None = 
     client = mlflow.MlflowClient()
     parent = tracking.create_pipeline_run(experiment_id, {"prefect.flow_run_id": str(flow_run.id)})
     env = {**os.environ, tracking.PARENT_ENV: parent, tracking.FLOW_RUN_ENV: str(flow_run.id),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           **({GIT_REMOTE_ENV: settings.git_remote} if settings.git_remote else {})}  # fmt: skip
     stages = dvc_stages()
     results: list[dict[str, Any]] = []
     try:

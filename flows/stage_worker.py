@@ -1,4 +1,4 @@
-"""A DVC stage as a Prefect flow run on a work pool: how a training stage reaches a GPU worker.
+"""A DVC stage as a Prefect flow run on a work pool: how a training stage (or a trial worker) reaches a GPU worker.
 
 In Prefect only flow runs go to work pools, so a stage routed to a pool (`orchestrate.pools`, e.g.
 `{pretrain: gpu}`) runs as a flow run of the deployment `lmforge-stage/<pool>` (prefect.yaml), and
@@ -14,6 +14,10 @@ runs `stage_worker` below:
 The folder is removed once the stage has run; after a failure it stays, so the retry of a stage
 killed mid-training, on the same worker (or one sharing LMFORGE_STAGE_WORKDIR), resumes from its
 checkpoints there instead of starting over.
+
+The optimize stage's trial workers are flow runs of the same deployment (`optimize.worker_pool`): each
+checks out the commit and pulls the stage's inputs the same way, then trains trials of the stage's
+Optuna study (flows/trials.py starts them).
 
 It returns only small JSON (the stage, its output hashes, seconds): models and data travel through
 the DVC remote, never through Prefect results. The parent (flows/pipeline.py) then restores the
@@ -50,6 +54,7 @@ SKIPPED = "didn't change, skipping"  # what `dvc repro` prints for a stage it di
 # The environment a worker's stage inherits from the parent: where runs are tracked and nested. Nothing
 # secret: credentials (LMFORGE_OPTUNA_STORAGE, LMFORGE_LOCK_URL, MLFLOW_TRACKING_PASSWORD) are the worker's own.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", tracking.PARENT_ENV, tracking.FLOW_RUN_ENV)
+GIT_REMOTE_ENV = "LMFORGE_GIT_REMOTE"  # orchestrate.git_remote, for the stages a flow runs (their trial workers)
 
 
 class StageFailed(RuntimeError):
@@ -280,6 +285,41 @@ def push_uncached_outputs(home: Path, stage: str) -> None:
             repo.cloud.push(objects)
 
 
+RUN_WRITTEN = ("dvc.lock", ".gitignore")
+
+
+def committed_head(stage: str, key: str = "orchestrate.pools") -> str:
+    """The commit a worker checks out, after checking the working tree holds nothing it would miss
+    (`key` is the params key that sends work to a worker)."""
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    paths = [line[3:] for line in status.stdout.splitlines()]
+    # What DVC and the stages write into tracked files: the worker does not need them.
+    dirty = [path for path in paths if not path.startswith("metrics/") and Path(path).name not in RUN_WRITTEN]
+    if dirty:
+        raise StageFailed(stage, 2, f"{key} sends it to a worker, which checks out this commit: commit "
+                                    f"{', '.join(dirty[:5])} first")  # fmt: skip
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def upstream_stages(stage: str, home: Path) -> list[str]:
+    """The stages whose outputs `stage` reads (dvc.yaml's DAG, as DVC builds it)."""
+    from lmforge.stage import dvc_stages
+
+    return dvc_stages(home)[stage][1]
+
+
+def train_trials(trials: dict[str, Any], home: Path, env: dict[str, str]) -> list[int]:
+    """Trial worker `trials["worker"]` of the optimize stage's study, in the checkout `home`: it joins the
+    study (LMFORGE_OPTUNA_STORAGE, the worker's own) and the study's MLflow run, and trains trials until
+    the study has n_trials. Each trial's model is logged to its MLflow run, where the stage fetches the best."""
+    from lmforge.optimize import OptimizePaths, OptimizeSection, worker_main
+
+    section = OptimizeSection.model_validate(trials["section"])
+    paths = OptimizePaths(**{name: home / value for name, value in trials["paths"].items()})
+    os.environ.update({key: env[key] for key in FORWARDED_ENV if key in env})  # this flow run's process only
+    return worker_main(section, paths, str(trials["study_run_id"]), log_models=True)
+
+
 def lock_outs(lock: Path, stage: str) -> dict[str, str]:
     """The hashes dvc.lock records for the stage's outputs, by path."""
     entry = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).get(stage, {})
@@ -288,8 +328,9 @@ def lock_outs(lock: Path, stage: str) -> dict[str, str]:
 
 @flow(name=STAGE_FLOW, log_prints=True)
 def stage_worker(stage: str, repo: str, commit: str, lock: str | None = None, env: dict[str, str] | None = None,
-                 force: bool = False) -> dict[str, Any]:  # fmt: skip
-    """Run one dvc.yaml stage in a fresh checkout of `commit`, its data from and to the DVC remote.
+                 force: bool = False, trials: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run one dvc.yaml stage in a fresh checkout of `commit`, its data from and to the DVC remote; or, with
+    `trials`, one trial worker of that (optimize) stage, its inputs from the DVC remote.
 
     `lock` is the parent's dvc.lock: the hashes of the upstream outputs this stage reads, which the
     commit's own dvc.lock (if it has one) may not hold yet.
@@ -297,6 +338,8 @@ def stage_worker(stage: str, repo: str, commit: str, lock: str | None = None, en
     started = time.perf_counter()
     child_env = {**os.environ, **(env or {}),
                  "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    if trials is not None:
+        return trial_worker(stage, repo, commit, lock, child_env, trials, started)
     folder = stage_folder(stage, commit)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{folder}.lock"):  # one attempt at a time in the folder
@@ -313,3 +356,21 @@ def stage_worker(stage: str, repo: str, commit: str, lock: str | None = None, en
     seconds = round(time.perf_counter() - started, 1)
     print(f"{stage}: {status} in {seconds}s at commit {commit[:12]}; outputs pushed: {outs}")
     return {"stage": stage, "status": status, "seconds": seconds, "outs": outs}
+
+
+def trial_worker(stage: str, repo: str, commit: str, lock: str | None, env: dict[str, str], trials: dict[str, Any],
+                 started: float) -> dict[str, Any]:  # fmt: skip
+    """One trial worker of `stage` (optimize@<task>): a checkout of `commit` of its own, the stage's inputs (the
+    outputs of the stages it reads) pulled from the DVC remote, then trials until the study has n_trials."""
+    folder = stage_folder(f"{stage}.trials-{trials['worker']}", commit)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        home = reuse_or_checkout(repo, commit, folder)
+        if lock is not None:
+            (home / "dvc.lock").write_text(lock)
+        dvc(stage, ["pull", "--allow-missing", *upstream_stages(stage, home)], home, env)
+        trained = train_trials(trials, home, env)
+        shutil.rmtree(folder)  # the trials' models are on their MLflow runs
+    seconds = round(time.perf_counter() - started, 1)
+    print(f"{stage}: trial worker {trials['worker']} trained trials {trained} in {seconds}s at commit {commit[:12]}")
+    return {"stage": stage, "status": f"trained {len(trained)} trial(s)", "seconds": seconds, "trials": trained}

@@ -1,19 +1,19 @@
-"""Optuna trial workers as Prefect flow runs on a work pool: the optimize stage's fan-out beyond one machine.
+"""The optimize stage's trial workers beyond its own process: local processes, or flow runs on a work pool.
 
-With `optimize.worker_deployment` set, the optimize stage does not start local worker processes:
-it creates `optimize.workers` runs of that deployment (declared in prefect.yaml as
-`lmforge-trial-worker`, entrypoint `trial_worker` below) and waits for them. Whatever worker serves
-the pool (a process worker on another machine, a Docker or Kubernetes worker with GPUs) runs each one
-in its own checkout: it joins the one Optuna study (`LMFORGE_OPTUNA_STORAGE`, e.g. PostgreSQL) and the
-study's MLflow run, and trains trials until the study has n_trials. Each completed trial's model is
-logged to its MLflow run, so the stage fetches the best one from there when the worker's disk is not
-its own. The stage sends its params section and its (relative) paths; the training is lmforge/optimize.py.
+With `optimize.worker_pool` set, the optimize stage does not start local worker processes: it sends
+`optimize.workers` flow runs of `lmforge-stage/<pool>`, the deployment routed stages use
+(flows/stage_worker.py), and waits for them. Like a routed stage, each works in a fresh checkout of
+this commit with the stage's inputs pulled from the DVC remote (the stage pushes them first); it joins
+the one Optuna study (`LMFORGE_OPTUNA_STORAGE`, e.g. PostgreSQL) and the study's MLflow run, and trains
+trials until the study has n_trials. Each completed trial's model is logged to its MLflow run, so the
+stage fetches the best one from there. The training is lmforge/optimize.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import multiprocessing
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -22,32 +22,19 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from prefect import flow
-
 from lmforge.errors import LmforgeError, TransientError, ValidationFailed, is_retried, run_main
 from lmforge.optimize import OptimizePaths, OptimizeSection, worker_main
 from lmforge.processes import die_with_parent
 
-TRIAL_WORKER = "lmforge-trial-worker/lmforge-trial-worker"
 FINAL_FLOW_RUN_STATES = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-@flow(name="lmforge-trial-worker", log_prints=True)
-def trial_worker(section: dict[str, Any], paths: dict[str, str], study_run_id: str) -> int:
-    """Train trials of the task's study until it has n_trials finished ones; return how many this run trained."""
-    params = OptimizeSection.model_validate(section)
-    trained = worker_main(params, OptimizePaths(**{name: Path(value) for name, value in paths.items()}),
-                          study_run_id, log_models=True)  # fmt: skip
-    print(f"trial worker for {params.name}: trained trials {trained}")
-    return len(trained)
 
 
 def start_trial_workers(section: OptimizeSection, paths: OptimizePaths, study_run_id: str) -> None:
     """The optimize stage's trial workers beyond its own process (lmforge.optimize.TrialWorkers): flow runs
-    of `optimize.worker_deployment` on its work pool, or else `optimize.workers` local processes."""
+    of lmforge-stage/<optimize.worker_pool> on that pool, or else `optimize.workers` local processes."""
     settings = section.optimize
-    if settings.worker_deployment:
-        run_worker_flow_runs(settings.worker_deployment, settings.workers, section, paths, study_run_id)
+    if settings.worker_pool:
+        run_worker_flow_runs(settings.worker_pool, settings.workers, section, paths, study_run_id)
     else:  # N processes that start together, so the trials spread over all of them
         run_worker_processes(settings.workers, section, paths, study_run_id)
 
@@ -84,9 +71,9 @@ def workers_failed(codes: list[int], what: str) -> Exception:
     return RuntimeError(message)
 
 
-def run_trial_flow_runs(deployment: str, count: int, parameters: dict[str, Any],
+def run_trial_flow_runs(deployment: str, runs_parameters: list[dict[str, Any]],
                         poll_s: float = 2.0) -> dict[str, str]:  # fmt: skip
-    """Create `count` runs of the trial-worker deployment, wait for all; return flow-run id -> final state.
+    """Create a run of the deployment per parameter set, wait for all; return flow-run id -> final state.
 
     No deadline of its own: the flow's per-stage timeout (orchestrate.timeouts_s.optimize) bounds it.
     """
@@ -96,11 +83,14 @@ def run_trial_flow_runs(deployment: str, count: int, parameters: dict[str, Any],
     from prefect.settings import PREFECT_API_URL
 
     try:
-        runs = [run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False) for _ in range(count)]
+        runs = [run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False)
+                for parameters in runs_parameters]  # fmt: skip
     except ObjectNotFound:
         api_url = PREFECT_API_URL.value() or "(none: set PREFECT_API_URL)"
-        raise LmforgeError(f"optimize.worker_deployment: no deployment {deployment!r} on the Prefect API at "
-                           f"{api_url}; `prefect deploy` it first") from None  # fmt: skip
+        pool = deployment.split("/", 1)[1]
+        how = f"`prefect deploy --name {pool}` of prefect.yaml's lmforge-stage"
+        raise LmforgeError(f"optimize.worker_pool: no deployment {deployment!r} on the Prefect API at {api_url}; "
+                           f"{how} first") from None  # fmt: skip
     states: dict[str, str] = {}
     run_ids = [run.id for run in runs]  # type: ignore[union-attr]
     with get_client(sync_client=True) as client, cancelled_when_ended(client, run_ids, states):
@@ -138,17 +128,27 @@ def cancelled_when_ended(client: Any, run_ids: list[Any], states: dict[str, str]
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_worker_flow_runs(deployment: str, count: int, section: OptimizeSection, paths: OptimizePaths,
+def run_worker_flow_runs(pool: str, count: int, section: OptimizeSection, paths: OptimizePaths,
                          study_run_id: str) -> None:  # fmt: skip
-    """`count` runs of the trial-worker deployment on its Prefect work pool (flows/trials.py).
+    """`count` trial workers as flow runs of lmforge-stage/<pool> (flows/stage_worker.py), on that pool's worker.
 
-    The worker gets this stage's section and (relative) paths, so it needs the inputs in its own
-    checkout, not the params file.
+    As for a routed stage: this commit, checked out there, and the stage's inputs, pushed to the DVC remote
+    here and pulled there; the section and (relative) paths say what to train.
     """
-    print(f"optimize: {count} runs of {deployment} wait for a worker on its pool (`prefect worker start --pool ...`)")
+    from flows.stage_worker import FORWARDED_ENV, GIT_REMOTE_ENV, STAGE_FLOW, committed_head, dvc, upstream_stages
+
+    stage, here = f"optimize@{section.name}", Path.cwd()
+    commit = committed_head(stage, "optimize.worker_pool")
+    dvc(stage, ["push", *upstream_stages(stage, here)], here, dict(os.environ))  # for the workers to pull
+    deployment = f"{STAGE_FLOW}/{pool}"
+    print(f"optimize: {count} trial workers, flow runs of {deployment}, wait for a worker on pool {pool!r}")
     fields = {field.name: str(getattr(paths, field.name)) for field in dataclasses.fields(paths)}
-    parameters = {"section": section.model_dump(mode="json"), "paths": fields, "study_run_id": study_run_id}
-    states = run_trial_flow_runs(deployment, count, parameters)
+    common = {"stage": stage, "repo": os.environ.get(GIT_REMOTE_ENV) or str(here), "commit": commit,
+              "lock": (here / "dvc.lock").read_text() if (here / "dvc.lock").is_file() else None,
+              "env": {key: os.environ[key] for key in FORWARDED_ENV if key in os.environ}}  # fmt: skip
+    trials = {"section": section.model_dump(mode="json"), "paths": fields, "study_run_id": study_run_id}
+    states = run_trial_flow_runs(deployment, [{**common, "trials": {**trials, "worker": worker}}
+                                              for worker in range(count)])  # fmt: skip
     failed = {run: state for run, state in states.items() if state != "COMPLETED"}
     message = f"optimize: {len(failed)} trial worker flow run(s) of {deployment} failed: {failed}"
     if failed and set(failed.values()) == {"CRASHED"}:  # the worker or its machine was lost: try again

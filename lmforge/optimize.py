@@ -7,7 +7,8 @@ study's run. With `optimize.n_trials.<task>: 0` the fine-tuned model is the cand
 
 This module holds the study's protocol; trials run in this process (`optimize.workers: 1`), or in N
 workers on one study that flows/trials.py starts and the stage's command hands in (`TrialWorkers`):
-local processes, or flow runs of a Prefect deployment on a work pool (`optimize.worker_deployment`).
+local processes, or flow runs of lmforge-stage/<pool> on a work pool (`optimize.worker_pool`), the dispatch
+routed stages use.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def section(params: Params, item: str | None) -> OptimizeSection:
 def study_name(params: OptimizeSection, dataset_dir: Path) -> str:
     """Same task, search space and data -> same study, so a re-run continues it."""
     space = params.optimize.model_dump(
-        exclude={"n_trials", "timeout_s", "storage", "heartbeat_s", "grace_s", "workers", "worker_deployment"}
+        exclude={"n_trials", "timeout_s", "storage", "heartbeat_s", "grace_s", "workers", "worker_pool"}
     )
     files = Manifest.of(dataset_dir).files
     return f"lmforge-{params.name}-{fingerprint(params.task.model_dump(), space, params.seed, files)}"
@@ -161,14 +162,14 @@ their trial runs nest under) and waits for them: spawned processes or Prefect fl
 def run_study(params: OptimizeSection, paths: OptimizePaths,
               trial_workers: TrialWorkers | None = None) -> tuple[optuna.Study, str]:  # fmt: skip
     """The study under its own MLflow run; return it and the run id. One worker trains the trials in this
-    process; more (`optimize.workers`, `optimize.worker_deployment`) are started by `trial_workers`."""
+    process; more (`optimize.workers`, `optimize.worker_pool`) are started by `trial_workers`."""
     settings = params.optimize
     with tracking.stage_run("optimize", {"task": params.name, **settings.model_dump(exclude={"storage"})},
                             item=params.name) as parent:  # fmt: skip
         name = study_name(params, paths.dataset)
         mlflow.set_tags({"optuna.study": name, "optuna.storage": storage_url(settings).split("://")[0]})
         study = open_study(settings, name)  # created once, before workers race to create it
-        if settings.workers == 1 and not settings.worker_deployment:
+        if settings.workers == 1 and not settings.worker_pool:
             work_on_study(study, params, paths)
         elif trial_workers is None:
             raise LmforgeError("optimize.workers: trial workers beyond this process are started by the optimize "

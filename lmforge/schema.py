@@ -623,14 +623,25 @@ class OptimizeParams(Section):
         "LMFORGE_OPTUNA_STORAGE overrides it (credentials go there, never here)",
     )
     workers: int = Field(1, ge=1, le=64, description="trial processes working on one study at once")
-    worker_deployment: str | None = Field(
+    worker_pool: str | None = Field(
         None,
-        description="Prefect deployment whose flow runs are the trial workers, on its work pool "
-        "(lmforge-trial-worker/lmforge-trial-worker in prefect.yaml); null: local processes",
+        description="Prefect work pool whose worker runs the trial workers, as flow runs of lmforge-stage/<pool> "
+        "(the deployment routed stages use), each in a fresh checkout of the commit with the stage's inputs from "
+        "the DVC remote; null: local processes",
     )
     heartbeat_s: int = Field(10, ge=1, description="a running trial's heartbeat; a silent one is failed and retried")
     grace_s: int = Field(30, ge=2, description="seconds without a heartbeat before a trial counts as dead")
     search_space: SearchSpace = SearchSpace()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: object) -> object:
+        if isinstance(data, dict) and "worker_deployment" in data:  # one dispatch for stages and trials
+            if data["worker_deployment"] is not None:
+                raise ValueError("worker_deployment: replaced by worker_pool (trial workers are flow runs of "
+                                 "lmforge-stage/<pool>, as routed stages are)")  # fmt: skip
+            return {key: value for key, value in data.items() if key != "worker_deployment"}  # the old default
+        return data
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ def test_compose_serves_the_work_pool_prefect_yaml_deploys_to_and_holds_no_secre
     gpu_worker = compose["services"]["gpu-worker"]
     assert gpu_worker["profiles"] == ["gpu"]
     assert gpu_worker["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    assert {"lmforge-pipeline", "lmforge-retrain", "lmforge-trial-worker"} <= {d["name"] for d in deployments}
+    assert {"lmforge-pipeline", "lmforge-retrain", "local", "gpu"} <= {d["name"] for d in deployments}
     # Every credential is a reference to infra/.env, never a literal.
     assert not re.search(r"postgresql(\+\w+)?://[^$\s]*:[^$\s{]+@", compose_text)
     assert ".env" in (REPO / ".gitignore").read_text()

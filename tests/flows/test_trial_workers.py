@@ -2,13 +2,15 @@
 
 Everything is real and nothing shares a Python process, as in infra/compose.yaml: a Prefect server
 (`prefect server start`) and an MLflow server (`mlflow server`, artifacts proxied) on PostgreSQL, the
-`local` process work pool, `prefect deploy` of prefect.yaml's lmforge-trial-worker, a `prefect worker`
-whose flow runs work in a checkout of their own, the Optuna study on PostgreSQL, and the optimize
-stage (`optimize.workers: 2`, `optimize.worker_deployment`) in another checkout.
+`local` process work pool, `prefect deploy` of prefect.yaml's lmforge-stage/local (the deployment routed
+stages use), a `prefect worker`, a DVC remote (a folder), the Optuna study on PostgreSQL, and the
+optimize stage (`optimize.workers: 2`, `optimize.worker_pool: local`) in a git checkout of its own.
+Each trial worker checks out the stage's commit and pulls its inputs from the DVC remote.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import shutil
@@ -17,20 +19,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import optuna
 import pytest
 import yaml
 
 from lmforge.params import params_to_dict
 from lmforge.study import FINISHED, open_study
-from tests.conftest import REPO, SmokeRun, clone_working_tree
+from tests.conftest import REPO, SmokeRun, clone_working_tree, sh
 from tests.flows.conftest import api, env_of_a_new_prefect_home, free_port
 from tests.stages.test_optimize import tuning
 
 pytestmark = pytest.mark.slow
-
-INPUTS = ("data/raw", "data/processed", "models/pretrained", "models/finetuned", "reports/evaluate")
 
 
 def default_signals() -> None:
@@ -51,25 +50,30 @@ def run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Comple
     return result
 
 
+UPSTREAM_OUTPUTS = ("data", "models", "reports", "metrics")  # what the smoke run wrote, dvc-committed below
+
+
 def test_trial_workers_run_as_flow_runs_on_a_work_pool(smoke_evaluated: SmokeRun, tmp_path: Path,
                                                       postgres_databases, monkeypatch) -> None:  # fmt: skip
     from flows.server import wait_until_healthy
-    from flows.trials import TRIAL_WORKER
-    from lmforge.optimize import trial_model
+    from flows.stage_worker import upstream_stages
     from lmforge.stage import dvc_commands
 
     prefect_db, mlflow_db, optuna_db = postgres_databases(), postgres_databases(), postgres_databases()
     params = tuning(smoke_evaluated, tmp_path, n_trials=4, workers=2, pruner="none", storage=None,
-                    max_steps=40, eval_every=20, worker_deployment=TRIAL_WORKER)  # fmt: skip
-    params_yaml = yaml.safe_dump(params_to_dict(params), allow_unicode=True, sort_keys=False)
-
-    # The stage's checkout reads the smoke run's inputs; the worker's has copies of its own.
-    stage_home, worker_home = tmp_path / "stage", clone_working_tree(tmp_path / "worker")
-    for home, place in ((stage_home, os.symlink), (worker_home, shutil.copytree)):
-        for relative in INPUTS:
-            (home / relative).parent.mkdir(parents=True, exist_ok=True)
-            place(smoke_evaluated.root / relative, home / relative)
-        (home / "params.yaml").write_text(params_yaml)
+                    max_steps=40, eval_every=20, worker_pool="local")  # fmt: skip
+    # The stage's checkout: this commit with the tuning params and a DVC remote, and the smoke run's outputs
+    # committed to DVC as its upstream stages' (the stage pushes them; each trial worker pulls them).
+    stage_home = clone_working_tree(tmp_path / "stage")
+    (stage_home / "params.yaml").write_text(yaml.safe_dump(params_to_dict(params), allow_unicode=True,
+                                                           sort_keys=False))  # fmt: skip
+    sh("dvc", "remote", "add", "-d", "store", str(tmp_path / "remote"), cwd=stage_home)
+    sh("git", "add", "-A", cwd=stage_home)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tuning on a pool", cwd=stage_home)
+    for relative in UPSTREAM_OUTPUTS:
+        shutil.copytree(smoke_evaluated.root / relative, stage_home / relative, symlinks=True, dirs_exist_ok=True)
+    stage = "optimize@sentiment"
+    sh("dvc", "commit", "-f", "-q", "--with-deps", *upstream_stages(stage, stage_home), cwd=stage_home)
 
     port, mlflow_port = free_port(), free_port()
     python = [sys.executable, "-m"]
@@ -77,8 +81,8 @@ def test_trial_workers_run_as_flow_runs_on_a_work_pool(smoke_evaluated: SmokeRun
         tmp_path / "prefect", PREFECT_API_URL=f"http://127.0.0.1:{port}/api",
         PREFECT_API_DATABASE_CONNECTION_URL=prefect_db.replace("postgresql://", "postgresql+asyncpg://"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_WORKER_QUERY_SECONDS="2",
-        LMFORGE_OPTUNA_STORAGE=optuna_db, LMFORGE_HOME=str(worker_home),
-        MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
+        LMFORGE_OPTUNA_STORAGE=optuna_db, LMFORGE_HOME=str(stage_home),
+        LMFORGE_STAGE_WORKDIR=str(tmp_path / "workers"), MLFLOW_TRACKING_URI=f"http://127.0.0.1:{mlflow_port}",
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
     )  # fmt: skip
     server = start([*python, "prefect", "server", "start", "--port", str(port)], tmp_path, env, tmp_path / "server.log")
@@ -89,17 +93,21 @@ def test_trial_workers_run_as_flow_runs_on_a_work_pool(smoke_evaluated: SmokeRun
     try:
         wait_until_healthy(env["PREFECT_API_URL"], server, tmp_path / "server.log", timeout_s=180)
         wait_until_healthy(env["MLFLOW_TRACKING_URI"], tracking, tmp_path / "mlflow.log", timeout_s=180)
-        run([*python, "prefect", "work-pool", "create", "local", "--type", "process"], worker_home, env)
-        run([*python, "prefect", "--no-prompt", "deploy", "--name", "lmforge-trial-worker"], worker_home, env)
-        worker = start([*python, "prefect", "worker", "start", "--pool", "local"], worker_home, env,
+        run([*python, "prefect", "work-pool", "create", "local", "--type", "process"], stage_home, env)
+        run([*python, "prefect", "--no-prompt", "deploy", "--name", "local"], stage_home, env)
+        worker = start([*python, "prefect", "worker", "start", "--pool", "local"], stage_home, env,
                        tmp_path / "worker.log")  # fmt: skip
 
-        command = shlex.split(dvc_commands(REPO)["optimize@sentiment"])  # the stage exactly as dvc.yaml runs it
-        stage = subprocess.run([sys.executable, *command[1:]], cwd=stage_home, env=env, capture_output=True,
-                               text=True, timeout=600)  # fmt: skip
-        assert stage.returncode == 0, stage.stderr[-3000:]
-        runs = api(port, "POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["lmforge-trial-worker"]}}})
+        command = shlex.split(dvc_commands(REPO)[stage])  # the stage exactly as dvc.yaml runs it
+        result = subprocess.run([sys.executable, *command[1:]], cwd=stage_home, env=env, capture_output=True,
+                                text=True, timeout=600)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs = api(port, "POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["lmforge-stage"]}}})
         assert sorted(run["state_type"] for run in runs) == ["COMPLETED", "COMPLETED"]
+        assert sorted(run["parameters"]["trials"]["worker"] for run in runs) == [0, 1]
+        commit = sh("git", "rev-parse", "HEAD", cwd=stage_home).stdout.strip()
+        assert {run["parameters"]["commit"] for run in runs} == {commit}  # the stage's commit, checked out there
+        assert not list((tmp_path / "workers").glob("optimize@sentiment.trials-*"))  # done: their checkouts went
 
         study_name = yaml.safe_load((stage_home / "reports/optimize/sentiment/best_params.json").read_text())["study"]
         trials = open_study(params.optimize.model_copy(update={"storage": optuna_db}), study_name).trials
@@ -108,28 +116,21 @@ def test_trial_workers_run_as_flow_runs_on_a_work_pool(smoke_evaluated: SmokeRun
         assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
         assert len({t.user_attrs["worker_pid"] for t in finished}) == 2  # both flow runs trained trials
 
-        # The worker's disk is not the stage's: the best trial's model comes from its MLflow run.
+        # The workers' checkouts are gone: the best trial's model came from its MLflow run, byte for byte.
         best = min((t for t in finished if t.state == optuna.trial.TrialState.COMPLETE), key=lambda t: t.value)
-        monkeypatch.chdir(tmp_path)  # where the trial's relative model folder does not exist
-        session_store = mlflow.get_tracking_uri()
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-        try:
-            fetched = trial_model(best, tmp_path / "fetch")
-        finally:
-            mlflow.set_tracking_uri(session_store)
+        candidate = stage_home / "models/candidates/sentiment/model.safetensors"
+        assert hashlib.sha256(candidate.read_bytes()).hexdigest() == best.user_attrs["model_sha256"]
+        assert not Path(best.user_attrs["model_dir"]).is_relative_to(stage_home)
     finally:
         for process in filter(None, (worker, server, tracking)):
             process.terminate()
             process.wait(timeout=60)
-    assert fetched.is_relative_to(tmp_path / "fetch")
-    trained = worker_home / best.user_attrs["model_dir"] / "model.safetensors"
-    assert (fetched / "model.safetensors").read_bytes() == trained.read_bytes()
 
 
 STAGE_WAITING_ON_TRIALS = """
 import sys
 from flows.trials import run_trial_flow_runs
-run_trial_flow_runs(sys.argv[1], 2, {"section": {}, "paths": {}, "study_run_id": "none"}, poll_s=0.2)
+run_trial_flow_runs(sys.argv[1], [{"stage": "optimize@none", "repo": ".", "commit": "none"}] * 2, poll_s=0.2)
 """
 
 
@@ -147,11 +148,11 @@ def test_trial_flow_runs_are_cancelled_when_the_stage_waiting_on_them_is_ended(t
     name = f"idle-{uuid.uuid4().hex[:8]}"
     with get_client(sync_client=True) as client:  # a pool no worker serves: its runs wait until cancelled
         client.create_work_pool(WorkPoolCreate(name=name, type="process"))
-        flow_id = client.create_flow_from_name("lmforge-trial-worker")
+        flow_id = client.create_flow_from_name("lmforge-stage")
         deployment = client.create_deployment(flow_id=flow_id, name=name, work_pool_name=name,
-                                              entrypoint="flows/trials.py:trial_worker")  # fmt: skip
+                                              entrypoint="flows/stage_worker.py:stage_worker")  # fmt: skip
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
-    stage = subprocess.Popen([sys.executable, "-c", STAGE_WAITING_ON_TRIALS, f"lmforge-trial-worker/{name}"],
+    stage = subprocess.Popen([sys.executable, "-c", STAGE_WAITING_ON_TRIALS, f"lmforge-stage/{name}"],
                              cwd=REPO, env=env)  # fmt: skip
 
     def runs() -> list:

