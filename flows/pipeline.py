@@ -22,6 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
+from flows.lost_workers import ensure_lost_worker_automation
 from flows.stage_worker import (
     FORWARDED_ENV,
     GIT_REMOTE_ENV,
@@ -249,8 +250,11 @@ def pipeline(params_path: str = "params.yaml", force_stages: list[str] | None = 
     import mlflow
     from prefect.runtime import flow_run
 
-    settings = stage_params(params_path).orchestrate
+    params = stage_params(params_path)
+    settings = params.orchestrate
     ensure_gpu_limit(settings.gpu_concurrency)
+    if settings.pools or params.optimize.worker_pool:  # work on other machines: notice when one is lost
+        ensure_lost_worker_automation(settings.lost_worker_s)
     experiment_id = tracking.setup()
     client = mlflow.MlflowClient()
     parent = tracking.create_pipeline_run(experiment_id, {"prefect.flow_run_id": str(flow_run.id)})

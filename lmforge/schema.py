@@ -710,6 +710,12 @@ class OrchestrateParams(Section):
         description="the git repository a pool's worker checks the flow's commit out of; null: this checkout "
         "(a worker on this machine or a shared file system)",
     )
+    lost_worker_s: int = Field(
+        90,
+        ge=10,
+        description="with pools: a worker's flow run silent this long (no heartbeat; set "
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 on workers) is marked Crashed, and its stage or trials sent again",
+    )
 
     @field_validator("timeouts_s", "gpu_stages", "pools")
     @classmethod

@@ -130,7 +130,7 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
         local = tmp_path / "local"
         sh("git", "clone", "-q", str(clone), str(local), cwd=tmp_path)
         sh("cp", str(clone / "dvc.lock"), str(local / "dvc.lock"), cwd=tmp_path)
-        sh("dvc", "pull", "-q", "preprocess", cwd=local)
+        sh("dvc", "pull", "-q", "ingest", "preprocess", cwd=local)
         sh("dvc", "repro", "--force", "--single-item", STAGE, cwd=local)
         here, there = lock_entry(clone, STAGE), lock_entry(local, STAGE)
         assert here["deps"] == there["deps"] and here["params"] == there["params"]

@@ -200,7 +200,7 @@ def test_a_hub_model_offline_is_a_transient_failure_in_one_line(smoke_models: Sm
     data["pretrain"]["models"]["hub"] = {"architecture": "hf", "source": "bert-base-chinese", "revision": "8d2a91f"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     result = run_stage("pretrain", "--params", tmp_path / "params.yaml", "--model", "hub",
-                       "--blocks", smoke_models.processed / "pretrain",
+                       "--blocks", smoke_models.processed / "pretrain", "--corpus", smoke_models.raw / "corpus",
                        "--tokenizer", smoke_models.processed / "tokenizer",
                        "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--report", tmp_path / "r.json",
                        "--metrics", tmp_path / "m.json",
@@ -226,7 +226,7 @@ def test_a_base_that_could_change_or_run_its_own_code_is_refused_in_one_line(tro
         expected = "asks for code of its own (auto_map in config.json)"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
     result = run_stage("pretrain", "--params", tmp_path / "params.yaml", "--model", "hub",
-                       "--blocks", smoke_models.processed / "pretrain",
+                       "--blocks", smoke_models.processed / "pretrain", "--corpus", smoke_models.raw / "corpus",
                        "--tokenizer", smoke_models.processed / "tokenizer",
                        "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--report", tmp_path / "r.json",
                        "--metrics", tmp_path / "m.json", cwd=tmp_path,

@@ -37,6 +37,7 @@ def pretrain_params(tmp_path: Path, smoke_run: SmokeRun, **training) -> Path:
 def pretrain(params: Path, model: str, root: Path, smoke_run: SmokeRun) -> subprocess.CompletedProcess:
     return run_stage(
         "pretrain", "--params", params, "--model", model, "--blocks", smoke_run.processed / "pretrain",
+        "--corpus", smoke_run.raw / "corpus",
         "--tokenizer", smoke_run.processed / "tokenizer",
         "--out", root / "models" / model, "--checkpoints", root / "checkpoints" / model,
         "--report", root / "reports" / f"{model}.json", "--metrics", root / "metrics" / f"{model}.json",
@@ -88,6 +89,8 @@ def test_killed_run_resumes_to_the_same_weights(precision: str, smoke_run: Smoke
         "encoder",
         "--blocks",
         str(smoke_run.processed / "pretrain"),
+        "--corpus",
+        str(smoke_run.raw / "corpus"),
         "--tokenizer",
         str(smoke_run.processed / "tokenizer"),
         "--out",
@@ -185,7 +188,8 @@ def test_two_devices_train_one_model_and_a_killed_run_resumes_to_the_same_weight
 
     killed = tmp_path / "killed"
     command = [sys.executable, "-m", "stages.pretrain", "--params", str(params), "--model", "encoder",
-               "--blocks", str(smoke_run.processed / "pretrain"), "--tokenizer", str(smoke_run.processed / "tokenizer"),
+               "--blocks", str(smoke_run.processed / "pretrain"),
+               "--corpus", str(smoke_run.raw / "corpus"), "--tokenizer", str(smoke_run.processed / "tokenizer"),
                "--out", str(killed / "models/encoder"), "--checkpoints", str(killed / "checkpoints/encoder"),
                "--report", str(killed / "m.json"), "--metrics", str(killed / "figures.json")]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -219,7 +223,8 @@ def test_a_tracking_server_that_does_not_answer_is_transient_in_one_line(smoke_r
         port = probe.getsockname()[1]
     result = run_stage(
         "pretrain", "--params", pretrain_params(tmp_path, smoke_run), "--model", "decoder",
-        "--blocks", smoke_run.processed / "pretrain", "--tokenizer", smoke_run.processed / "tokenizer",
+        "--blocks", smoke_run.processed / "pretrain",
+        "--corpus", smoke_run.raw / "corpus", "--tokenizer", smoke_run.processed / "tokenizer",
         "--out", tmp_path / "out", "--checkpoints", tmp_path / "ck", "--report", tmp_path / "r.json",
         "--metrics", tmp_path / "m.json",
         env={"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
@@ -257,7 +262,8 @@ def test_training_goes_on_while_the_tracking_server_is_down(smoke_run: SmokeRun,
     server = serve("mlflow-1.log")
     root = tmp_path / "run"
     command = [sys.executable, "-m", "stages.pretrain", "--params", str(params), "--model", "decoder",
-               "--blocks", str(smoke_run.processed / "pretrain"), "--tokenizer", str(smoke_run.processed / "tokenizer"),
+               "--blocks", str(smoke_run.processed / "pretrain"),
+               "--corpus", str(smoke_run.raw / "corpus"), "--tokenizer", str(smoke_run.processed / "tokenizer"),
                "--out", str(root / "out"), "--checkpoints", str(root / "ck"), "--report", str(root / "r.json"),
                "--metrics", str(root / "m.json")]  # fmt: skip
     stage = subprocess.Popen(command, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_TRACKING_URI": uri},
