@@ -712,7 +712,7 @@ class OrchestrateParams(Section):
     )
     lost_worker_s: int = Field(
         90,
-        ge=10,
+        ge=60,  # heartbeats come every 30 s at best: a shorter window would crash healthy runs
         description="with pools: a worker's flow run silent this long (no heartbeat; set "
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30 on workers) is marked Crashed, and its stage or trials sent again",
     )

@@ -1,4 +1,4 @@
-"""A training stage routed to a Prefect work pool: a real process worker, a real DVC remote (a folder).
+"""A training stage routed to a Prefect work pool: real process workers, a real DVC remote (a folder).
 
 The worker runs the stage in a fresh checkout of the flow's commit, its inputs pulled from the DVC
 remote and its outputs and run-cache pushed there; the flow then restores the stage from the
@@ -67,7 +67,6 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
     env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_API_URL=str(PREFECT_API_URL.value()), PREFECT_HOME=str(tmp_path / "prefect"),
                PREFECT_WORKER_QUERY_SECONDS="2", LMFORGE_HOME=str(clone),
-               LMFORGE_STAGE_WORKDIR=str(tmp_path / "stages"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")  # fmt: skip
     sh(sys.executable, "-m", "prefect", "work-pool", "create", "local", "--type", "process", cwd=clone, env=env)
     sh(sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--name", "local", cwd=clone, env=env)
@@ -79,10 +78,14 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
                                      (tmp_path / "artifacts").as_uri(), "--port", tracking_uri.rsplit(":", 1)[1],
                                      "--workers", "1"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True, preexec_fn=default_signals)  # fmt: skip
-    with (tmp_path / "worker.log").open("wb") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "local"], cwd=clone,
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                  preexec_fn=default_signals)  # fmt: skip
+    workers = {}  # two workers on the pool, a flow run at a time each, each with a folder of its own for stages
+    for name in ("a", "b"):
+        with (tmp_path / f"worker-{name}.log").open("wb") as log:
+            workers[name] = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", "local", "--name", f"worker-{name}",
+                 "--limit", "1"], cwd=clone, env={**env, "LMFORGE_STAGE_WORKDIR": str(tmp_path / f"stages-{name}")},
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=default_signals,
+            )  # fmt: skip
     wait_until_healthy(tracking_uri, tracking, tmp_path / "mlflow.log", timeout_s=120)
 
     from flows.pipeline import run_dag
@@ -121,9 +124,14 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
         assert {run.parameters["commit"] for run in children} == {
             sh("git", "rev-parse", "HEAD", cwd=clone).stdout.strip()
         }
-        # The two pretrainings ran side by side on the worker: their spans, from the runs' own timestamps, overlap.
+        # The two pretrainings ran side by side, one on each worker: their spans, from the runs' own timestamps,
+        # overlap, and each worker's log names the one flow run it took.
         (a, b) = children
         assert a.start_time < b.end_time and b.start_time < a.end_time
+        taken = {name: {str(run.id) for run in children
+                        if f"submitting flow run '{run.id}'" in (tmp_path / f"worker-{name}.log").read_text()}
+                 for name in workers}  # fmt: skip
+        assert sorted(map(len, taken.values())) == [1, 1] and taken["a"] != taken["b"], taken
 
         # The same commit reproduced locally trains the same weights from the same inputs: the worker's result is
         # a local run's (its report and metrics differ in their timings only).
@@ -146,7 +154,8 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
         sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "a longer pretraining", cwd=clone)
         head = sh("git", "rev-parse", "HEAD", cwd=clone).stdout.strip()
         stages = {STAGE: stages[STAGE]}
-        folder = tmp_path / "stages" / f"pretrain-decoder-{head[:12]}"
+        stop(workers.pop("b"))  # the retry must find the killed attempt's checkpoints: one worker, one folder
+        folder = tmp_path / "stages-a" / f"pretrain-decoder-{head[:12]}"
         killed = threading.Thread(
             target=kill_after_a_checkpoint, args=(folder / "checkout/checkpoints/pretrain/decoder",)
         )
@@ -179,6 +188,7 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
                    if run.parameters.get("stage") == STAGE and run.parameters["commit"] == head]  # fmt: skip
         assert [run.state_type.value for run in bad] == ["FAILED"]
     finally:
-        for process in (worker, tracking):
+        for process in (*workers.values(), tracking):
             stop(process)
-        print((tmp_path / "worker.log").read_text()[-6000:])
+        for name in ("a", "b"):
+            print((tmp_path / f"worker-{name}.log").read_text()[-3000:])
