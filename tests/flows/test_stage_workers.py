@@ -154,7 +154,9 @@ def test_a_stage_routed_to_a_pool_runs_on_its_worker_and_is_restored_from_the_ru
         sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qam", "a longer pretraining", cwd=clone)
         head = sh("git", "rev-parse", "HEAD", cwd=clone).stdout.strip()
         stages = {STAGE: stages[STAGE]}
-        stop(workers.pop("b"))  # the retry must find the killed attempt's checkpoints: one worker, one folder
+        spare = workers.pop("b")  # the retry must find the killed attempt's checkpoints: one worker, one folder
+        os.killpg(spare.pid, signal.SIGKILL)  # idle: nothing of its own to end gracefully
+        spare.wait(timeout=30)
         folder = tmp_path / "stages-a" / f"pretrain-decoder-{head[:12]}"
         killed = threading.Thread(
             target=kill_after_a_checkpoint, args=(folder / "checkout/checkpoints/pretrain/decoder",)

@@ -385,7 +385,7 @@ def test_compress_scores_registers_and_gates_an_int8_copy(registered: Registered
         compress_version(registered.params, "ner", done.version, smoke_evaluated.raw / "people_daily", tmp_path)
 
 
-@pytest.mark.parametrize("task", ["sentiment", "ner", "continuation"])
+@pytest.mark.parametrize("task", ["ner", "continuation"])  # a classifier's graph: the compress test below
 def test_an_onnx_graph_answers_as_the_model_does(task: str, registered: Registered, tmp_path: Path):
     import onnx
     import torch
