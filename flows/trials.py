@@ -82,23 +82,25 @@ def run_trial_flow_runs(deployment: str, runs_parameters: list[dict[str, Any]],
     from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL
 
-    try:
-        runs = [run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False)
-                for parameters in runs_parameters]  # fmt: skip
-    except ObjectNotFound:
-        api_url = PREFECT_API_URL.value() or "(none: set PREFECT_API_URL)"
-        pool = deployment.split("/", 1)[1]
-        how = f"`prefect deploy --name {pool}` of prefect.yaml's lmforge-stage"
-        raise LmforgeError(f"optimize.worker_pool: no deployment {deployment!r} on the Prefect API at {api_url}; "
-                           f"{how} first") from None  # fmt: skip
     states: dict[str, str] = {}
-    run_ids = [run.id for run in runs]  # type: ignore[union-attr]
+    run_ids: list[Any] = []  # filled as the runs are made: an end meanwhile cancels those already made
     with get_client(sync_client=True) as client, cancelled_when_ended(client, run_ids, states):
+        runs: list[Any] = []
+        try:
+            for parameters in runs_parameters:
+                runs.append(run_deployment(deployment, parameters=parameters, timeout=0, as_subflow=False))
+                run_ids.append(runs[-1].id)
+        except ObjectNotFound:
+            api_url = PREFECT_API_URL.value() or "(none: set PREFECT_API_URL)"
+            pool = deployment.split("/", 1)[1]
+            how = f"`prefect deploy --name {pool}` of prefect.yaml's lmforge-stage"
+            raise LmforgeError(f"optimize.worker_pool: no deployment {deployment!r} on the Prefect API at {api_url}; "
+                               f"{how} first") from None  # fmt: skip
         while True:
             for flow_run in runs:
-                state = client.read_flow_run(flow_run.id).state  # type: ignore[union-attr]
+                state = client.read_flow_run(flow_run.id).state
                 if state is not None and state.type.value in FINAL_FLOW_RUN_STATES:
-                    states[str(flow_run.id)] = state.type.value  # type: ignore[union-attr]
+                    states[str(flow_run.id)] = state.type.value
             if len(states) == len(runs):
                 return states
             time.sleep(poll_s)
