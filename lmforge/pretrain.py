@@ -361,11 +361,10 @@ def continue_hf_model(section: PretrainSection, model: HFModel, paths: PretrainP
         if result.history:
             log_figures({"training_curve": curve_figure(result.history, f"pretrain@{section.name}: validation loss")})
         with atomic_output_dir(paths.out) as staging:
-            copy_hf_files(folder, staging)  # its tokenizer and config; the weights are replaced
+            copy_hf_files(folder, staging)  # its tokenizer and config, as they were; the weights are replaced
             for file in staging.glob("*.safetensors"):
                 file.unlink()
             net.cpu().save_pretrained(str(staging), safe_serialization=True)
-            tokenizer.save_pretrained(str(staging))
             write_json(staging / "history.json", result.history)
             write_json(staging / HF_SOURCE, {"source": model.source, "revision": model.revision,
                                              "continued": {"objective": objective, "steps": result.steps,

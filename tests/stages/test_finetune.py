@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -115,6 +116,21 @@ def hf_model(smoke_models: SmokeRun, folder: Path) -> Path:
     return folder
 
 
+def pretrain_hf(smoke_models: SmokeRun, tmp_path: Path, name: str, model: dict, task: str) -> tuple[Any, Path, Any]:
+    """pretrain@name of the Hugging Face model entry `model` (laid out as pretrain@encoder), the base of `task`;
+    the params, the model's folder and the stage's report."""
+    from lmforge.params import parse_params
+
+    data = params_to_dict(smoke_models.params)
+    data["pretrain"]["models"][name] = model
+    data["finetune"]["tasks"][task]["base"] = name
+    params, base = parse_params(data), tmp_path / "pretrained" / name
+    report = run_in(f"pretrain@{name}", params, smoke_models.root, like="pretrain@encoder", out=base,
+                    checkpoints=tmp_path / "pck", report=tmp_path / f"{name}.json",
+                    metrics=tmp_path / f"{name}.figures.json")  # fmt: skip
+    return params, base, report
+
+
 def gpt2_style_model(folder: Path, corpus: Path) -> Path:
     """A GPT-2-style decoder folder: a character tokenizer with an end-of-text token and no [CLS], [SEP] or pad."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -143,18 +159,9 @@ def test_a_hugging_face_model_is_pretrained_further_on_the_corpus_with_its_own_t
     else:
         gpt2_style_model(source, smoke_models.raw / "corpus/train.txt")
     monkeypatch.chdir(tmp_path)
-    data = params_to_dict(smoke_models.params)
-    data["pretrain"]["models"]["theirs"] = {"architecture": "hf", "source": "models/external/theirs",
-                                           "continue_pretraining": True, "block_size": 32, "max_steps": 12,
-                                           "batch_size": 8, "learning_rate": 3e-3}  # fmt: skip
-    data["finetune"]["tasks"]["continuation"]["base"] = "theirs"
-    from lmforge.params import parse_params
-
-    params = parse_params(data)
-    base = tmp_path / "pretrained/theirs"
-    report = run_in("pretrain@theirs", params, smoke_models.root, like="pretrain@encoder", out=base,
-                    checkpoints=tmp_path / "pck", report=tmp_path / "theirs.json",
-                    metrics=tmp_path / "theirs.figures.json")  # fmt: skip
+    model = {"architecture": "hf", "source": "models/external/theirs", "continue_pretraining": True,
+             "block_size": 32, "max_steps": 12, "batch_size": 8, "learning_rate": 3e-3}  # fmt: skip
+    params, base, report = pretrain_hf(smoke_models, tmp_path, "theirs", model, "continuation")
     assert report.steps == 12 and report.val_loss is not None
     record = json.loads((base / "lmforge_source.json").read_text())["continued"]
     assert record["objective"] == ("mlm" if kind == "bert" else "causal") and record["steps"] == 12
@@ -176,16 +183,8 @@ def test_a_hugging_face_model_is_copied_in_and_fine_tuned_with_its_own_tokenizer
 ):
     hf_model(smoke_models, tmp_path / "models/external/my-bert")
     monkeypatch.chdir(tmp_path)  # the repository root: a local base lives inside it, where DVC sees it
-    data = params_to_dict(smoke_models.params)
-    data["pretrain"]["models"]["mine"] = {"architecture": "hf", "source": "models/external/my-bert"}
-    data["finetune"]["tasks"]["sentiment"]["base"] = "mine"
-    from lmforge.params import parse_params
-
-    params = parse_params(data)
-    base = tmp_path / "pretrained/mine"
-    report = run_in("pretrain@mine", params, smoke_models.root, like="pretrain@encoder", out=base,
-                    checkpoints=tmp_path / "pck", report=tmp_path / "mine.json",
-                    metrics=tmp_path / "mine.figures.json")  # fmt: skip
+    model = {"architecture": "hf", "source": "models/external/my-bert"}
+    params, base, report = pretrain_hf(smoke_models, tmp_path, "mine", model, "sentiment")
     assert report.steps == 0 and report.val_loss is None and report.n_parameters > 0
     copied = {path.name for path in base.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "lmforge_source.json"} <= copied

@@ -31,6 +31,18 @@ def service_smoke() -> dict:
     return deep_merge(params_to_dict(profile_params("smoke")), overlay)
 
 
+def promote(params: Params, root: Path, task: str, dataset: str, like: str, scores: Path) -> PromoteReport:
+    """promote@task (a task this repository's dvc.yaml does not list: laid out as `like`'s) with the evaluated
+    model in `scores` as its candidate."""
+    optimized = root / f"optimized-{task}"
+    optimized.mkdir()
+    (optimized / "candidate").symlink_to(scores)
+    run_in(f"promote@{task}", params, root, like=f"promote@{like}", optimized=optimized,
+           dataset=root / "data/raw" / dataset, validation=root / f"reports/validation/{dataset}.json",
+           report=root / f"promoted-{task}.json", metrics=root / f"promoted-{task}.figures.json")  # fmt: skip
+    return PromoteReport.read(root / f"promoted-{task}.json")
+
+
 def test_the_service_profile_is_the_default_plus_intents_and_replies():
     default, service = params_to_dict(profile_params("default")), params_to_dict(profile_params("service"))
     assert set(service["finetune"]["tasks"]) == set(default["finetune"]["tasks"]) | {"intent", "reply"}
@@ -75,13 +87,7 @@ def test_intents_are_ingested_validated_trained_evaluated_and_gated(service_data
     assert report.test_examples == min(params.evaluate.max_test_samples or 10**9, manifest.rows["test"])
     assert report.baseline.name == "tfidf_char12_logreg"
 
-    optimized = tmp_path / "optimized"
-    optimized.mkdir()
-    (optimized / "candidate").symlink_to(scores)
-    run_in("promote@intent", params, tmp_path, like="promote@sentiment", optimized=optimized, dataset=raw,
-           validation=tmp_path / "reports/validation/intents.json", report=tmp_path / "promoted.json",
-           metrics=tmp_path / "promoted.figures.json")  # fmt: skip
-    decided = PromoteReport.read(tmp_path / "promoted.json")
+    decided = promote(params, tmp_path, "intent", "intents", like="sentiment", scores=scores)
     assert decided.baseline_version is not None and decided.champion_after is not None
     assert decided.champion_after.version in {decided.baseline_version, decided.version}
 
@@ -124,13 +130,7 @@ def test_replies_are_ingested_validated_trained_on_the_reply_alone_evaluated_and
     samples = json.loads((scores / "samples.json").read_text(encoding="utf-8"))
     assert samples and {sample["prompt"] for sample in samples} <= set(test["text"])  # the messages, whole
 
-    optimized = tmp_path / "optimized-reply"
-    optimized.mkdir()
-    (optimized / "candidate").symlink_to(scores)
-    run_in("promote@reply", params, tmp_path, like="promote@continuation", optimized=optimized, dataset=raw,
-           validation=tmp_path / "reports/validation/replies.json", report=tmp_path / "promoted-reply.json",
-           metrics=tmp_path / "promoted-reply.figures.json")  # fmt: skip
-    decided = PromoteReport.read(tmp_path / "promoted-reply.json")
+    decided = promote(params, tmp_path, "reply", "replies", like="continuation", scores=scores)
     assert decided.champion_after is not None
     assert decided.champion_after.version in {decided.baseline_version, decided.version}
 
