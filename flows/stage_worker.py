@@ -37,6 +37,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +275,18 @@ def reuse_or_checkout(repo: str, commit: str, folder: Path) -> Path:
     return home
 
 
+@contextmanager
+def checked_out(folder: Path, repo: str, commit: str, lock: str | None) -> Iterator[Path]:
+    """The checkout of `commit` in `folder` (reused from an earlier attempt), with the parent's dvc.lock `lock`
+    (the hashes of the upstream outputs, which the commit's own may not hold yet); one attempt at a time in it."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{folder}.lock"):
+        home = reuse_or_checkout(repo, commit, folder)
+        if lock is not None:
+            (home / "dvc.lock").write_text(lock)
+        yield home
+
+
 def push_uncached_outputs(home: Path, stage: str) -> None:
     """DVC's run-cache restores a stage's uncached outputs (its metrics file) from the cache too, and its
     run committed them there, but `dvc push --run-cache` sends only the cached ones: send these as well."""
@@ -341,11 +355,7 @@ def stage_worker(stage: str, repo: str, commit: str, lock: str | None = None, en
     if trials is not None:
         return trial_worker(stage, repo, commit, lock, child_env, trials, started)
     folder = stage_folder(stage, commit)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{folder}.lock"):  # one attempt at a time in the folder
-        home = reuse_or_checkout(repo, commit, folder)
-        if lock is not None:
-            (home / "dvc.lock").write_text(lock)
+    with checked_out(folder, repo, commit, lock) as home:
         repro = dvc(stage, ["repro", "--pull", "--allow-missing", "--single-item", *(["--force"] if force else []),
                             stage], home, child_env)  # fmt: skip
         dvc(stage, ["push", "--run-cache", stage], home, child_env)
@@ -363,11 +373,7 @@ def trial_worker(stage: str, repo: str, commit: str, lock: str | None, env: dict
     """One trial worker of `stage` (optimize@<task>): a checkout of `commit` of its own, the stage's inputs (the
     outputs of the stages it reads) pulled from the DVC remote, then trials until the study has n_trials."""
     folder = stage_folder(f"{stage}.trials-{trials['worker']}", commit)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{folder}.lock"):
-        home = reuse_or_checkout(repo, commit, folder)
-        if lock is not None:
-            (home / "dvc.lock").write_text(lock)
+    with checked_out(folder, repo, commit, lock) as home:
         dvc(stage, ["pull", "--allow-missing", *upstream_stages(stage, home)], home, env)
         trained = train_trials(trials, home, env)
         shutil.rmtree(folder)  # the trials' models are on their MLflow runs
